@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:  `make train` (set up, then the default 2-process CPU training run)
+# and `make test` (set up, then the full test suite). Both create .venv from this repository's own files.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel of torch for setup and CI; users may install any torch in the range pyproject.toml allows.
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?= -n 2
+
+.PHONY: setup test train bench lint
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+train: $(VENV)/.installed
+	$(VENV)/bin/sm3-dist train
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/sm3-dist bench
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,0 +1,94 @@
+"""All communication of sm3-dist, in one module.
+
+* :class:`MaxReducer` - the one bucketed, asynchronous ``all_reduce(MAX)`` per
+  process group per step that turns every rank's partial accumulator maxima
+  into the exact global accumulators.
+* :func:`all_gather_flat` - the bucketed all-gather of updated parameters used
+  by :class:`sm3_dist.ShardedSM3`.
+* :func:`any_rank_true` - one tiny collective for decisions all ranks must share.
+
+Nothing else in the package calls ``torch.distributed`` collectives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["MaxReducer", "all_gather_flat", "any_rank_true", "world_size"]
+
+
+def world_size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+class MaxReducer:
+    """One fp32 buffer holding, back to back, every ``mu_d`` of every tensor in a plan.
+
+    The plan (``shapes[tensor_id]`` = global shape) is the same on every rank of
+    ``group``, so every rank's buffer has the same layout whatever it holds
+    locally. Each step a rank zeroes the buffer, writes the partial maxima of
+    the entries it touches (entries it does not touch stay 0, which a MAX over
+    ``nu >= 0`` ignores), launches the all-reduce without waiting, and reads its
+    own entries back once it has finished. The traffic is the sum of the
+    dimensions of the plan's tensors: far below a gradient all-reduce.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, shapes: Sequence[tuple[int, ...]], device: torch.device):
+        self.group = group
+        self.shapes = tuple(tuple(s) for s in shapes)
+        offsets: list[tuple[int, ...]] = []
+        total = 0
+        for shape in self.shapes:
+            starts = []
+            for n in shape:
+                starts.append(total)
+                total += n
+            offsets.append(tuple(starts))
+        self._offsets = tuple(offsets)
+        self.buffer = torch.zeros(total, dtype=torch.float32, device=device)
+        self._work: dist.Work | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.buffer.numel()
+
+    def slot(self, tensor_id: int, dim: int) -> Tensor:
+        """The buffer's view of ``mu_dim`` of tensor ``tensor_id`` (global indices)."""
+        start = self._offsets[tensor_id][dim]
+        return self.buffer[start : start + self.shapes[tensor_id][dim]]
+
+    def zero_(self) -> None:
+        if self._work is not None:
+            raise RuntimeError("the previous all-reduce of accumulator maxima has not been waited for")
+        self.buffer.zero_()
+
+    def launch(self) -> None:
+        """Start the all-reduce; returns at once."""
+        self._work = dist.all_reduce(self.buffer, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+
+    @property
+    def pending(self) -> bool:
+        return self._work is not None
+
+    def wait(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+
+
+def all_gather_flat(local: Tensor, output: Tensor, group: dist.ProcessGroup | None) -> None:
+    """Gather equally sized flat chunks from every rank of ``group`` into ``output``."""
+    dist.all_gather_into_tensor(output, local, group=group)
+
+
+def any_rank_true(flag: bool, group: dist.ProcessGroup | None, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank of ``group`` (a one-element MAX all-reduce)."""
+    if world_size(group) == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item() > 0)

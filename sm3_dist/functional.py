@@ -1,0 +1,349 @@
+r"""The SM3 update, as plain functions on local tensors.
+
+SM3-II (Anil, Gupta, Koren, Singer, "Memory-Efficient Adaptive Optimization",
+NeurIPS 2019, arXiv:1901.11150, Algorithm SM3-II) with the cover of
+codimension-1 slices. For a tensor of shape :math:`(n_1, \dots, n_p)` there is
+one accumulator vector :math:`\mu_d \in \mathbb{R}^{n_d}` per dimension; for a
+rank-0 or rank-1 tensor this is one accumulator per element (diagonal AdaGrad).
+
+.. math::
+   \begin{aligned}
+   &g \leftarrow -g \text{ if maximize};\quad g \leftarrow g + \lambda\,w \\
+   &\nu[i_1..i_p] \leftarrow \min_d \mu_d[i_d] + g[i_1..i_p]^2
+       &&(\beta = 0) \\
+   &\nu[i_1..i_p] \leftarrow \beta \min_d \mu_d[i_d] + (1-\beta)\, g[i_1..i_p]^2
+       &&(\beta > 0) \\
+   &\mu_d[k] \leftarrow \max_{i:\, i_d = k} \nu[i] \quad \text{for every } d \\
+   &u \leftarrow g / \sqrt{\nu + \epsilon}
+       \quad (\epsilon = 0:\ u = 0 \text{ where } \nu = 0,\ \text{the 0/0 = 0 convention}) \\
+   &m \leftarrow \text{momentum} \cdot m + (1 - \text{momentum})\, u;\quad u \leftarrow m
+       &&(\text{momentum} > 0) \\
+   &w \leftarrow w - \text{lr} \cdot u
+   \end{aligned}
+
+The maxima are *returned*, not written: a caller holding a whole tensor assigns
+them to the accumulators, a caller holding a shard combines them with the other
+shards' by an exact ``all_reduce(MAX)`` first. Everything here runs on the
+tensors it is given and never communicates, so a sharded step computes exactly
+what a single-process step computes for the same elements.
+
+Rounding is kept independent of where a shard boundary falls: every
+elementwise step is a single correctly rounded operation (no ``addcmul``,
+``lerp`` or ``alpha=`` forms, whose vectorised loops may fuse a multiply-add
+that their scalar tail loops do not), and reductions are only ``min``/``max``.
+
+Three interchangeable kernels share one keyword-only signature, chosen by
+:func:`sm3`: a per-tensor loop (the readable reference), a ``foreach`` kernel
+that batches the elementwise work across tensors, and a ``fused`` kernel
+compiled with :func:`torch.compile`.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["sm3", "sm3_sparse_rows_"]
+
+
+def _min_over_covers(accumulators: Sequence[Tensor], shape: torch.Size) -> Tensor:
+    """``min_d mu_d[i_d]`` broadcast to ``shape``, as a new fp32 tensor."""
+    ndim = len(shape)
+    if ndim == 1:
+        return accumulators[0].clone()
+    views = [acc.view([-1 if d == k else 1 for k in range(ndim)]) for d, acc in enumerate(accumulators)]
+    out = torch.minimum(views[0], views[1])
+    for view in views[2:]:
+        out = torch.minimum(out, view)
+    return out.expand(shape).contiguous() if out.shape != shape else out
+
+
+def _maxima(nu: Tensor) -> tuple[Tensor, ...]:
+    """``max over i with i_d = k of nu[i]``, for every dimension ``d``."""
+    ndim = nu.ndim
+    if ndim == 1:
+        return (nu,)
+    return tuple(nu.amax(dim=tuple(k for k in range(ndim) if k != d)) for d in range(ndim))
+
+
+def _single_block(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    accumulators: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    beta: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> tuple[Tensor, ...]:
+    """One block, eager. Updates ``param`` and ``momentum_buffer`` in place; returns the maxima."""
+    g = grad.float()
+    if maximize:
+        g = -g
+    w = param if param.dtype == torch.float32 else param.float()
+    if weight_decay != 0.0:
+        g = g + w * weight_decay
+    nu = _min_over_covers(accumulators, g.shape)
+    if beta > 0.0:
+        nu.mul_(beta)
+        nu.add_((g * g).mul_(1.0 - beta))
+    else:
+        nu.add_(g * g)
+    maxima = _maxima(nu)
+    if eps > 0.0:
+        update = (nu + eps).rsqrt_().mul_(g)
+    else:
+        update = torch.where(nu > 0, g * nu.rsqrt(), torch.zeros((), dtype=g.dtype, device=g.device))
+    if momentum_buffer is not None:
+        m = momentum_buffer if momentum_buffer.dtype == torch.float32 else momentum_buffer.float()
+        m.mul_(momentum).add_(update.mul_(1.0 - momentum))
+        if m is not momentum_buffer:
+            momentum_buffer.copy_(m)
+        update = m * lr
+    else:
+        update.mul_(lr)
+    if w is param:
+        param.sub_(update)
+    else:
+        param.copy_(w.sub_(update))
+    return maxima
+
+
+def _single_tensor_sm3(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    accumulators: Sequence[Sequence[Tensor]],
+    **hyper,
+) -> list[tuple[Tensor, ...]]:
+    return [
+        _single_block(p, g, m, accs, **hyper) for p, g, m, accs in zip(params, grads, momentum_buffers, accumulators)
+    ]
+
+
+def _foreach_sm3(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    accumulators: Sequence[Sequence[Tensor]],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    beta: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> list[tuple[Tensor, ...]]:
+    """The elementwise work batched across blocks with ``torch._foreach_*``.
+
+    Blocks whose parameter or momentum is not fp32 run through the per-block
+    kernel; the rest are batched. Same arithmetic, op for op, as the eager kernel.
+    """
+    hyper = dict(lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    results: list[tuple[Tensor, ...] | None] = [None] * len(params)
+    batch = [
+        i
+        for i, (p, g, m) in enumerate(zip(params, grads, momentum_buffers))
+        if p.dtype == torch.float32 and g.dtype == torch.float32 and (m is None or m.dtype == torch.float32)
+    ]
+    batched = set(batch)
+    for i in range(len(params)):
+        if i not in batched:
+            results[i] = _single_block(params[i], grads[i], momentum_buffers[i], accumulators[i], **hyper)
+    if not batch:
+        return results  # type: ignore[return-value]
+    ps = [params[i] for i in batch]
+    gs = [grads[i] for i in batch]
+    if maximize:
+        gs = torch._foreach_neg(gs)
+    if weight_decay != 0.0:
+        gs = torch._foreach_add(gs, torch._foreach_mul(ps, weight_decay))
+    nus = [_min_over_covers(accumulators[i], g.shape) for i, g in zip(batch, gs)]
+    squares = torch._foreach_mul(gs, gs)
+    if beta > 0.0:
+        torch._foreach_mul_(nus, beta)
+        torch._foreach_mul_(squares, 1.0 - beta)
+    torch._foreach_add_(nus, squares)
+    for i, nu in zip(batch, nus):
+        results[i] = _maxima(nu)
+    if eps > 0.0:
+        updates = torch._foreach_add(nus, eps)
+        torch._foreach_rsqrt_(updates)
+        torch._foreach_mul_(updates, gs)
+    else:
+        updates = [torch.where(nu > 0, g * nu.rsqrt(), torch.zeros((), dtype=g.dtype)) for nu, g in zip(nus, gs)]
+    with_momentum = [momentum_buffers[i] for i in batch if momentum_buffers[i] is not None]
+    if with_momentum:
+        torch._foreach_mul_(with_momentum, momentum)
+        torch._foreach_mul_(updates, 1.0 - momentum)
+        torch._foreach_add_(with_momentum, updates)
+        updates = torch._foreach_mul(with_momentum, lr)
+    else:
+        torch._foreach_mul_(updates, lr)
+    torch._foreach_sub_(ps, updates)
+    return results  # type: ignore[return-value]
+
+
+_COMPILED: dict[tuple, Callable[..., tuple[Tensor, ...]]] = {}
+
+
+def _block_kernel(param, grad, momentum_buffer, accumulators, lr, momentum, beta, eps, weight_decay, maximize):
+    return _single_block(
+        param,
+        grad,
+        momentum_buffer,
+        accumulators,
+        lr=lr,
+        momentum=momentum,
+        beta=beta,
+        eps=eps,
+        weight_decay=weight_decay,
+        maximize=maximize,
+    )
+
+
+def _fused_block_fn(key: tuple) -> Callable[..., tuple[Tensor, ...]]:
+    """The compiled kernel for one combination of rank, dtypes and flags.
+
+    Each combination gets its own code object, so that dynamo's per-code
+    recompile limit counts shapes of one kind only (shapes are dynamic).
+    """
+    fn = _COMPILED.get(key)
+    if fn is None:
+        code = _block_kernel.__code__.replace(co_name=f"sm3_block_{len(_COMPILED)}")
+        kernel = types.FunctionType(code, _block_kernel.__globals__, code.co_name)
+        fn = torch.compile(kernel, fullgraph=True, dynamic=True)
+        _COMPILED[key] = fn
+    return fn
+
+
+def _fused_sm3(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    accumulators: Sequence[Sequence[Tensor]],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    beta: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> list[tuple[Tensor, ...]]:
+    """Each block through one :func:`torch.compile`-d kernel (compiled once per rank and flag set).
+
+    The learning rate goes in as a 0-d tensor so that a schedule does not recompile.
+    """
+    lr_tensor = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float32)
+    out = []
+    for p, g, m, accs in zip(params, grads, momentum_buffers, accumulators):
+        if p.numel() == 0:
+            out.append(tuple(torch.zeros(n, dtype=torch.float32, device=p.device) for n in g.shape))
+            continue
+        key = (g.ndim, p.dtype, g.dtype, None if m is None else m.dtype, momentum, beta, eps, weight_decay, maximize)
+        fn = _fused_block_fn(key)
+        out.append(fn(p, g, m, list(accs), lr_tensor.to(p.device), momentum, beta, eps, weight_decay, maximize))
+    return out
+
+
+def sm3(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    accumulators: Sequence[Sequence[Tensor]],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    beta: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    foreach: bool = False,
+    fused: bool = False,
+) -> list[tuple[Tensor, ...]]:
+    """One SM3 step on a list of dense blocks; returns each block's maxima per dimension.
+
+    ``params[i]``, ``grads[i]`` and ``momentum_buffers[i]`` (``None`` when
+    momentum is 0) are views of one dense block, all of the same shape;
+    ``accumulators[i][d]`` is the 1-D slice of ``mu_d`` that the block's indices
+    along ``d`` cover (fp32, read only). The parameter and momentum are updated
+    in place (computed in fp32, written back in their own dtypes); the returned
+    ``maxima[i][d]`` are the new values of that slice of ``mu_d`` as far as this
+    block can see them.
+    """
+    if foreach and fused:
+        raise ValueError("foreach and fused cannot both be True")
+    for i, (p, g, accs) in enumerate(zip(params, grads, accumulators)):
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape {tuple(p.shape)}")
+        if len(accs) != max(g.ndim, 1) or any(a.numel() != n for a, n in zip(accs, g.shape or (1,))):
+            raise ValueError(
+                f"accumulators[{i}] have lengths {[a.numel() for a in accs]}, expected {list(g.shape or (1,))}"
+            )
+    hyper = dict(lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    if fused:
+        return _fused_sm3(params, grads, momentum_buffers, accumulators, **hyper)
+    if foreach:
+        return _foreach_sm3(params, grads, momentum_buffers, accumulators, **hyper)
+    return _single_tensor_sm3(params, grads, momentum_buffers, accumulators, **hyper)
+
+
+def sm3_sparse_rows_(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    accumulators: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    beta: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """SM3 for a sparse COO gradient (``nn.Embedding(sparse=True)``): only touched rows change.
+
+    ``nu`` is formed for the touched rows only; ``mu_0`` is assigned at those
+    rows and every other ``mu_d`` (d >= 1) keeps the larger of its value and the
+    touched rows' maxima (with beta = 0 that is what the dense rule gives for
+    all-zero rows, since SM3-II's running-sum accumulators never decrease).
+    Momentum decays on touched rows only. Updates ``param``, ``momentum_buffer``
+    and ``accumulators`` in place.
+    """
+    grad = grad.coalesce()
+    rows = grad.indices()[0]
+    values = grad.values().float()
+    if maximize:
+        values = -values
+    w_rows = param[rows].float()
+    if weight_decay != 0.0:
+        values = values + w_rows * weight_decay
+    row_accumulators = [accumulators[0].index_select(0, rows), *accumulators[1:]]
+    nu = _min_over_covers(row_accumulators, values.shape)
+    if beta > 0.0:
+        nu.mul_(beta)
+        nu.add_((values * values).mul_(1.0 - beta))
+    else:
+        nu.add_(values * values)
+    maxima = _maxima(nu)
+    accumulators[0].index_copy_(0, rows, maxima[0])
+    for acc, new in zip(accumulators[1:], maxima[1:]):
+        torch.maximum(acc, new, out=acc)
+    if eps > 0.0:
+        update = (nu + eps).rsqrt_().mul_(values)
+    else:
+        update = torch.where(nu > 0, values * nu.rsqrt(), torch.zeros((), dtype=values.dtype))
+    if momentum_buffer is not None:
+        m_rows = momentum_buffer[rows].float()
+        m_rows.mul_(momentum).add_(update.mul_(1.0 - momentum))
+        momentum_buffer.index_copy_(0, rows, m_rows.to(momentum_buffer.dtype))
+        update = m_rows * lr
+    else:
+        update.mul_(lr)
+    param.index_copy_(0, rows, w_rows.sub_(update).to(param.dtype))

@@ -1,0 +1,466 @@
+r"""``sm3_dist.SM3``: the SM3-II optimizer, single-process or with sharded state."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from sm3_dist import functional
+from sm3_dist.comm import MaxReducer
+from sm3_dist.placement import ShardSpec, SpecResolver, UnsupportedLayoutError, default_spec, to_local
+
+__all__ = ["MOMENTUM_KEY", "SM3", "STEP_KEY", "accumulator_key"]
+
+STEP_KEY = "step"
+MOMENTUM_KEY = "momentum_buffer"
+
+
+def accumulator_key(dim: int, piece_index: int | None = None) -> str:
+    """State key of ``mu_dim``; a tensor holding pieces of several parameters adds the piece's index."""
+    return f"mu_{dim}" if piece_index is None else f"piece{piece_index}.mu_{dim}"
+
+
+_MOMENTUM_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class SM3(Optimizer):
+    r"""SM3-II (Anil, Gupta, Koren, Singer, NeurIPS 2019, arXiv:1901.11150), optionally with sharded state.
+
+    For a parameter of shape :math:`(n_1, \dots, n_p)` the state is one
+    accumulator :math:`\mu_d` of length :math:`n_d` per dimension (the cover of
+    codimension-1 slices), so it costs :math:`\sum_d n_d` floats instead of
+    :math:`\prod_d n_d`; rank-0 and rank-1 parameters get one accumulator per
+    element. Each step:
+
+    .. math::
+       \begin{aligned}
+       &\nu[i] = \min_d \mu_d[i_d] + g[i]^2
+          \quad\text{or, with } \beta > 0,\quad \beta \min_d \mu_d[i_d] + (1-\beta) g[i]^2 \\
+       &\mu_d[k] = \max_{i:\, i_d = k} \nu[i] \\
+       &u = g / \sqrt{\nu + \epsilon} \quad (\epsilon = 0:\ u = 0 \text{ where } \nu = 0) \\
+       &m = \text{momentum}\cdot m + (1-\text{momentum})\, u;\quad w = w - \text{lr}\cdot m
+       \end{aligned}
+
+    The math itself is in :mod:`sm3_dist.functional`.
+
+    **Sharded state.** Constructed on FSDP2 (DTensor) parameters, or given a
+    ``shard_resolver`` by an integration (FSDP1, DeepSpeed ZeRO), each rank keeps
+    momentum for its local elements and accumulator entries for the index
+    ranges its local piece touches. The partial maxima of all tensors go into
+    one ``all_reduce(MAX)`` per process group per step, launched after the
+    local update and awaited before the next step (or ``state_dict``) reads the
+    accumulators. Max is exact and associative, so the sharded run is
+    bit-for-bit the single-process run.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (default 0.1, as the PyTorch ports).
+        momentum: momentum in ``[0, 1)`` (default 0, as the original and the ports). 0 allocates no buffer.
+        beta: 0 for SM3's running sum of squares (default); ``0 < beta < 1`` for the exponential moving
+            average variant, where ``mu_d`` is *assigned* the new maxima as in the original TF code, so the
+            average can decrease.
+        eps: added to ``nu`` before the inverse square root (default 1e-30, as the PyTorch ports);
+            ``eps=0`` is the original rule (update 0 where ``nu == 0``).
+        weight_decay: L2 penalty added to the gradient before it is accumulated (default 0).
+        maximize: maximize the objective instead of minimizing it.
+        foreach: batch the elementwise work across tensors with ``torch._foreach_*`` ops.
+        fused: run each tensor's update through one ``torch.compile``-d kernel.
+            With neither set, the foreach kernel is used for CPU/CUDA fp32 tensors, as ``torch.optim`` does.
+        momentum_dtype: ``torch.float32`` (default) or ``torch.bfloat16``: the dtype the momentum buffer is
+            stored in (computed in fp32, rounded to nearest even when stored). Accumulators are always fp32.
+        ema_keeps_max: with ``beta > 0``, keep ``mu_d = max(mu_d, new maxima)`` as the PyTorch ports do
+            (the average then never decreases). Default False: the original rule.
+        shard_resolver: an integration's hook turning a framework's shard metadata into a
+            :class:`~sm3_dist.placement.ShardSpec` (``None`` for tensors it does not own).
+
+    Differences from the original TensorFlow implementation: ``eps`` defaults to 1e-30 (set 0 for
+    the original), and ``beta``/``weight_decay``/``maximize`` are additions the ports also offer.
+    Parameters may be fp32, bf16 or fp16; the state is fp32 (momentum optionally bf16).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 0.1,
+        momentum: float = 0.0,
+        beta: float = 0.0,
+        eps: float = 1e-30,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        momentum_dtype: torch.dtype = torch.float32,
+        ema_keeps_max: bool = False,
+        shard_resolver: SpecResolver | None = None,
+    ) -> None:
+        _check_hyperparameters(lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay)
+        if foreach and fused:
+            raise ValueError("foreach and fused cannot both be True: choose one kernel")
+        if momentum_dtype not in _MOMENTUM_DTYPES:
+            raise ValueError(f"momentum_dtype must be torch.float32 or torch.bfloat16, got {momentum_dtype}")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            beta=beta,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+        self.momentum_dtype = momentum_dtype
+        self.ema_keeps_max = ema_keeps_max
+        self._shard_resolver = shard_resolver
+        self._specs: dict[Tensor, ShardSpec] = {}
+        self._reducers: dict[Any, MaxReducer] = {}
+        # (stored accumulator, its region of a reducer's buffer) awaiting the reduced maxima
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                reason = _unsupported_dtype(p)
+                if reason is not None:
+                    raise TypeError(f"SM3 does not support {reason} parameters ({_describe(p)})")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key in ("lr", "momentum", "beta", "eps", "weight_decay"):
+            if key in param_group:
+                _check_hyperparameters(**{key: param_group[key]})
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------ layouts and state
+
+    def _spec(self, p: Tensor, name: str) -> ShardSpec:
+        spec = self._specs.get(p)
+        if spec is None:
+            spec = self._shard_resolver(p) if self._shard_resolver is not None else None
+            if spec is None:
+                spec = default_spec(p, name)
+            local_numel = to_local(p).numel()
+            if spec.layout.numel != local_numel:
+                raise UnsupportedLayoutError(
+                    f"{name}: its layout describes {spec.layout.numel} local elements but the tensor has {local_numel}"
+                )
+            self._specs[p] = spec
+        return spec
+
+    def _assign_plans(self) -> None:
+        """Give every reduced tensor a slot in its group's buffer, identically on every rank."""
+        auto: dict[Any, list[tuple[Tensor, ShardSpec]]] = {}
+        declared: dict[Any, tuple[tuple[int, ...], ...]] = {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                spec = self._spec(p, f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})")
+                if spec.group is None:
+                    continue
+                key = _group_key(spec.group)
+                if spec.plan is None:
+                    auto.setdefault(key, []).append((p, spec))
+                else:
+                    if declared.setdefault(key, spec.plan) != spec.plan:
+                        raise UnsupportedLayoutError("tensors reduced over one process group declare different plans")
+        for key, members in auto.items():
+            if key in declared:
+                raise UnsupportedLayoutError("a process group mixes declared and automatic reduction plans")
+            shapes = []
+            for p, spec in members:
+                (piece,) = spec.layout.pieces
+                self._specs[p] = replace(
+                    spec, layout=replace(spec.layout, pieces=(replace(piece, tensor_id=len(shapes)),))
+                )
+                shapes.append(piece.shape)
+            declared[key] = tuple(shapes)
+        groups = {}
+        for spec in self._specs.values():
+            if spec.group is not None:
+                groups[_group_key(spec.group)] = spec.group
+        device = _first_device(self.param_groups)
+        self._reducers = {key: MaxReducer(groups[key], declared[key], device) for key in groups}
+
+    def _init_state(self, p: Tensor, spec: ShardSpec, momentum: float) -> None:
+        state = self.state[p]
+        local = to_local(p)
+        wrap = spec.wrap_state or (lambda t, dim: t)
+        state[STEP_KEY] = torch.tensor(0.0, dtype=torch.float32)
+        if momentum > 0.0:
+            state[MOMENTUM_KEY] = wrap(torch.zeros_like(local, dtype=self.momentum_dtype), None)
+        several = len(spec.layout.pieces) > 1
+        for j, piece in enumerate(spec.layout.pieces):
+            for d, (lo, hi) in enumerate(piece.ranges):
+                acc = torch.zeros(hi - lo, dtype=torch.float32, device=local.device)
+                state[accumulator_key(d, j if several else None)] = wrap(acc, d)
+
+    def _check_state(self, p: Tensor, spec: ShardSpec, momentum: float, name: str) -> None:
+        state = self.state[p]
+        several = len(spec.layout.pieces) > 1
+        for j, piece in enumerate(spec.layout.pieces):
+            for d, (lo, hi) in enumerate(piece.ranges):
+                key = accumulator_key(d, j if several else None)
+                acc = to_local(state.get(key))
+                if acc is None or acc.shape != (hi - lo,):
+                    found = None if acc is None else tuple(acc.shape)
+                    raise ValueError(
+                        f"{name}: optimizer state {key!r} has shape {found}, expected ({hi - lo},) for a parameter "
+                        f"of shape {piece.shape}: the state comes from another model or another sharding"
+                    )
+        if momentum > 0.0:
+            buf = to_local(state.get(MOMENTUM_KEY))
+            local = to_local(p)
+            if buf is None or buf.shape != local.shape:
+                raise ValueError(f"{name}: momentum buffer missing or of another shape than the parameter")
+            if buf.dtype != self.momentum_dtype:
+                raise ValueError(
+                    f"{name}: momentum buffer is {buf.dtype} but the optimizer was built with "
+                    f"momentum_dtype={self.momentum_dtype}"
+                )
+
+    # ------------------------------------------------------------------ step
+
+    def _wait_for_maxima(self) -> None:
+        """Finish the previous step's all-reduce and store the reduced accumulators."""
+        if not self._pending:
+            for reducer in self._reducers.values():
+                reducer.wait()
+            return
+        for reducer in self._reducers.values():
+            reducer.wait()
+        for acc, reduced in self._pending:
+            if self.ema_keeps_max:
+                torch.maximum(acc, reduced, out=acc)
+            else:
+                acc.copy_(reduced)
+        self._pending = []
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._wait_for_maxima()
+        if not self._specs or any(p not in self._specs for g in self.param_groups for p in g["params"]):
+            self._assign_plans()
+        for reducer in self._reducers.values():
+            reducer.zero_()
+        for gi, group in enumerate(self.param_groups):
+            self._step_group(gi, group)
+        for reducer in self._reducers.values():
+            reducer.launch()
+        return loss
+
+    def _step_group(self, gi: int, group: dict[str, Any]) -> None:
+        momentum = group["momentum"]
+        params, grads, bufs, accs, targets = [], [], [], [], []
+        finalize: list[tuple[list[Tensor], list[Tensor]]] = []  # (stored accumulators, new maxima) of local pieces
+        for pi, p in enumerate(group["params"]):
+            name = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+            spec = self._specs[p]
+            state = self.state[p]
+            if not state:
+                self._init_state(p, spec, momentum)
+            else:
+                self._check_state(p, spec, momentum, name)
+            if p.grad is None:
+                continue
+            grad = to_local(p.grad)
+            local = to_local(p)
+            if grad.shape != local.shape:
+                raise ValueError(f"{name}: gradient of shape {tuple(grad.shape)} does not match the parameter")
+            if grad.is_complex():
+                raise TypeError(f"{name}: complex gradients are not supported")
+            state[STEP_KEY] += 1
+            buf = to_local(state.get(MOMENTUM_KEY))
+            several = len(spec.layout.pieces) > 1
+            if grad.is_sparse:
+                self._sparse_step(local, grad, buf, spec, state, group, name)
+                continue
+            if not local.is_contiguous() or not grad.is_contiguous():
+                raise UnsupportedLayoutError(f"{name}: SM3 needs contiguous local parameters and gradients")
+            flat_p, flat_g = local.view(-1), grad.view(-1)
+            flat_m = buf.view(-1) if buf is not None else None
+            reducer = self._reducers.get(_group_key(spec.group)) if spec.group is not None else None
+            for j, piece in enumerate(spec.layout.pieces):
+                stored = [to_local(state[accumulator_key(d, j if several else None)]) for d in range(piece.ndim)]
+                if reducer is not None:
+                    slots = [reducer.slot(piece.tensor_id, d) for d in range(piece.ndim)]
+                    self._pending.extend((acc, slot[lo:hi]) for acc, slot, (lo, hi) in zip(stored, slots, piece.ranges))
+                    target = slots
+                    origin = [0] * piece.ndim
+                elif len(piece.blocks) == 1 and piece.is_full:
+                    target = None
+                    origin = [0] * piece.ndim
+                else:
+                    target = [torch.zeros(hi - lo, dtype=torch.float32, device=local.device) for lo, hi in piece.ranges]
+                    origin = [lo for lo, _ in piece.ranges]
+                    finalize.append((stored, target))
+                for block in piece.blocks:
+                    if block.numel == 0:
+                        continue
+                    view = slice(block.offset, block.offset + block.numel)
+                    params.append(flat_p[view].view(block.lengths))
+                    grads.append(flat_g[view].view(block.lengths))
+                    bufs.append(flat_m[view].view(block.lengths) if flat_m is not None else None)
+                    accs.append(
+                        [
+                            acc[s - lo : s - lo + n]
+                            for acc, s, n, (lo, _) in zip(stored, block.starts, block.lengths, piece.ranges)
+                        ]
+                    )
+                    if target is None:
+                        targets.append(("assign", stored, None))
+                    else:
+                        targets.append(("max", target, [s - o for s, o in zip(block.starts, origin)]))
+        if not params:
+            self._finalize_local(finalize)
+            return
+        foreach, fused = self._kernel_choice(group, params)
+        maxima = functional.sm3(
+            params,
+            grads,
+            bufs,
+            accs,
+            lr=group["lr"],
+            momentum=momentum,
+            beta=group["beta"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+            foreach=foreach,
+            fused=fused,
+        )
+        for (mode, dest, starts), block_maxima in zip(targets, maxima):
+            if mode == "assign":
+                for acc, new in zip(dest, block_maxima):
+                    if self.ema_keeps_max:
+                        torch.maximum(acc, new, out=acc)
+                    else:
+                        acc.copy_(new)
+            else:
+                for buf_d, start, new in zip(dest, starts, block_maxima):
+                    region = buf_d[start : start + new.numel()]
+                    torch.maximum(region, new, out=region)
+        self._finalize_local(finalize)
+
+    def _finalize_local(self, finalize: list[tuple[list[Tensor], list[Tensor]]]) -> None:
+        for stored, new in finalize:
+            for acc, value in zip(stored, new):
+                if self.ema_keeps_max:
+                    torch.maximum(acc, value, out=acc)
+                else:
+                    acc.copy_(value)
+
+    def _sparse_step(self, local, grad, buf, spec, state, group, name) -> None:
+        if spec.group is not None or len(spec.layout.pieces) != 1 or not spec.layout.pieces[0].is_full:
+            raise UnsupportedLayoutError(
+                f"{name}: sparse gradients are supported for whole (unsharded) parameters only"
+            )
+        functional.sm3_sparse_rows_(
+            local,
+            grad,
+            buf,
+            [to_local(state[accumulator_key(d)]) for d in range(spec.layout.pieces[0].ndim)],
+            lr=group["lr"],
+            momentum=group["momentum"],
+            beta=group["beta"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
+
+    @staticmethod
+    def _kernel_choice(group: dict[str, Any], params: list[Tensor]) -> tuple[bool, bool]:
+        foreach, fused = group["foreach"], group["fused"]
+        if fused:
+            return False, True
+        if foreach is None and fused is None:
+            foreach = all(p.device.type in ("cpu", "cuda") for p in params)
+        return bool(foreach), False
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        self._wait_for_maxima()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state, keeping each tensor's saved dtype (fp32 accumulators, fp32/bf16 momentum).
+
+        ``torch.optim.Optimizer`` would cast state to the parameter's dtype,
+        which for bf16 parameters would round the fp32 accumulators.
+        """
+        self._wait_for_maxima()
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(saved_ids) != len(params):
+            raise ValueError(
+                f"the optimizer state holds {len(saved_ids)} parameters but this optimizer has {len(params)}: "
+                "it comes from another model"
+            )
+        for pid in saved_ids:
+            buf = state_dict["state"].get(pid, {}).get(MOMENTUM_KEY)
+            if isinstance(buf, Tensor) and buf.dtype != self.momentum_dtype:
+                raise ValueError(
+                    f"the checkpoint's momentum is {buf.dtype} but this optimizer has momentum_dtype="
+                    f"{self.momentum_dtype}"
+                )
+        super().load_state_dict(state_dict)
+        for pid, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if isinstance(value, Tensor) and key != STEP_KEY:
+                    self.state[p][key] = value.to(device=to_local(p).device, copy=True)
+
+
+def _check_hyperparameters(**values: Any) -> None:
+    for name, value in values.items():
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{name} as a tensor must have one element, got shape {tuple(value.shape)}")
+            value = value.item()
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"Invalid {name}: {value!r} (a finite number is required)")
+        if name in ("lr", "eps", "weight_decay") and value < 0.0:
+            raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
+        if name in ("momentum", "beta") and not 0.0 <= value < 1.0:
+            raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")
+
+
+def _unsupported_dtype(p: Tensor) -> str | None:
+    if p.is_complex():
+        return "complex"
+    if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"{p.dtype} (float32, bfloat16 and float16 are supported)"
+    return None
+
+
+def _describe(p: Tensor) -> str:
+    return f"a parameter of shape {tuple(p.shape)} and dtype {p.dtype}"
+
+
+def _group_key(group: Any) -> Any:
+    return id(group) if group is not None else None
+
+
+def _first_device(param_groups: list[dict[str, Any]]) -> torch.device:
+    for group in param_groups:
+        for p in group["params"]:
+            local = to_local(p)
+            return local.device
+    return torch.device("cpu")
+
+
+def local_state_bytes(optimizer: Optimizer) -> int:
+    """Bytes of this rank's local optimizer state tensors (DTensors counted by their local shard)."""
+    total = 0
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, Tensor) and key != STEP_KEY:
+                local = to_local(value)
+                total += local.numel() * local.element_size()
+    return total

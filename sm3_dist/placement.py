@@ -1,0 +1,134 @@
+"""Where a parameter's local piece lives: its layout and the group its maxima are reduced over.
+
+:class:`ShardSpec` is what every adapter produces. The core understands plain
+tensors (the whole parameter on this process) and DTensors (FSDP2, tensor
+parallel, HSDP) by itself; other frameworks (FSDP1, DeepSpeed ZeRO) hand the
+optimizer a resolver that turns their shard metadata into :class:`ShardSpec`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from sm3_dist.layout import TensorLayout, box_piece, full_piece
+
+__all__ = ["ShardSpec", "SpecResolver", "UnsupportedLayoutError", "dtensor_spec", "local_spec"]
+
+
+class UnsupportedLayoutError(ValueError):
+    """A parameter's shard layout cannot be recovered; SM3 refuses to guess."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSpec:
+    """How one optimizer tensor maps onto global parameters, and who shares them."""
+
+    layout: TensorLayout
+    """The pieces of global parameters the local tensor holds."""
+    group: Any = None
+    """Process group over which partial maxima are MAX-reduced; ``None``: no reduction."""
+    plan: tuple[tuple[int, ...], ...] | None = None
+    """Global shapes by ``tensor_id`` of every tensor reduced over ``group``, the same on every rank.
+    ``None``: one entry per parameter, in ``param_groups`` order (every rank holds every parameter)."""
+    wrap_state: Callable[[Tensor, int | None], Tensor] | None = field(default=None, compare=False)
+    """Turns a local state tensor (``dim`` = accumulator dimension, ``None`` = momentum) into the
+    form the framework's checkpointing expects (a DTensor under FSDP2); ``None``: keep it local."""
+
+
+SpecResolver = Callable[[Tensor], "ShardSpec | None"]
+"""An adapter's hook: the spec of an optimizer tensor, or ``None`` if the adapter does not own it."""
+
+
+def local_spec(param: Tensor) -> ShardSpec:
+    """The whole parameter lives on this process: nothing to reduce."""
+    return ShardSpec(TensorLayout(pieces=(full_piece(param.shape),), numel=param.numel()))
+
+
+def dtensor_spec(param: Tensor, name: str) -> ShardSpec:
+    """The spec of a DTensor parameter (FSDP2 ``fully_shard``, tensor parallel, HSDP)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    for axis, placement in enumerate(placements):
+        if isinstance(placement, _StridedShard):
+            raise UnsupportedLayoutError(
+                f"{name}: placement {placement} on mesh axis {axis} (FSDP2 over tensor parallel) is a strided "
+                "shard whose local piece is not a dense box; SM3 does not support it"
+            )
+        if not isinstance(placement, (Shard, Replicate)):
+            raise UnsupportedLayoutError(
+                f"{name}: placement {placement} on mesh axis {axis} is not supported; SM3 needs Shard(d) or "
+                "Replicate() (a Partial parameter has no well-defined value to update)"
+            )
+    local_shape, offsets = compute_local_shape_and_global_offset(param.shape, mesh, placements)
+    piece = box_piece(param.shape, offsets, local_shape)
+    layout = TensorLayout(pieces=(piece,), numel=param.to_local().numel())
+    shard_axes = [axis for axis, p in enumerate(placements) if isinstance(p, Shard)]
+    if not shard_axes:
+        group = None
+    elif len(shard_axes) == 1:
+        group = mesh.get_group(shard_axes[0])
+    else:
+        group = _flattened_group(mesh, shard_axes, name)
+
+    def wrap_state(local: Tensor, dim: int | None) -> Tensor:
+        from torch.distributed.tensor import DTensor
+
+        if dim is None:
+            return DTensor.from_local(
+                local, mesh, placements, shape=param.shape, stride=param.stride(), run_check=False
+            )
+        state_placements = tuple(
+            Shard(0) if isinstance(p, Shard) and (p.dim % max(len(param.shape), 1)) == dim else Replicate()
+            for p in placements
+        )
+        return DTensor.from_local(
+            local, mesh, state_placements, shape=(piece.shape[dim],), stride=(1,), run_check=False
+        )
+
+    return ShardSpec(layout=layout, group=group, wrap_state=wrap_state)
+
+
+_FLAT_GROUPS: dict[tuple, Any] = {}
+
+
+def _flattened_group(mesh: Any, axes: list[int], name: str) -> Any:
+    names = mesh.mesh_dim_names
+    if names is None:
+        raise UnsupportedLayoutError(
+            f"{name}: sharded over {len(axes)} mesh axes of an unnamed device mesh; name the mesh dimensions "
+            "(init_device_mesh(..., mesh_dim_names=...)) so the axes can be flattened into one reduction group"
+        )
+    key = (id(mesh), tuple(axes))
+    if key not in _FLAT_GROUPS:
+        sub = mesh[tuple(names[a] for a in axes)]
+        _FLAT_GROUPS[key] = sub._flatten().get_group()
+    return _FLAT_GROUPS[key]
+
+
+def default_spec(param: Tensor, name: str) -> ShardSpec:
+    """The spec the core finds on its own: DTensor metadata, or the whole tensor."""
+    if _is_dtensor(param):
+        return dtensor_spec(param, name)
+    return local_spec(param)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def to_local(t: Tensor | None) -> Tensor | None:
+    """The local tensor of a DTensor; anything else as it is."""
+    if t is not None and _is_dtensor(t):
+        return t.to_local()
+    return t
