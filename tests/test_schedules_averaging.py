@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -40,8 +41,8 @@ def test_cooldown_decays_linearly_to_zero():
     lrs = _lrs(100, warmup_fraction=0.0, cooldown_fraction=0.1)
     assert all(v == 1.0 for v in lrs[:90])
     tail = lrs[90:]
-    assert all(a > b for a, b in zip(tail, tail[1:]))
-    diffs = [a - b for a, b in zip(tail, tail[1:])]
+    assert all(a > b for a, b in itertools.pairwise(tail))
+    diffs = [a - b for a, b in itertools.pairwise(tail)]
     assert max(diffs) - min(diffs) < 1e-9
     assert 0 < tail[-1] <= 1 / 10
 
