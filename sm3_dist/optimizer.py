@@ -12,12 +12,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from sm3_dist import functional
-from sm3_dist.comm import MaxReducer
+from sm3_dist.comm import MaxReducer, any_rank_true
 from sm3_dist.placement import ShardSpec, SpecResolver, UnsupportedLayoutError, default_spec, to_local
 
 __all__ = ["MOMENTUM_KEY", "SM3", "STEP_KEY", "accumulator_key"]
 
 STEP_KEY = "step"
+SKIPPED_KEY = "skipped_steps"
 MOMENTUM_KEY = "momentum_buffer"
 
 
@@ -27,6 +28,7 @@ def accumulator_key(dim: int, piece_index: int | None = None) -> str:
 
 
 _MOMENTUM_DTYPES = (torch.float32, torch.bfloat16)
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
 
 
 class SM3(Optimizer):
@@ -76,6 +78,11 @@ class SM3(Optimizer):
             stored in (computed in fp32, rounded to nearest even when stored). Accumulators are always fp32.
         ema_keeps_max: with ``beta > 0``, keep ``mu_d = max(mu_d, new maxima)`` as the PyTorch ports do
             (the average then never decreases). Default False: the original rule.
+        nonfinite: what to do when a gradient holds an inf or NaN, which would poison SM3's running
+            accumulators for good. ``"skip"`` (default): every rank skips the step together (one
+            one-element all-reduce decides); parameters, momentum and accumulators stay bitwise unchanged
+            and ``skipped_steps`` counts it. ``"raise"``: every rank raises ``FloatingPointError``, naming
+            the parameter on the rank that holds it. ``"ignore"``: no check (saves one read of the gradients).
         shard_resolver: an integration's hook turning a framework's shard metadata into a
             :class:`~sm3_dist.placement.ShardSpec` (``None`` for tensors it does not own).
 
@@ -98,11 +105,14 @@ class SM3(Optimizer):
         fused: bool | None = None,
         momentum_dtype: torch.dtype = torch.float32,
         ema_keeps_max: bool = False,
+        nonfinite: str = "skip",
         shard_resolver: SpecResolver | None = None,
     ) -> None:
         _check_hyperparameters(lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay)
         if foreach and fused:
             raise ValueError("foreach and fused cannot both be True: choose one kernel")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if momentum_dtype not in _MOMENTUM_DTYPES:
             raise ValueError(f"momentum_dtype must be torch.float32 or torch.bfloat16, got {momentum_dtype}")
         defaults = dict(
@@ -118,6 +128,7 @@ class SM3(Optimizer):
         super().__init__(params, defaults)
         self.momentum_dtype = momentum_dtype
         self.ema_keeps_max = ema_keeps_max
+        self.nonfinite = nonfinite
         self._shard_resolver = shard_resolver
         self._specs: dict[Tensor, ShardSpec] = {}
         self._reducers: dict[Any, MaxReducer] = {}
@@ -247,6 +258,8 @@ class SM3(Optimizer):
         self._wait_for_maxima()
         if not self._specs or any(p not in self._specs for g in self.param_groups for p in g["params"]):
             self._assign_plans()
+        if self.nonfinite != "ignore" and self._found_nonfinite():
+            return loss
         for reducer in self._reducers.values():
             reducer.zero_()
         for gi, group in enumerate(self.param_groups):
@@ -254,6 +267,41 @@ class SM3(Optimizer):
         for reducer in self._reducers.values():
             reducer.launch()
         return loss
+
+    def _found_nonfinite(self) -> bool:
+        """Whether any rank's gradient holds an inf/NaN; raises under ``nonfinite="raise"``."""
+        named, grads = [], []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    g = to_local(p.grad)
+                    g = g.coalesce().values() if g.is_sparse else g
+                    if g.numel():
+                        grads.append(g)
+                        named.append(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})")
+        local_bad = None
+        if grads:
+            norms = torch.stack(torch._foreach_norm(grads, ord=float("inf"))).float()
+            finite = torch.isfinite(norms)
+            if not bool(finite.all()):
+                local_bad = named[int((~finite).nonzero()[0])]
+        groups = {_group_key(s.group): s.group for s in self._specs.values() if s.group is not None}
+        found = local_bad is not None
+        for group in groups.values():
+            found = any_rank_true(found, group, _first_device(self.param_groups)) or found
+        if not found:
+            return False
+        if self.nonfinite == "raise":
+            where = f"in {local_bad}" if local_bad is not None else "on another rank"
+            raise FloatingPointError(f"SM3: non-finite gradient {where}{_rank_suffix()}; no state was changed")
+        for group in self.param_groups:
+            group[SKIPPED_KEY] = group.get(SKIPPED_KEY, 0) + 1
+        return True
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (kept in ``param_groups``, so checkpoints carry it)."""
+        return max((group.get(SKIPPED_KEY, 0) for group in self.param_groups), default=0)
 
     def _step_group(self, gi: int, group: dict[str, Any]) -> None:
         momentum = group["momentum"]
@@ -441,6 +489,14 @@ def _unsupported_dtype(p: Tensor) -> str | None:
 
 def _describe(p: Tensor) -> str:
     return f"a parameter of shape {tuple(p.shape)} and dtype {p.dtype}"
+
+
+def _rank_suffix() -> str:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return f" (rank {dist.get_rank()})"
+    return ""
 
 
 def _group_key(group: Any) -> Any:

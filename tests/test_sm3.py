@@ -342,3 +342,51 @@ def test_lr_as_tensor_and_schedulers():
         opt.step()
         sched.step()
     assert math.isclose(float(opt.param_groups[0]["lr"]), 0.1 / 4, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_nonfinite_gradient_skips_step_bitwise(bad):
+    torch.manual_seed(0)
+    params = [torch.randn(4, 5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    opt = SM3(params, momentum=0.9)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    params[0].grad = torch.randn_like(params[0])
+    params[0].grad[2, 3] = bad
+    opt.step()
+    assert opt.skipped_steps == 1
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    for k, st in opt.state_dict()["state"].items():
+        for key, value in st.items():
+            assert torch.equal(value, state_before[k][key]), key
+    for p in params:  # training continues
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert not torch.equal(params[0], before[0])
+    assert opt.state_dict()["param_groups"][0]["skipped_steps"] == 1
+
+
+def test_nonfinite_raise_names_parameter():
+    params = [torch.randn(2, 2, requires_grad=True), torch.randn(4, 3, requires_grad=True)]
+    opt = SM3(params, nonfinite="raise")
+    params[0].grad = torch.zeros(2, 2)
+    params[1].grad = torch.full((4, 3), float("nan"))
+    with pytest.raises(FloatingPointError, match=r"param_groups\[0\]\['params'\]\[1\] \(shape \(4, 3\)\)"):
+        opt.step()
+
+
+def test_nonfinite_ignore_lets_nan_through():
+    p = torch.randn(2, 2, requires_grad=True)
+    opt = SM3([p], nonfinite="ignore")
+    p.grad = torch.full((2, 2), float("inf"))
+    opt.step()
+    assert not torch.isfinite(p).all()
+
+
+def test_bad_nonfinite_policy():
+    with pytest.raises(ValueError, match="nonfinite"):
+        SM3([torch.zeros(1, requires_grad=True)], nonfinite="zero")
