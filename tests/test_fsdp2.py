@@ -1,0 +1,244 @@
+"""SM3 on FSDP2 (``fully_shard``) and other DTensor parameters, exact against single-process SM3.
+
+Every rank feeds the sharded parameters the same global gradients (each
+rank's ``Shard`` of one tensor computed identically everywhere), so the runs
+test the optimizer, not FSDP's gradient reduction. After the steps every
+rank's full parameters and accumulators are ``torch.equal`` to a plain
+``sm3_dist.SM3`` on unsharded copies.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sm3_dist import MOMENTUM_KEY, SM3, UnsupportedLayoutError, accumulator_key, local_state_bytes
+from tests.spawn import run_distributed
+
+HYPER = [dict(momentum=m, beta=b) for m in (0.0, 0.9) for b in (0.0, 0.9)]
+STEPS = 10
+LR = 0.05
+
+
+class TinyBlock(nn.Module):
+    """Transformer-like shapes: dims not divisible by 2, 3 or 4, so shards are uneven and some empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 12)  # 4 ranks: rows 2, 2, 1, 0 -> an empty (0, 12) shard
+        self.qkv = nn.Linear(12, 9)  # FSDP2 shards dims other than 0 evenly only: 12 columns
+        self.mix = nn.Parameter(torch.randn(3, 4, 6) * 0.1)  # rank 3; 4 ranks: an empty (0, 4, 6) shard
+        self.norm = nn.LayerNorm(12)
+        self.head = nn.Linear(12, 4)  # 3 ranks: rows 2, 2, 0
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyBlock()
+
+
+def global_grads(named_shapes: list[tuple[str, torch.Size]], step: int) -> dict[str, torch.Tensor]:
+    """The same gradients on every rank: drawn from a generator seeded by the step."""
+    gen = torch.Generator().manual_seed(7919 * (step + 1))
+    grads = {}
+    for name, shape in named_shapes:
+        g = torch.randn(shape, generator=gen)
+        if step == 0 and g.dim() >= 2:
+            g[..., 0] = 0.0  # a zero slice: entries where nu stays 0
+        grads[name] = g
+    return grads
+
+
+def set_dtensor_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.tensor import distribute_tensor
+
+    for name, p in model.named_parameters():
+        p.grad = distribute_tensor(grads[name], p.device_mesh, p.placements, src_data_rank=None)
+
+
+def expected_accumulator_placements(param) -> list[tuple]:
+    """DESIGN section 4: mu_d is Shard(0) on mesh axes that shard dim d, Replicate on the others."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    ndim = max(param.dim(), 1)
+    return [
+        tuple(Shard(0) if isinstance(pl, Shard) and pl.dim == d else Replicate() for pl in param.placements)
+        for d in range(ndim)
+    ]
+
+
+def expected_state_bytes(model: nn.Module, momentum: float) -> int:
+    """Local momentum plus the accumulator entries the local box touches, from the local shapes alone."""
+    from torch.distributed.tensor import Shard
+
+    total = 0
+    for p in model.parameters():
+        local = p.to_local()
+        if momentum > 0:
+            total += local.numel() * 4
+        sharded_dims = {pl.dim for pl in p.placements if isinstance(pl, Shard)}
+        for d in range(max(p.dim(), 1)):
+            total += 4 * (local.shape[d] if d in sharded_dims else (p.shape[d] if p.dim() else 1))
+    return total
+
+
+def compare_with_reference(model: nn.Module, opt: SM3, ref_model: nn.Module, ref: SM3, what: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    opt.state_dict()  # waits for the last all-reduce of maxima
+    ref_params = dict(ref_model.named_parameters())
+    for name, p in model.named_parameters():
+        r = ref_params[name]
+        assert torch.equal(p.full_tensor(), r.detach()), f"{what}: parameter {name} differs"
+        state, ref_state = opt.state[p], ref.state[r]
+        for d, placements in enumerate(expected_accumulator_placements(p)):
+            acc = state[accumulator_key(d)]
+            assert isinstance(acc, DTensor), f"{what}: {name} mu_{d} is not a DTensor"
+            assert tuple(acc.placements) == placements, f"{what}: {name} mu_{d} placements {acc.placements}"
+            assert acc.device_mesh == p.device_mesh
+            assert torch.equal(acc.full_tensor(), ref_state[accumulator_key(d)]), f"{what}: {name} mu_{d} differs"
+        if MOMENTUM_KEY in ref_state:
+            buf = state[MOMENTUM_KEY]
+            assert isinstance(buf, DTensor) and tuple(buf.placements) == tuple(p.placements)
+            assert torch.equal(buf.full_tensor(), ref_state[MOMENTUM_KEY]), f"{what}: {name} momentum differs"
+        else:
+            assert MOMENTUM_KEY not in state
+
+
+def train_and_compare(model, ref_model, hyper, what, steps=STEPS) -> None:
+    opt = SM3(model.parameters(), lr=LR, **hyper)
+    ref = SM3(ref_model.parameters(), lr=LR, **hyper)
+    shapes = [(n, p.shape) for n, p in ref_model.named_parameters()]
+    for step in range(steps):
+        grads = global_grads(shapes, step)
+        set_dtensor_grads(model, grads)
+        for n, p in ref_model.named_parameters():
+            p.grad = grads[n].clone()
+        opt.step()
+        ref.step()
+    compare_with_reference(model, opt, ref_model, ref, what)
+    assert local_state_bytes(opt) == expected_state_bytes(model, hyper["momentum"]), what
+
+
+# ---------------------------------------------------------------- fully_shard on a 1-D mesh
+
+
+def _fully_shard_worker(rank: int, world_size: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    local_shapes = {}
+    for hyper in HYPER:
+        model = make_model()
+        ref_model = copy.deepcopy(model)
+        # the attention projection is sharded on dim 1 (as tensor parallel would), the rest on dim 0
+        fully_shard(model.qkv, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else Shard(0))
+        fully_shard(model, mesh=mesh)
+        train_and_compare(model, ref_model, hyper, f"world {world_size} {hyper}")
+        local_shapes = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
+    return local_shapes
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_fully_shard_matches_single_process(world_size):
+    local_shapes = run_distributed(_fully_shard_worker, world_size)
+    rows = [s["emb.weight"][0] for s in local_shapes]
+    assert sum(rows) == 5 and len(set(rows)) > 1, f"the embedding must be sharded unevenly: {rows}"
+    assert local_shapes[0]["qkv.weight"][0] == 9, "qkv.weight must be sharded on dim 1"
+    if world_size >= 3:
+        assert any(0 in s["head.weight"] or 0 in s["emb.weight"] for s in local_shapes), "no empty shard"
+
+
+# ---------------------------------------------------------------- 2-D meshes: HSDP and DP x TP
+
+
+def _hsdp_worker(rank: int, world_size: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+    for hyper in HYPER[::3]:
+        model = make_model(1)
+        ref_model = copy.deepcopy(model)
+        fully_shard(model, mesh=mesh)
+        for p in model.parameters():
+            assert tuple(p.placements) == (Replicate(), Shard(0))
+        train_and_compare(model, ref_model, hyper, f"HSDP {hyper}")
+
+
+def test_hsdp_matches_single_process():
+    run_distributed(_hsdp_worker, 4)
+
+
+class TPBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.col = nn.Parameter(torch.randn(5, 6))
+        self.row = nn.Parameter(torch.randn(3, 7))
+        self.cube = nn.Parameter(torch.randn(2, 3, 5))
+        self.bias = nn.Parameter(torch.randn(6))
+        self.nested = nn.Parameter(torch.randn(7, 3))
+
+
+def _tp_worker(rank: int, world_size: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    placements = {
+        "col": (Shard(0), Shard(1)),  # both dims sharded, unevenly
+        "row": (Replicate(), Shard(1)),  # tensor parallel on dim 1
+        "cube": (Shard(2), Shard(0)),
+        "bias": (Shard(0), Replicate()),
+        "nested": (Shard(0), Shard(0)),  # one dim sharded over both mesh axes
+    }
+    for hyper in HYPER:
+        torch.manual_seed(2)
+        ref_model = TPBlock()
+        model = copy.deepcopy(ref_model)
+        for name, pl in placements.items():
+            setattr(model, name, nn.Parameter(distribute_tensor(getattr(model, name).detach(), mesh, pl)))
+        train_and_compare(model, ref_model, hyper, f"DP x TP {hyper}")
+
+
+def test_tensor_parallel_2d_mesh_matches_single_process():
+    run_distributed(_tp_worker, 4)
+
+
+# ---------------------------------------------------------------- placements SM3 refuses
+
+
+def _unsupported_worker(rank: int, world_size: int) -> list[str]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh1 = init_device_mesh("cpu", (world_size,))
+    mesh2 = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp", "tp"))
+    messages = []
+    cases = [
+        (mesh1, (Partial(),), "Partial"),
+        (mesh2, (_StridedShard(0, split_factor=2), Shard(0)), "strided shard"),
+    ]
+    for mesh, placements, expected in cases:
+        good = nn.Parameter(DTensor.from_local(torch.randn(2, 3), mesh, (Replicate(),) * mesh.ndim))
+        bad = nn.Parameter(DTensor.from_local(torch.randn(2, 3), mesh, placements, run_check=False))
+        opt = SM3([good, bad], lr=0.1)
+        good.grad = torch.zeros_like(good)
+        bad.grad = torch.zeros_like(bad)
+        with pytest.raises(UnsupportedLayoutError, match=expected) as info:
+            opt.step()
+        assert r"param_groups[0]['params'][1]" in str(info.value), str(info.value)
+        messages.append(str(info.value))
+    return messages
+
+
+def test_partial_and_strided_shard_raise():
+    messages = run_distributed(_unsupported_worker, 4)
+    assert all(len(m) == 2 for m in messages)
