@@ -1,0 +1,109 @@
+"""Loss curves from a run's ``metrics.jsonl`` (matplotlib, Agg backend: no display needed).
+
+Usable on its own: ``python -m sm3_dist.launch.plot OUT.png RUN_DIR [RUN_DIR ...]``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["plot_runs", "read_metrics"]
+
+
+def read_metrics(path: str | Path) -> tuple[dict[int, dict], dict[int, dict]]:
+    """Training and evaluation records of a ``metrics.jsonl``, keyed by step (the last record wins)."""
+    train: dict[int, dict] = {}
+    evals: dict[int, dict] = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            record = json.loads(line)
+            if record.get("kind") == "train":
+                train[record["step"]] = record
+            elif record.get("kind") == "eval":
+                evals[record["step"]] = record
+    return train, evals
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_runs(runs: Sequence[tuple[str, str | Path]], out: str | Path, *, title: str | None = None) -> Path:
+    """One PNG with the training loss (smoothed) and held-out loss of each ``(label, metrics.jsonl)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, path) in enumerate(runs):
+        color = colors[i % len(colors)]
+        train, evals = read_metrics(path)
+        steps = sorted(train)
+        if steps:
+            losses = [train[s]["loss"] for s in steps]
+            window = max(1, len(steps) // 50)
+            ax.plot(steps, _smooth(losses, window), color=color, alpha=0.8, lw=1.2, label=f"{label} train")
+        esteps = sorted(evals)
+        if esteps:
+            ax.plot(
+                esteps,
+                [evals[s]["eval_loss"] for s in esteps],
+                color=color,
+                marker="o",
+                ms=3,
+                lw=1.6,
+                ls="--",
+                label=f"{label} held-out",
+            )
+            polyak = [s for s in esteps if evals[s].get("eval_loss_polyak") is not None]
+            if polyak:
+                ax.plot(
+                    polyak,
+                    [evals[s]["eval_loss_polyak"] for s in polyak],
+                    color=color,
+                    marker="^",
+                    ms=3,
+                    lw=1.0,
+                    ls=":",
+                    label=f"{label} held-out (Polyak)",
+                )
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / byte)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2:
+        print("usage: python -m sm3_dist.launch.plot OUT.png RUN_DIR [RUN_DIR ...]", file=sys.stderr)
+        return 2
+    runs = [(Path(d).name, Path(d) / "metrics.jsonl") for d in argv[1:]]
+    print(plot_runs(runs, argv[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
