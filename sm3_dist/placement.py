@@ -112,10 +112,26 @@ def _flattened_group(mesh: Any, axes: list[int], name: str) -> Any:
     return _FLAT_GROUPS[key]
 
 
+# Attributes by which frameworks mark a parameter whose local data is a flat piece of it, and what to do instead.
+_FLAT_PIECE_MARKERS = {
+    "_fsdp_flattened": (
+        "FSDP1 (FullyShardedDataParallel) flattened it: its local data is a 1-D piece of its flat parameter. Build "
+        "SM3(..., shard_resolver=sm3_dist.integrations.fsdp.fsdp1_shard_resolver(model))"
+    ),
+}
+
+
 def default_spec(param: Tensor, name: str) -> ShardSpec:
-    """The spec the core finds on its own: DTensor metadata, or the whole tensor."""
+    """The spec the core finds on its own: DTensor metadata, or the whole tensor.
+
+    A parameter a framework marks as a flat piece is refused: treating it as a
+    whole tensor would silently give per-element accumulators.
+    """
     if _is_dtensor(param):
         return dtensor_spec(param, name)
+    for marker, advice in _FLAT_PIECE_MARKERS.items():
+        if getattr(param, marker, False):
+            raise UnsupportedLayoutError(f"{name}: {advice}")
     return local_spec(param)
 
 

@@ -1,0 +1,188 @@
+"""SM3 on FSDP1 (``FullyShardedDataParallel``) flat shards, exact against single-process SM3.
+
+The layout of each original parameter comes from FSDP's shard metadata through
+:func:`sm3_dist.integrations.fsdp.fsdp1_shard_resolver`. Every rank feeds its
+local pieces of the same global gradients; after the steps the gathered
+parameters and each rank's accumulator entries are ``torch.equal`` to a plain
+``sm3_dist.SM3`` on unsharded copies. The sizes make shard boundaries cut
+weights mid-row, and the tests assert that they do.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from sm3_dist.integrations.fsdp import fsdp1_shard_resolver
+from torch import nn
+
+from sm3_dist import MOMENTUM_KEY, SM3, UnsupportedLayoutError, accumulator_key, local_state_bytes
+from tests.spawn import run_distributed
+from tests.test_fsdp2 import HYPER, LR, STEPS, global_grads, make_model
+
+PREFIX = "_fsdp_wrapped_module."
+
+
+def wrap(model: nn.Module, **kwargs) -> nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    # the Linear layers are their own FSDP units: several flat parameters share one process group
+    return FSDP(model, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), **kwargs)
+
+
+def flat_pieces(fsdp_model: nn.Module) -> list[tuple]:
+    """(flat parameter, original parameter or None, full name, global shape, start, stop, offset in the flat shard)
+    of every original parameter, read from FSDP's metadata."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rows = []
+    for prefix, module in fsdp_model.named_modules():
+        if not isinstance(module, FSDP) or module._handle is None:
+            continue
+        prefix = prefix.replace(PREFIX, "")
+        flat = module._handle.flat_param
+        params = flat._params or [None] * len(flat._shapes)
+        for param, info, shape, fqn in zip(params, flat._shard_param_infos, flat._shapes, flat._fqns):
+            name = f"{prefix}.{fqn}" if prefix else fqn
+            if info.in_shard:
+                start, stop, offset = info.intra_param_start_idx, info.intra_param_end_idx + 1, info.offset_in_shard
+            else:
+                start = stop = offset = 0
+            rows.append((flat, param, name, tuple(shape), start, stop, offset))
+    return rows
+
+
+def hull(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[int, int]]:
+    """Per dimension, the range of indices that flat elements [start, stop) touch."""
+    if start == stop:
+        return [(0, 0)] * len(shape)
+    idx = torch.unravel_index(torch.arange(start, stop), shape)
+    return [(int(i.min()), int(i.max()) + 1) for i in idx]
+
+
+def _orig_params_worker(rank: int, world_size: int) -> list[tuple[str, tuple[int, ...], int, int]]:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    for hyper in HYPER:
+        ref_model = make_model()
+        fsdp_model = wrap(copy.deepcopy(ref_model), use_orig_params=True)
+        opt = SM3(fsdp_model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(fsdp_model))
+        ref = SM3(ref_model.parameters(), lr=LR, **hyper)
+        shapes = [(n, p.shape) for n, p in ref_model.named_parameters()]
+        local = {n.replace(PREFIX, ""): p for n, p in fsdp_model.named_parameters()}
+        ref_params = dict(ref_model.named_parameters())
+        assert local.keys() == ref_params.keys()
+        span = {}  # name -> (start, stop) of the parameter's flattening held here
+        rows = flat_pieces(fsdp_model)
+        assert sorted(row[2] for row in rows) == sorted(ref_params)
+        for _, param, name, _, start, stop, _ in rows:
+            assert param is local[name]
+            assert param.shape == (stop - start,), f"{name}: an FSDP1 original parameter is a 1-D view of its piece"
+            span[name] = (start, stop)
+        for step in range(STEPS):
+            grads = global_grads(shapes, step)
+            for name, p in local.items():
+                start, stop = span[name]
+                p.grad = grads[name].flatten()[start:stop].clone()
+                ref_params[name].grad = grads[name].clone()
+            opt.step()
+            ref.step()
+        opt.state_dict()  # waits for the last all-reduce of maxima
+        expected_bytes = 0
+        for name, p in local.items():
+            r = ref_params[name]
+            start, stop = span[name]
+            state, ref_state = opt.state[p], ref.state[r]
+            for d, (lo, hi) in enumerate(hull(tuple(r.shape), start, stop)):
+                acc = state[accumulator_key(d)]
+                assert torch.equal(acc, ref_state[accumulator_key(d)][lo:hi]), f"{hyper}: {name} mu_{d} differs"
+                expected_bytes += 4 * (hi - lo)
+            if hyper["momentum"] > 0:
+                buf = ref_state[MOMENTUM_KEY].flatten()[start:stop]
+                assert torch.equal(state[MOMENTUM_KEY], buf), f"{hyper}: {name} momentum differs"
+                expected_bytes += 4 * (stop - start)
+            else:
+                assert MOMENTUM_KEY not in state
+        assert local_state_bytes(opt) == expected_bytes
+        with FSDP.summon_full_params(fsdp_model, writeback=False):
+            for name, p in fsdp_model.named_parameters():
+                name = name.replace(PREFIX, "")
+                assert torch.equal(p.detach(), ref_params[name].detach()), f"{hyper}: parameter {name} differs"
+    return [(name, shape, start, stop) for (_, _, name, shape, start, stop, _) in flat_pieces(fsdp_model)]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_use_orig_params_matches_single_process(world_size):
+    per_rank = run_distributed(_orig_params_worker, world_size)
+    straddles = []
+    for rows in per_rank:
+        for fqn, shape, start, stop in rows:
+            numel = torch.Size(shape).numel()
+            row = shape[-1]
+            if len(shape) >= 2 and start < stop and (0, numel) != (start, stop) and (start % row or stop % row):
+                straddles.append(fqn)
+    assert straddles, "no shard boundary cuts a weight mid-row"
+
+
+def _flat_params_worker(rank: int, world_size: int) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    for hyper in HYPER[1:3]:
+        ref_model = make_model()
+        fsdp_model = wrap(copy.deepcopy(ref_model), use_orig_params=False)
+        opt = SM3(fsdp_model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(fsdp_model))
+        ref = SM3(ref_model.parameters(), lr=LR, **hyper)
+        shapes = [(n, p.shape) for n, p in ref_model.named_parameters()]
+        ref_params = dict(ref_model.named_parameters())
+        for step in range(STEPS):
+            grads = global_grads(shapes, step)
+            flats = {}
+            for flat, _, name, _, start, stop, offset in flat_pieces(fsdp_model):
+                g = flats.setdefault(id(flat), (flat, torch.zeros_like(flat)))[1]
+                g[offset : offset + stop - start] = grads[name].flatten()[start:stop]
+            for flat, g in flats.values():
+                flat.grad = g
+            for name, r in ref_params.items():
+                r.grad = grads[name].clone()
+            opt.step()
+            ref.step()
+        opt.state_dict()
+        with FSDP.summon_full_params(fsdp_model, writeback=False):
+            for name, p in fsdp_model.named_parameters():
+                name = name.replace(PREFIX, "")
+                assert torch.equal(p.detach(), ref_params[name].detach()), f"{hyper}: parameter {name} differs"
+
+
+def test_flat_parameters_match_single_process():
+    run_distributed(_flat_params_worker, 2)
+
+
+def _errors_worker(rank: int, world_size: int) -> None:
+    model = wrap(make_model(), use_orig_params=True)
+    # without the resolver the 1-D views would look like whole vectors: refused
+    opt = SM3(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(UnsupportedLayoutError, match=r"param_groups\[0\]\['params'\]\[0\].*FSDP1"):
+        opt.step()
+    # a resolver for another model
+    other = wrap(make_model(), use_orig_params=True)
+    opt = SM3(model.parameters(), lr=0.1, shard_resolver=fsdp1_shard_resolver(other))
+    with pytest.raises(UnsupportedLayoutError, match="outside the model given to fsdp1_shard_resolver"):
+        opt.step()
+    # a flat parameter whose shard metadata is gone
+    flat = model._handle.flat_param
+    del flat._shard_param_infos
+    opt = SM3(model.parameters(), lr=0.1, shard_resolver=fsdp1_shard_resolver(model))
+    with pytest.raises(UnsupportedLayoutError, match=r"emb\.weight.*has no shard metadata"):
+        opt.step()
+    # a resolver for a model without FSDP
+    opt = SM3(make_model().parameters(), lr=0.1, shard_resolver=fsdp1_shard_resolver(make_model()))
+    with pytest.raises(UnsupportedLayoutError, match="contains no FullyShardedDataParallel module"):
+        opt.step()
+
+
+def test_bad_input_raises():
+    run_distributed(_errors_worker, 2)
