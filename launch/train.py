@@ -25,7 +25,6 @@ Bad input is reported before any process group starts, with exit code 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -148,8 +147,8 @@ def _ds_config_from_file(path: str) -> dict:
         raise UsageError(f"DeepSpeed config {path!r} is not valid JSON: {e}") from None
 
 
-def _default_deepspeed_config() -> str:
-    return str(Path(__file__).resolve().parent / "deepspeed" / "zero2.json")
+DEFAULT_DEEPSPEED_CONFIG = {"zero_optimization": {"stage": 2}, "zero_force_ds_cpu_optimizer": False}
+"""Used by ``--setup deepspeed`` without ``--deepspeed-config``."""
 
 
 def validate(args: argparse.Namespace, env: dict[str, str] | None = None) -> Plan:
@@ -242,10 +241,18 @@ def validate(args: argparse.Namespace, env: dict[str, str] | None = None) -> Pla
             path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
             deepspeed_config = None if path in ("", "none", "None") else _ds_config_from_file(path)
         else:
-            args.deepspeed_config = args.deepspeed_config or _default_deepspeed_config()
-            deepspeed_config = _ds_config_from_file(args.deepspeed_config)
+            deepspeed_config = (
+                _ds_config_from_file(args.deepspeed_config)
+                if args.deepspeed_config
+                else json.loads(json.dumps(DEFAULT_DEEPSPEED_CONFIG))
+            )
         if deepspeed_config is not None:
             stage = int(deepspeed_config.get("zero_optimization", {}).get("stage", 0) or 0)
+            if stage > 0 and "adafactor" in names:
+                raise UsageError(
+                    "Adafactor under ZeRO would see flat partitions, not matrices (no factored state): "
+                    "compare it under --setup ddp or fsdp2"
+                )
             if stage == 3 and args.polyak is not None:
                 raise UsageError("--polyak is not supported with ZeRO-3 (the weights are partitioned)")
             for key in ("train_batch_size", "train_micro_batch_size_per_gpu"):
@@ -271,9 +278,9 @@ def validate(args: argparse.Namespace, env: dict[str, str] | None = None) -> Pla
             for key, mine in (("setup", args.setup), ("optimizer", args.optimizer), ("model_size", args.model_size)):
                 if meta[key] != mine:
                     raise UsageError(f"checkpoint {resume} was saved with {key}={meta[key]!r}, this run has {mine!r}")
-            if meta["setup"] == "sharded" and meta["world_size"] != world_size:
+            if meta["setup"] == "deepspeed" and meta["world_size"] != world_size:
                 raise UsageError(
-                    f"checkpoint {resume} holds ShardedSM3 state of {meta['world_size']} ranks; resume it on "
+                    f"checkpoint {resume} holds DeepSpeed state of {meta['world_size']} ranks; resume it on "
                     f"{meta['world_size']} processes (this run has {world_size})"
                 )
             if meta["step"] >= args.steps:
@@ -481,6 +488,7 @@ class Trainer:
         model = build_model(args.model_size, n_positions=args.seq_len, seed=args.seed).to(self.device)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.engine = None
+        self.ema = None
         build = {
             "ddp": self._build_ddp,
             "sharded": self._build_ddp,
@@ -488,8 +496,7 @@ class Trainer:
             "deepspeed": self._build_deepspeed,
         }[args.setup]
         build(model)
-        self.ema = None
-        if args.polyak is not None:
+        if args.polyak is not None and self.ema is None:
             from sm3_dist.averaging import polyak
 
             self.ema = polyak(self.raw_model, decay=args.polyak)
@@ -538,9 +545,19 @@ class Trainer:
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world,))
-        for block in model.transformer.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        if self.args.polyak is not None:
+            # FSDP modules cannot be deep-copied: average a copy made before sharding, sharded the same way
+            from sm3_dist.averaging import polyak
+
+            self.ema = polyak(model, decay=self.args.polyak)
+            for m in (self.ema.module, model):
+                for block in m.transformer.h:
+                    fully_shard(block, mesh=mesh)
+                fully_shard(m, mesh=mesh)
+        else:
+            for block in model.transformer.h:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         self.raw_model = self.model = model
         self.optimizer = _make_optimizer(self.args.optimizer, model.parameters(), self.args, sharded=False)
         self.state_optimizer = self.optimizer
@@ -548,9 +565,8 @@ class Trainer:
 
     def _build_deepspeed(self, model) -> None:
         import deepspeed
+        import sm3_dist.integrations.deepspeed  # noqa: F401  (registers "type": "SM3")
 
-        with contextlib.suppress(ImportError):
-            import sm3_dist.integrations.deepspeed  # noqa: F401  (registers "type": "SM3")
         args = self.args
         if self.accelerator is not None:
             plugin = self.accelerator.state.deepspeed_plugin
@@ -573,6 +589,10 @@ class Trainer:
         self.engine = self.model = engine
         self.raw_model = engine.module
         self.state_optimizer = engine.basic_optimizer
+        if args.optimizer == "sm3":
+            from sm3_dist.integrations.deepspeed import check_engine
+
+            check_engine(engine)
         self._schedule(engine.basic_optimizer)
 
     # ------------------------------------------------------------------ steps
@@ -640,6 +660,8 @@ class Trainer:
                 total[0] += self._loss(chunk, reduction="sum").double()
                 total[1] += chunk[:, 1:].numel()
         self.model.train()
+        if self.args.setup == "fsdp2" and self.accelerator is None:
+            self.model.reshard()  # the root keeps its parameters unsharded after a forward with no backward
         dist.all_reduce(total)
         return float(total[0] / total[1])
 
@@ -678,12 +700,6 @@ class Trainer:
             self.engine.save_checkpoint(str(path), tag="deepspeed", client_state={}, save_latest=False)
         elif self.accelerator is not None:
             self.accelerator.save_state(str(path / "accelerate"))
-        elif setup == "sharded":
-            torch.save(self.optimizer.state_dict(), path / f"optim_rank{self.rank}.pt")
-            if self.rank == 0:
-                torch.save(self.raw_model.state_dict(), path / "model.pt")
-                if self.ema is not None:
-                    extra["polyak"] = self.ema.state_dict()
         else:
             import torch.distributed.checkpoint as dcp
 
@@ -708,18 +724,12 @@ class Trainer:
         import torch
 
         trainer = torch.load(path / TRAINER_FILE, weights_only=False, map_location="cpu")
-        setup = self.args.setup
         if self.engine is not None:
             load_path, _ = self.engine.load_checkpoint(str(path), tag="deepspeed")
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed found no checkpoint in {path}")
         elif self.accelerator is not None:
             self.accelerator.load_state(str(path / "accelerate"))
-        elif setup == "sharded":
-            self.raw_model.load_state_dict(torch.load(path / "model.pt", map_location=self.device))
-            self.optimizer.load_state_dict(
-                torch.load(path / f"optim_rank{self.rank}.pt", map_location=self.device, weights_only=False)
-            )
         else:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -863,10 +873,12 @@ def _fill_deepspeed_config(config: dict, args: argparse.Namespace, world_size: i
             section["enabled"] = False
     if config.get("gradient_clipping") == "auto":
         config.pop("gradient_clipping")
+    config.pop("scheduler", None)  # the job's own warm-up schedule drives the learning rate
     section = config.get("optimizer")
-    from_config = (
-        isinstance(section, dict) and str(section.get("type", "")).lower() == DS_OPTIMIZER_TYPES[args.optimizer].lower()
-    )
+    wanted = DS_OPTIMIZER_TYPES[args.optimizer]
+    if args.optimizer == "sm3" and not (isinstance(section, dict) and section.get("type") == wanted):
+        section = config["optimizer"] = {"type": wanted, "params": {}}
+    from_config = isinstance(section, dict) and str(section.get("type", "")).lower() == wanted.lower()
     if from_config:
         params = section.setdefault("params", {})
         params["lr"] = args.lr
