@@ -40,11 +40,14 @@ compiled with :func:`torch.compile`.
 
 from __future__ import annotations
 
+import ctypes
 import types
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from sm3_dist import _native
 
 __all__ = ["sm3", "sm3_sparse_rows_"]
 
@@ -223,7 +226,114 @@ def _fused_block_fn(key: tuple) -> Callable[..., tuple[Tensor, ...]]:
     return fn
 
 
-def _fused_sm3(
+_NATIVE_DTYPES = {torch.float32: _native.DTYPE_F32, torch.bfloat16: _native.DTYPE_BF16}
+_NATIVE_MOMENTUM = {None: 0, torch.float32: 1, torch.bfloat16: 2}
+_NATIVE_TILE_ELEMS = 1 << 16
+_POS_INF: dict[torch.device, Tensor] = {}
+
+
+def _native_eligible(p: Tensor, g: Tensor, m: Tensor | None, accs: Sequence[Tensor]) -> bool:
+    return (
+        p.device.type == "cpu"
+        and p.numel() > 0
+        and p.dtype in _NATIVE_DTYPES
+        and g.dtype == p.dtype
+        and g.device.type == "cpu"
+        and p.is_contiguous()
+        and g.is_contiguous()
+        and (m is None or (m.dtype in _NATIVE_DTYPES and m.is_contiguous() and m.device.type == "cpu"))
+        and all(a.dtype == torch.float32 and a.is_contiguous() and a.device.type == "cpu" for a in accs)
+    )
+
+
+def _native_sm3(
+    lib,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    accumulators: Sequence[Sequence[Tensor]],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    beta: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> list[tuple[Tensor, ...] | None]:
+    """The blocks the one-pass C++ kernel takes (CPU, contiguous, fp32/bf16); ``None`` for the others.
+
+    Each block is viewed as ``rows x cols`` (its last dimension against the
+    others, whose ``min_d mu_d`` is formed here for rank > 2); the kernel
+    returns the row and column maxima, from which the maxima per dimension
+    follow by exact max reductions.
+    """
+    results: list[tuple[Tensor, ...] | None] = [None] * len(params)
+    taken = []
+    for i, (p, g, m, accs) in enumerate(zip(params, grads, momentum_buffers, accumulators)):
+        if not _native_eligible(p, g, m, accs):
+            continue
+        if p.ndim <= 1:
+            inf = _POS_INF.get(p.device)
+            if inf is None:
+                inf = _POS_INF[p.device] = torch.full((1,), float("inf"), dtype=torch.float32)
+            rows, cols, rowmin, colacc = 1, p.numel(), inf, accs[0]
+        elif p.ndim == 2:
+            rows, cols, rowmin, colacc = p.shape[0], p.shape[1], accs[0], accs[1]
+        else:
+            rowmin = _min_over_covers(accs[:-1], p.shape[:-1]).reshape(-1)
+            rows, cols, colacc = rowmin.numel(), p.shape[-1], accs[-1]
+        taken.append((i, rows, cols, rowmin, colacc))
+    if not taken:
+        return results
+    out = torch.empty(sum(r + c for _, r, c, _, _ in taken), dtype=torch.float32)
+    meta = []
+    maxima_views = []
+    offset = 0
+    for i, rows, cols, rowmin, colacc in taken:
+        rowmax, colmax = out[offset : offset + rows], out[offset + rows : offset + rows + cols]
+        offset += rows + cols
+        maxima_views.append((i, rowmax, colmax))
+        p, g, m = params[i], grads[i], momentum_buffers[i]
+        meta += [
+            p.data_ptr(),
+            g.data_ptr(),
+            0 if m is None else m.data_ptr(),
+            rowmin.data_ptr(),
+            colacc.data_ptr(),
+            rowmax.data_ptr(),
+            colmax.data_ptr(),
+            rows,
+            cols,
+            _NATIVE_DTYPES[p.dtype],
+            _NATIVE_MOMENTUM[None if m is None else m.dtype],
+        ]
+    meta_t = torch.tensor(meta, dtype=torch.int64)
+    lr_value = float(lr)
+    hyper = (ctypes.c_double * 8)(
+        lr_value, momentum, 1.0 - momentum, beta, 1.0 - beta, eps, weight_decay, -1.0 if maximize else 1.0
+    )
+    flags = (
+        (_native.FLAG_WD if weight_decay != 0.0 else 0)
+        | (_native.FLAG_BETA if beta > 0.0 else 0)
+        | (_native.FLAG_EPS if eps > 0.0 else 0)
+    )
+    status = lib.sm3_native_step(
+        meta_t.data_ptr(), len(taken), ctypes.addressof(hyper), flags, torch.get_num_threads(), _NATIVE_TILE_ELEMS
+    )
+    if status != 0:
+        raise RuntimeError(f"native SM3 kernel failed with status {status}")
+    for i, rowmax, colmax in maxima_views:
+        shape = params[i].shape
+        if len(shape) <= 1:
+            results[i] = (colmax,)
+        elif len(shape) == 2:
+            results[i] = (rowmax, colmax)
+        else:
+            results[i] = (*_maxima(rowmax.view(shape[:-1])), colmax)
+    return results
+
+
+def _compiled_sm3(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor | None],
@@ -250,6 +360,37 @@ def _fused_sm3(
         fn = _fused_block_fn(key)
         out.append(fn(p, g, m, list(accs), lr_tensor.to(p.device), momentum, beta, eps, weight_decay, maximize))
     return out
+
+
+def _fused_sm3(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    accumulators: Sequence[Sequence[Tensor]],
+    **hyper,
+) -> list[tuple[Tensor, ...]]:
+    """The fused step: CPU blocks through the one-pass native kernel, the rest through :func:`torch.compile`.
+
+    Both compute exactly what the eager kernel computes (bitwise for the native
+    kernel); the compiled kernel is also what runs when the native one cannot
+    be built (logged once).
+    """
+    results: list[tuple[Tensor, ...] | None] = [None] * len(params)
+    lib = _native.load() if any(p.device.type == "cpu" for p in params) else None
+    if lib is not None:
+        results = _native_sm3(lib, params, grads, momentum_buffers, accumulators, **hyper)
+    rest = [i for i, r in enumerate(results) if r is None]
+    if rest:
+        compiled = _compiled_sm3(
+            [params[i] for i in rest],
+            [grads[i] for i in rest],
+            [momentum_buffers[i] for i in rest],
+            [accumulators[i] for i in rest],
+            **hyper,
+        )
+        for i, r in zip(rest, compiled):
+            results[i] = r
+    return results  # type: ignore[return-value]
 
 
 def sm3(

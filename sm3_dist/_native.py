@@ -1,0 +1,435 @@
+"""A one-pass C++ kernel for the fused SM3 step on CPU, built with the system C++ compiler at first use.
+
+Per dense block, viewed as ``rows x cols`` (the last dimension against the
+others), one pass over memory reads ``w``, ``g`` and ``m`` once and writes
+``w`` and ``m`` once, computing ``nu``, the row maxima, the column maxima
+(per tile, combined afterwards by max) and the update on the way. Tiles of all
+blocks of a step are spread over the OpenMP threads in one parallel region.
+
+Every elementwise step is one correctly rounded IEEE operation in the same
+order as :func:`sm3_dist.functional._single_block` (compiled with
+``-ffp-contract=off -fno-fast-math``: no fused multiply-add, no approximate
+reciprocal square root), and reductions are only NaN-propagating min/max, so
+the results are bitwise those of the eager kernel, wherever a block is cut.
+
+The shared library is cached under ``$SM3_DIST_CACHE`` (default
+``~/.cache/sm3_dist``), keyed by the source, the flags, the compiler and the
+CPU's feature flags (it is built with ``-march=native``). If it cannot be
+built, :func:`load` returns ``None`` and logs why, once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+__all__ = ["DTYPE_BF16", "DTYPE_F32", "FLAG_BETA", "FLAG_EPS", "FLAG_WD", "META_FIELDS", "load"]
+
+logger = logging.getLogger(__name__)
+
+DTYPE_F32 = 0
+DTYPE_BF16 = 1
+MOMENTUM_NONE = 0
+FLAG_WD = 1
+FLAG_BETA = 2
+FLAG_EPS = 4
+META_FIELDS = 11
+"""Per block: w, g, m, rowmin, colacc, rowmax, colmax pointers; rows; cols; param dtype; momentum kind."""
+
+_SOURCE = r"""
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <limits>
+#include <vector>
+#include <algorithm>
+#include <atomic>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+typedef uint16_t bf16_t;
+
+inline float bf16_to_f32(bf16_t x) {
+  uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// round to nearest even, as c10::BFloat16 does
+inline bf16_t f32_to_bf16(float f) {
+  if (f != f) return 0x7FC0;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return bf16_t((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+}
+
+struct VS {
+  typedef float F;
+  static constexpr int W = 1;
+  static F set1(float x) { return x; }
+  static F ld(const float* p) { return *p; }
+  static F ld(const bf16_t* p) { return bf16_to_f32(*p); }
+  static void st(float* p, F x) { *p = x; }
+  static void st(bf16_t* p, F x) { *p = f32_to_bf16(x); }
+  static F add(F a, F b) { return a + b; }
+  static F sub(F a, F b) { return a - b; }
+  static F mul(F a, F b) { return a * b; }
+  static F div(F a, F b) { return a / b; }
+  static F sqrt(F a) { return __builtin_sqrtf(a); }
+  static F min_nan(F a, F b) { return a != a ? a : (b != b ? b : (b < a ? b : a)); }
+  static F max_nan(F a, F b) { return a != a ? a : (b != b ? b : (a < b ? b : a)); }
+  static F gt0(F nu, F x) { return nu > 0.0f ? x : 0.0f; }
+  static float hmax(F a) { return a; }
+};
+
+#if defined(__AVX512F__)
+struct V16 {
+  typedef __m512 F;
+  static constexpr int W = 16;
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F ld(const float* p) { return _mm512_loadu_ps(p); }
+  static F ld(const bf16_t* p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static void st(float* p, F x) { _mm512_storeu_ps(p, x); }
+  static void st(bf16_t* p, F x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  // vminps/vmaxps return the second operand when either is NaN: put a NaN first operand back.
+  static F min_nan(F a, F b) { return _mm512_mask_mov_ps(_mm512_min_ps(a, b), _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a); }
+  static F max_nan(F a, F b) { return _mm512_mask_mov_ps(_mm512_max_ps(a, b), _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a); }
+  static F gt0(F nu, F x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(nu, _mm512_setzero_ps(), _CMP_GT_OQ), x); }
+  static float hmax(F a) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, a);
+    float r = lanes[0];
+    for (int k = 1; k < 16; ++k) r = VS::max_nan(r, lanes[k]);
+    return r;
+  }
+};
+#define SM3_VEC V16
+#else
+#define SM3_VEC VS
+#endif
+
+struct Hyper {
+  float lr, mom, omm, beta, omb, eps, wd, sign;
+};
+
+struct Block {
+  void* w;
+  const void* g;
+  void* m;
+  const float* rowmin;
+  const float* colacc;
+  float* rowmax;
+  float* colmax;
+  int64_t rows, cols, pdtype, mkind;
+};
+
+template <class V>
+struct HV {
+  typename V::F lr, mom, omm, beta, omb, eps, wd, sign, one;
+  explicit HV(const Hyper& h)
+      : lr(V::set1(h.lr)), mom(V::set1(h.mom)), omm(V::set1(h.omm)), beta(V::set1(h.beta)), omb(V::set1(h.omb)),
+        eps(V::set1(h.eps)), wd(V::set1(h.wd)), sign(V::set1(h.sign)), one(V::set1(1.0f)) {}
+};
+
+// One vector (or one element) of one row; the same operations, in the same order, as the eager kernel.
+template <class V, class PT, class MT, bool HAS_M, bool WD, bool BETA, bool EPS>
+inline void step_at(PT* w_row, const PT* g_row, MT* m_row, const float* colacc, float* cm,
+                    typename V::F rmin, typename V::F& rmax, const HV<V>& h, int64_t j) {
+  typedef typename V::F F;
+  F g = V::mul(V::ld(g_row + j), h.sign);
+  F w = V::ld(w_row + j);
+  if (WD) g = V::add(g, V::mul(w, h.wd));
+  F mn = V::min_nan(rmin, V::ld(colacc + j));
+  F sq = V::mul(g, g);
+  F nu = BETA ? V::add(V::mul(mn, h.beta), V::mul(sq, h.omb)) : V::add(mn, sq);
+  rmax = V::max_nan(rmax, nu);
+  V::st(cm + j, V::max_nan(V::ld(cm + j), nu));
+  F u = EPS ? V::mul(V::div(h.one, V::sqrt(V::add(nu, h.eps))), g) : V::gt0(nu, V::mul(g, V::div(h.one, V::sqrt(nu))));
+  F upd;
+  if (HAS_M) {
+    F mv = V::add(V::mul(V::ld(m_row + j), h.mom), V::mul(u, h.omm));
+    V::st(m_row + j, mv);
+    upd = V::mul(mv, h.lr);
+  } else {
+    upd = V::mul(u, h.lr);
+  }
+  V::st(w_row + j, V::sub(w, upd));
+}
+
+template <class PT, class MT, bool HAS_M, bool WD, bool BETA, bool EPS>
+void run_tile(const Block& b, const Hyper& hs, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* rowpart,
+              float* colpart) {
+  typedef SM3_VEC V;
+  const HV<V> hv(hs);
+  const HV<VS> h1(hs);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t j = c0; j < c1; ++j) colpart[j] = ninf;
+  for (int64_t i = r0; i < r1; ++i) {
+    PT* w_row = static_cast<PT*>(b.w) + i * b.cols;
+    const PT* g_row = static_cast<const PT*>(b.g) + i * b.cols;
+    MT* m_row = HAS_M ? static_cast<MT*>(b.m) + i * b.cols : nullptr;
+    const float rmin_s = b.rowmin[i];
+    typename V::F rmin = V::set1(rmin_s), rmax = V::set1(ninf);
+    int64_t j = c0;
+    for (; j + V::W <= c1; j += V::W)
+      step_at<V, PT, MT, HAS_M, WD, BETA, EPS>(w_row, g_row, m_row, b.colacc, colpart, rmin, rmax, hv, j);
+    float rmax_s = V::hmax(rmax);
+    for (; j < c1; ++j)
+      step_at<VS, PT, MT, HAS_M, WD, BETA, EPS>(w_row, g_row, m_row, b.colacc, colpart, rmin_s, rmax_s, h1, j);
+    rowpart[i] = rmax_s;
+  }
+}
+
+typedef void (*TileFn)(const Block&, const Hyper&, int64_t, int64_t, int64_t, int64_t, float*, float*);
+
+template <class PT, class MT, bool HAS_M>
+TileFn pick_flags(int64_t flags) {
+  switch (flags & 7) {
+    case 0: return run_tile<PT, MT, HAS_M, false, false, false>;
+    case 1: return run_tile<PT, MT, HAS_M, true, false, false>;
+    case 2: return run_tile<PT, MT, HAS_M, false, true, false>;
+    case 3: return run_tile<PT, MT, HAS_M, true, true, false>;
+    case 4: return run_tile<PT, MT, HAS_M, false, false, true>;
+    case 5: return run_tile<PT, MT, HAS_M, true, false, true>;
+    case 6: return run_tile<PT, MT, HAS_M, false, true, true>;
+    default: return run_tile<PT, MT, HAS_M, true, true, true>;
+  }
+}
+
+template <class PT>
+TileFn pick_momentum(int64_t mkind, int64_t flags) {
+  if (mkind == 1) return pick_flags<PT, float, true>(flags);
+  if (mkind == 2) return pick_flags<PT, bf16_t, true>(flags);
+  return pick_flags<PT, float, false>(flags);
+}
+
+struct Tile {
+  int32_t block;
+  int32_t rc, cc;
+};
+
+struct Plan {
+  int64_t rb, cb, nrc, ncc;
+  float* rowpart;
+  float* colpart;
+  TileFn fn;
+};
+
+}  // namespace
+
+extern "C" int sm3_native_abi() { return 1; }
+
+// meta: nblocks x 11 int64 (see META_FIELDS); hyper: lr, momentum, 1 - momentum, beta, 1 - beta, eps, weight_decay, sign
+extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const double* hyper, int64_t flags,
+                               int64_t num_threads, int64_t tile_elems) {
+  Hyper hs{float(hyper[0]), float(hyper[1]), float(hyper[2]), float(hyper[3]),
+           float(hyper[4]), float(hyper[5]), float(hyper[6]), float(hyper[7])};
+  std::vector<Block> blocks(nblocks);
+  std::vector<Plan> plans(nblocks);
+  std::vector<Tile> tiles;
+  int64_t scratch = 0, total = 0;
+  for (int64_t k = 0; k < nblocks; ++k) {
+    const int64_t* f = meta + k * 11;
+    Block& b = blocks[k];
+    b.w = reinterpret_cast<void*>(f[0]);
+    b.g = reinterpret_cast<const void*>(f[1]);
+    b.m = reinterpret_cast<void*>(f[2]);
+    b.rowmin = reinterpret_cast<const float*>(f[3]);
+    b.colacc = reinterpret_cast<const float*>(f[4]);
+    b.rowmax = reinterpret_cast<float*>(f[5]);
+    b.colmax = reinterpret_cast<float*>(f[6]);
+    b.rows = f[7];
+    b.cols = f[8];
+    b.pdtype = f[9];
+    b.mkind = f[10];
+    if (b.rows <= 0 || b.cols <= 0) return 1;
+    total += b.rows * b.cols;
+    Plan& p = plans[k];
+    p.fn = b.pdtype == 1 ? pick_momentum<bf16_t>(b.mkind, flags) : pick_momentum<float>(b.mkind, flags);
+    if (b.cols >= tile_elems) {
+      p.cb = tile_elems;
+      p.rb = 1;
+    } else {
+      p.cb = b.cols;
+      p.rb = tile_elems / b.cols;
+    }
+    p.nrc = (b.rows + p.rb - 1) / p.rb;
+    p.ncc = (b.cols + p.cb - 1) / p.cb;
+    if (p.ncc > 1) scratch += p.ncc * b.rows;
+    if (p.nrc > 1) scratch += p.nrc * b.cols;
+    for (int64_t rc = 0; rc < p.nrc; ++rc)
+      for (int64_t cc = 0; cc < p.ncc; ++cc) tiles.push_back(Tile{int32_t(k), int32_t(rc), int32_t(cc)});
+  }
+  std::vector<float> buf(scratch);
+  float* next = buf.data();
+  for (int64_t k = 0; k < nblocks; ++k) {
+    Plan& p = plans[k];
+    const Block& b = blocks[k];
+    if (p.ncc > 1) { p.rowpart = next; next += p.ncc * b.rows; } else { p.rowpart = b.rowmax; }
+    if (p.nrc > 1) { p.colpart = next; next += p.nrc * b.cols; } else { p.colpart = b.colmax; }
+  }
+  const int64_t ntiles = int64_t(tiles.size());
+  std::atomic<int64_t> cursor(0);
+  auto work = [&]() {
+    for (int64_t t; (t = cursor.fetch_add(1, std::memory_order_relaxed)) < ntiles;) {
+      const Tile& tl = tiles[t];
+      const Block& b = blocks[tl.block];
+      const Plan& p = plans[tl.block];
+      int64_t r0 = tl.rc * p.rb, r1 = std::min(b.rows, r0 + p.rb);
+      int64_t c0 = tl.cc * p.cb, c1 = std::min(b.cols, c0 + p.cb);
+      p.fn(b, hs, r0, r1, c0, c1, p.rowpart + (p.ncc > 1 ? tl.cc * b.rows : 0),
+           p.colpart + (p.nrc > 1 ? tl.rc * b.cols : 0));
+    }
+  };
+  // waking a thread team costs more than a small step: one thread per tile's worth of elements at most
+  int64_t nt = std::max<int64_t>(1, std::min({num_threads, ntiles, (total + tile_elems - 1) / tile_elems}));
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    work();
+  } else {
+    work();
+  }
+#else
+  work();
+#endif
+  // combine the partial maxima of blocks cut into several tiles (max is exact: any order gives the same bits)
+  for (int64_t k = 0; k < nblocks; ++k) {
+    const Plan& p = plans[k];
+    const Block& b = blocks[k];
+    if (p.ncc > 1) {
+      for (int64_t i = 0; i < b.rows; ++i) {
+        float r = p.rowpart[i];
+        for (int64_t cc = 1; cc < p.ncc; ++cc) r = VS::max_nan(r, p.rowpart[cc * b.rows + i]);
+        b.rowmax[i] = r;
+      }
+    }
+    if (p.nrc > 1) {
+      for (int64_t j = 0; j < b.cols; ++j) {
+        float r = p.colpart[j];
+        for (int64_t rc = 1; rc < p.nrc; ++rc) r = VS::max_nan(r, p.colpart[rc * b.cols + j]);
+        b.colmax[j] = r;
+      }
+    }
+  }
+  return 0;
+}
+"""
+
+_FLAGS = ["-O3", "-fno-fast-math", "-ffp-contract=off", "-fno-math-errno", "-march=native", "-fPIC", "-shared"]
+_OPENMP = ["-fopenmp"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_signature() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return line
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SM3_DIST_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "sm3_dist"
+
+
+def _build(cxx: str) -> Path:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    key_text = "\n".join([_SOURCE, " ".join(_FLAGS), version, platform.machine(), _cpu_signature()])
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:20]
+    cache = _cache_dir()
+    target = cache / f"sm3_native_{key}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        src = Path(tmp) / "sm3_native.cpp"
+        src.write_text(_SOURCE)
+        out = Path(tmp) / target.name
+        errors = []
+        for extra in (_OPENMP, []):
+            result = subprocess.run([cxx, *_FLAGS, *extra, str(src), "-o", str(out)], capture_output=True, text=True)
+            if result.returncode == 0:
+                if not extra:
+                    logger.warning("sm3_dist: the native SM3 kernel was built without OpenMP (single-threaded)")
+                os.replace(out, target)  # atomic: concurrent builders write identical files
+                return target
+            errors.append(result.stderr.strip()[-2000:])
+        raise RuntimeError("compiler failed:\n" + "\n".join(errors))
+
+
+def load() -> ctypes.CDLL | None:
+    """The native kernel library, building it on first use; ``None`` (logged once) when unavailable.
+
+    ``SM3_DIST_NATIVE=0`` disables it (the fused step then uses :func:`torch.compile`).
+    """
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]  # type: ignore[return-value]
+        lib = None
+        if os.environ.get("SM3_DIST_NATIVE", "1") != "0":
+            try:
+                if platform.system() != "Linux":
+                    raise RuntimeError(f"only built on Linux, not {platform.system()}")
+                cxx = _compiler()
+                if cxx is None:
+                    raise RuntimeError("no C++ compiler found (set CXX)")
+                lib = ctypes.CDLL(str(_build(cxx)))
+                if lib.sm3_native_abi() != 1:
+                    raise RuntimeError("stale library")
+                lib.sm3_native_step.restype = ctypes.c_int
+                lib.sm3_native_step.argtypes = [
+                    ctypes.c_void_p,
+                    ctypes.c_int64,
+                    ctypes.c_void_p,
+                    ctypes.c_int64,
+                    ctypes.c_int64,
+                    ctypes.c_int64,
+                ]
+            except Exception as exc:  # the fused step still works, through torch.compile
+                lib = None
+                message = f"sm3_dist: native fused SM3 kernel unavailable, using torch.compile instead: {exc}"
+                logger.warning(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+        _state["lib"] = lib
+        return lib

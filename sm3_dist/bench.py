@@ -1,0 +1,291 @@
+"""``sm3-dist bench``: time one optimizer step, side by side, against the memory-bandwidth bound.
+
+All optimizers step the same parameters and gradients of a GPT-style parameter
+set (by default: embedding 16384x512 and 6 blocks of width 512, ~27M
+parameters), interleaved round by round so that they share the machine's noise.
+For each: the median and interquartile range of the step time, the ratio to
+``torch.optim.Adam(fused=True)``, the optimizer state, the bytes the step must
+move at the least (its algorithm's reads and writes of per-parameter tensors),
+and the time those bytes take at the bandwidth of a large tensor copy measured
+in the same run.
+
+``sm3-dist bench --distributed ...`` runs :mod:`sm3_dist.bench_distributed` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from sm3_dist.optimizer import SM3
+
+__all__ = ["PRESETS", "Row", "gpt_shapes", "main", "run"]
+
+PRESETS = {"gpt": (16384, 512, 6), "small": (4096, 256, 4), "tiny": (256, 32, 1)}
+"""Parameter sets as ``(vocab, width, blocks)``."""
+
+
+def gpt_shapes(vocab: int, d: int, blocks: int) -> list[tuple[int, ...]]:
+    """Parameter shapes of a GPT-style model: embedding, blocks (qkv, proj, MLP, biases, layernorms), final norm."""
+    shapes: list[tuple[int, ...]] = [(vocab, d)]
+    for _ in range(blocks):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,)]  # ln1, attention
+        shapes += [(d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]  # ln2, MLP
+    shapes += [(d,), (d,)]
+    return shapes
+
+
+def parse_params(spec: str) -> list[tuple[int, ...]]:
+    """A preset name (``gpt``, ``small``, ``tiny``) or ``VOCAB,WIDTH,BLOCKS``."""
+    if spec in PRESETS:
+        return gpt_shapes(*PRESETS[spec])
+    try:
+        vocab, d, blocks = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--params must be one of {sorted(PRESETS)} or VOCAB,WIDTH,BLOCKS, got {spec!r}"
+        ) from None
+    return gpt_shapes(vocab, d, blocks)
+
+
+@dataclass(slots=True)
+class Candidate:
+    name: str
+    make: Callable[[list[Tensor]], torch.optim.Optimizer]
+    bytes_per_param: float
+    """Bytes per parameter the step reads and writes at the least (fp32 parameters and gradients)."""
+
+
+@dataclass(slots=True)
+class Row:
+    name: str
+    median_ms: float
+    iqr_ms: float
+    ratio_to_adam_fused: float | None
+    state_mib: float
+    moved_mb: float
+    bound_ms: float
+    pct_of_bound: float
+    samples: int
+    times_ms: list[float] = field(default_factory=list, repr=False)
+
+
+def _candidates(lr: float) -> list[Candidate]:
+    def sm3(**kw):
+        return lambda ps: SM3(ps, lr=lr, **kw)
+
+    rows = [
+        Candidate("sm3 eager m=0", sm3(foreach=False), 12),
+        Candidate("sm3 eager m=0.9", sm3(foreach=False, momentum=0.9), 20),
+        Candidate("sm3 eager m=0.9 bf16-mom", sm3(foreach=False, momentum=0.9, momentum_dtype=torch.bfloat16), 16),
+        Candidate("sm3 foreach m=0", sm3(foreach=True), 12),
+        Candidate("sm3 foreach m=0.9", sm3(foreach=True, momentum=0.9), 20),
+        Candidate("sm3 fused m=0", sm3(fused=True), 12),
+        Candidate("sm3 fused m=0.9", sm3(fused=True, momentum=0.9), 20),
+        Candidate("sm3 fused m=0.9 nonfinite=ignore", sm3(fused=True, momentum=0.9, nonfinite="ignore"), 20),
+        Candidate("sm3 fused m=0.9 bf16-mom", sm3(fused=True, momentum=0.9, momentum_dtype=torch.bfloat16), 16),
+        Candidate("adam fused", lambda ps: torch.optim.Adam(ps, lr=lr, fused=True), 28),
+        Candidate("adam foreach", lambda ps: torch.optim.Adam(ps, lr=lr, foreach=True), 28),
+        Candidate("adagrad", lambda ps: torch.optim.Adagrad(ps, lr=lr), 20),
+    ]
+    try:
+        from pytorch_optimizer import SM3 as PeerSM3
+    except ImportError:
+        print("[bench] pytorch_optimizer not installed: its SM3 row is left out", file=sys.stderr)
+    else:
+        rows.append(Candidate("pytorch_optimizer sm3 m=0.9", lambda ps: PeerSM3(ps, lr=lr, momentum=0.9), 20))
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(device: torch.device, mib: int = 256, reps: int = 10) -> float:
+    """Bytes per second of ``dst.copy_(src)`` on ``mib``-MiB fp32 tensors, counting the read and the write."""
+    n = mib * 2**20 // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in opt.state.values():
+        for key, value in state.items():
+            if isinstance(value, Tensor) and key != "step":
+                total += value.numel() * value.element_size()
+    return total
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def run(
+    shapes: list[tuple[int, ...]],
+    *,
+    device: torch.device,
+    rounds: int,
+    steps_per_round: int,
+    warmup: int,
+    only: list[str] | None = None,
+    progress: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """Build, warm up and time every candidate; returns the table as a dict (see ``--json``)."""
+    torch.manual_seed(0)
+    params = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    numel = sum(p.numel() for p in params)
+    sum_dims = sum(sum(p.shape) for p in params)
+    candidates = [c for c in _candidates(lr=1e-4) if only is None or any(o in c.name for o in only)]
+    if not candidates:
+        raise ValueError(f"--only {only} matches no optimizer")
+    progress(f"bandwidth: copying 256 MiB tensors on {device}")
+    bandwidth = measure_bandwidth(device)
+    optimizers = []
+    for c in candidates:
+        progress(f"warm-up ({warmup} steps, the first compiles/builds): {c.name}")
+        opt = c.make(params)
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            opt.step()
+        _sync(device)
+        progress(f"  {c.name}: warm-up took {time.perf_counter() - t0:.1f} s")
+        optimizers.append(opt)
+    times: list[list[float]] = [[] for _ in candidates]
+    for r in range(rounds):
+        progress(f"round {r + 1}/{rounds}")
+        for k, opt in enumerate(optimizers):
+            for _ in range(steps_per_round):
+                _sync(device)
+                t0 = time.perf_counter()
+                opt.step()
+                _sync(device)
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    medians = {c.name: statistics.median(t) for c, t in zip(candidates, times)}
+    adam = medians.get("adam fused")
+    rows = []
+    for c, opt, t in zip(candidates, optimizers, times):
+        q1, q2, q3 = _quartiles(t)
+        # the per-parameter streams, plus the accumulators' read and the maxima's write for SM3
+        moved = c.bytes_per_param * numel + (8 * sum_dims if c.name.startswith("sm3") else 0)
+        bound_ms = moved / bandwidth * 1e3
+        rows.append(
+            Row(
+                name=c.name,
+                median_ms=q2,
+                iqr_ms=q3 - q1,
+                ratio_to_adam_fused=None if adam is None else q2 / adam,
+                state_mib=_state_bytes(opt) / 2**20,
+                moved_mb=moved / 1e6,
+                bound_ms=bound_ms,
+                pct_of_bound=100 * bound_ms / q2,
+                samples=len(t),
+                times_ms=t,
+            )
+        )
+    return {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "parameters": numel,
+        "tensors": len(params),
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "rounds": rounds,
+        "steps_per_round": steps_per_round,
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def format_table(result: dict) -> str:
+    head = (
+        f"{result['parameters'] / 1e6:.1f}M parameters in {result['tensors']} tensors on {result['device']} "
+        f"({result['threads']} threads, torch {result['torch']}); copy bandwidth {result['bandwidth_gb_s']:.1f} GB/s "
+        f"(read + write); {result['rounds']} rounds x {result['steps_per_round']} steps"
+    )
+    lines = [
+        head,
+        "",
+        "| optimizer | ms/step (median) | IQR ms | vs Adam fused | state MiB | MB moved/step | bound ms | % of bound |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        ratio = "-" if r["ratio_to_adam_fused"] is None else f"{r['ratio_to_adam_fused']:.2f}x"
+        lines.append(
+            f"| {r['name']} | {r['median_ms']:.2f} | {r['iqr_ms']:.2f} | {ratio} | {r['state_mib']:.1f} "
+            f"| {r['moved_mb']:.0f} | {r['bound_ms']:.2f} | {r['pct_of_bound']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--distributed" in argv:
+        from sm3_dist import bench_distributed
+
+        rest = [a for a in argv if a != "--distributed"]
+        return int(bench_distributed.main(rest) or 0)
+    parser = argparse.ArgumentParser(prog="sm3-dist bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="gpt", help="gpt (default, ~27M), small, tiny, or VOCAB,WIDTH,BLOCKS")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds; every optimizer steps in each")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per optimizer per round")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (the first fused step compiles)")
+    parser.add_argument("--only", nargs="+", help="only optimizers whose name contains one of these")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
+    parser.add_argument("--json", metavar="PATH", help="also write the results (with every sample) as JSON")
+    parser.add_argument("--distributed", action="store_true", help="run sm3_dist.bench_distributed instead")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = parser.parse_args(argv)
+    shapes = parse_params(args.params)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if min(args.rounds, args.steps) < 1 or args.warmup < 0:
+        parser.error("--rounds and --steps must be >= 1, --warmup >= 0")
+    start = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"[bench {time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    result = run(
+        shapes,
+        device=device,
+        rounds=args.rounds,
+        steps_per_round=args.steps,
+        warmup=args.warmup,
+        only=args.only,
+        progress=progress,
+    )
+    result["command"] = "sm3-dist bench " + " ".join(argv)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if all(math.isfinite(r["median_ms"]) for r in result["rows"]) else 1
