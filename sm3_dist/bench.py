@@ -15,6 +15,7 @@ in the same run.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import statistics
@@ -244,12 +245,12 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--distributed" in argv:
-        from sm3_dist import bench_distributed
-
         rest = [a for a in argv if a != "--distributed"]
-        return int(bench_distributed.main(rest) or 0)
+        return int(importlib.import_module("sm3_dist.bench_distributed").main(rest) or 0)
     parser = argparse.ArgumentParser(prog="sm3-dist bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="gpt", help="gpt (default, ~27M), small, tiny, or VOCAB,WIDTH,BLOCKS")
+    parser.add_argument(
+        "--params", default="gpt", type=parse_params, help="gpt (default, ~27M), small, tiny, or VOCAB,WIDTH,BLOCKS"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds; every optimizer steps in each")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per optimizer per round")
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distributed", action="store_true", help="run sm3_dist.bench_distributed instead")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
-    shapes = parse_params(args.params)
+    shapes = args.params
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")

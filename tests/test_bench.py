@@ -1,0 +1,92 @@
+"""``sm3-dist bench`` on a tiny parameter set: the table has every row and sane numbers (no timing claims)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+
+from sm3_dist import bench, cli
+
+EXPECTED = [
+    "sm3 eager m=0",
+    "sm3 eager m=0.9",
+    "sm3 eager m=0.9 bf16-mom",
+    "sm3 foreach m=0",
+    "sm3 foreach m=0.9",
+    "sm3 fused m=0",
+    "sm3 fused m=0.9",
+    "sm3 fused m=0.9 nonfinite=ignore",
+    "sm3 fused m=0.9 bf16-mom",
+    "adam fused",
+    "adam foreach",
+    "adagrad",
+    "pytorch_optimizer sm3 m=0.9",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    argv = ["bench", "--params", "tiny", "--rounds", "2", "--steps", "1", "--warmup", "1", "--json", str(path)]
+    return argv, path
+
+
+def test_bench_prints_every_row_with_sane_numbers(tiny_run, capsys):
+    argv, path = tiny_run
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "round 2/2" in err  # progress goes to stderr
+    table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| optimizer")]
+    assert [line.split(" | ")[0][2:] for line in table] == EXPECTED
+    result = json.loads(path.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == EXPECTED
+    numel = sum(math.prod(s) for s in bench.gpt_shapes(*bench.PRESETS["tiny"]))
+    assert result["parameters"] == numel and result["bandwidth_gb_s"] > 0
+    for r in rows.values():
+        assert r["samples"] == 2 and len(r["times_ms"]) == 2
+        assert 0 < r["median_ms"] < 60_000 and r["iqr_ms"] >= 0
+        assert r["bound_ms"] > 0 and r["pct_of_bound"] > 0
+    assert rows["adam fused"]["ratio_to_adam_fused"] == pytest.approx(1.0)
+    # state: Adam keeps two fp32 tensors per parameter; SM3 without momentum only the sums of dimensions
+    assert rows["adam fused"]["state_mib"] * 2**20 == pytest.approx(8 * numel)
+    assert rows["adagrad"]["state_mib"] * 2**20 == pytest.approx(4 * numel)
+    assert rows["sm3 fused m=0"]["state_mib"] < rows["adagrad"]["state_mib"] / 4
+    assert rows["sm3 fused m=0.9 bf16-mom"]["state_mib"] < rows["sm3 fused m=0.9"]["state_mib"]
+    # bytes moved: Adam > SM3 with momentum > SM3 with bf16 momentum > SM3 without momentum
+    moved = [
+        rows[n]["moved_mb"] for n in ("adam fused", "sm3 fused m=0.9", "sm3 fused m=0.9 bf16-mom", "sm3 fused m=0")
+    ]
+    assert moved == sorted(moved, reverse=True)
+
+
+def test_bench_only_filter_and_bad_params(capsys):
+    assert (
+        bench.main(
+            ["--params", "8,4,1", "--rounds", "1", "--steps", "1", "--warmup", "0", "--only", "adagrad", "--quiet"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| adagrad |" in out and "| adam fused |" not in out
+    with pytest.raises(SystemExit):
+        bench.main(["--params", "huge"])
+
+
+def test_distributed_dispatches_lazily(monkeypatch):
+    seen = []
+    fake = types.ModuleType("sm3_dist.bench_distributed")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "sm3_dist.bench_distributed", fake)
+    assert bench.main(["--distributed", "--world", "2"]) == 0
+    assert seen == [["--world", "2"]]
+
+
+def test_gpt_preset_is_about_27m_parameters():
+    shapes = bench.gpt_shapes(*bench.PRESETS["gpt"])
+    assert 27e6 <= sum(math.prod(s) for s in shapes) <= 28e6
+    assert (16384, 512) in shapes and (1536, 512) in shapes and (512, 2048) in shapes
