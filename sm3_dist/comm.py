@@ -82,7 +82,9 @@ class MaxReducer:
 
 def all_gather_flat(local: Tensor, output: Tensor, group: dist.ProcessGroup | None) -> None:
     """Gather equally sized flat chunks from every rank of ``group`` into ``output``."""
-    dist.all_gather_into_tensor(output, local, group=group)
+    # torch >= 2.13 names it all_gather_single and deprecates all_gather_into_tensor
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, local, group=group)
 
 
 def any_rank_true(flag: bool, group: dist.ProcessGroup | None, device: torch.device) -> bool:

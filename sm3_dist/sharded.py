@@ -241,7 +241,7 @@ class ShardedSM3(Optimizer):
         grads = []
         for k, (p, view, (start, stop)) in enumerate(zip(self._params, self._views, self._ranges[self.rank])):
             name = self._names[k]
-            if p.data_ptr() + start * p.element_size() != view.data_ptr() or not p.is_contiguous():
+            if not _aliases(view, p, start) or not p.is_contiguous():
                 raise RuntimeError(
                     f"{name}: the parameter's storage was replaced or made non-contiguous after ShardedSM3 was "
                     "built (e.g. `p.data = ...` or moving the model); build the optimizer after the model is final"
@@ -453,6 +453,14 @@ class ShardedSM3(Optimizer):
                 if key != "params":
                     outer[key] = value
         self._refresh_state()
+
+
+def _aliases(view: Tensor, p: Tensor, start: int) -> bool:
+    """Whether ``view`` still lies in ``p``'s storage at flat offset ``start`` (empty views included)."""
+    return (
+        view.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+        and view.storage_offset() == p.storage_offset() + start
+    )
 
 
 def _starts(groups: list[dict[str, Any]]) -> list[int]:
