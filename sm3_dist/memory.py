@@ -105,20 +105,23 @@ __all__ = [
     "RankMemory",
     "activation_bytes_per_token",
     "family_config",
+    "flat_bounds",
     "largest_model",
     "main",
     "max_micro_batch",
     "measure_optimizer_state",
+    "measure_sharded_sm3",
     "measure_sm3_on_layouts",
     "optimizer_state_bytes",
     "rank_counts",
     "rank_memory",
     "resolve_size",
+    "state_bytes",
     "validate",
 ]
 
 GIB = 1024**3
-SETUPS = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
+SETUPS = ("ddp", "ddp-sharded", "zero1", "zero2", "zero3", "fsdp2")
 OPTIMIZERS = ("adam", "adamw", "adagrad", "adafactor", "sm3", "sm3-momentum", "sm3-bf16-momentum")
 PRECISIONS = ("fp32", "bf16-mixed")
 WORLD_SIZES = (1, 2, 4, 8, 64, 1024)
@@ -129,7 +132,14 @@ ZERO_ALIGNMENT = 2
 """DeepSpeed ZeRO-1/2 pads each flat group to a multiple of ``ZERO_ALIGNMENT * world_size`` elements."""
 SM3_MOMENTUM = 0.9
 
-_SETUP_LABELS = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp2": "FSDP2"}
+_SETUP_LABELS = {
+    "ddp": "DDP",
+    "ddp-sharded": "DDP+sharded",
+    "zero1": "ZeRO-1",
+    "zero2": "ZeRO-2",
+    "zero3": "ZeRO-3",
+    "fsdp2": "FSDP2",
+}
 _OPTIMIZER_LABELS = {
     "adam": "Adam",
     "adamw": "AdamW",
@@ -318,6 +328,20 @@ def _fsdp2_param(shape: tuple[int, ...], world: int) -> tuple[tuple[int, int, in
     return tuple(out)
 
 
+def flat_bounds(total: int, world: int, *, padded: bool) -> tuple[int, ...]:
+    """Slice bounds of a flat buffer of ``total`` elements over ``world`` ranks (rank ``r``: ``[b_r, b_r+1)``).
+
+    ``padded``: DeepSpeed ZeRO-1/2, the buffer padded to a multiple of ``ZERO_ALIGNMENT * world`` and cut into
+    equal slices (the last ones may hold padding only). Otherwise :class:`sm3_dist.ShardedSM3`'s balanced
+    slices ``r * total // world``, no padding.
+    """
+    if padded:
+        alignment = ZERO_ALIGNMENT * world
+        size = -(-total // alignment) * alignment // world
+        return tuple(r * size for r in range(world + 1))
+    return tuple(r * total // world for r in range(world + 1))
+
+
 @lru_cache(maxsize=256)
 def rank_counts(config: GPT2Config, setup: str, world: int) -> tuple[RankCounts, ...]:
     """What each of ``world`` ranks holds under ``setup`` (one entry per rank)."""
@@ -336,22 +360,22 @@ def rank_counts(config: GPT2Config, setup: str, world: int) -> tuple[RankCounts,
             adafactor=sum(_adafactor_numel(s) for s in shapes),
         )
         return (one,) * world
-    if setup in ("zero1", "zero2"):
-        alignment = ZERO_ALIGNMENT * world
-        size = -(-total // alignment) * alignment // world
+    if setup in ("zero1", "zero2", "ddp-sharded"):
+        bounds = flat_bounds(total, world, padded=setup != "ddp-sharded")
         starts = [0]
         for s in shapes:
             starts.append(starts[-1] + math.prod(s))
         out = []
         for r in range(world):
-            lo, hi = r * size, min((r + 1) * size, total)
+            lo, hi = bounds[r], min(bounds[r + 1], total)
+            size = bounds[r + 1] - bounds[r]
             touched = 0
             i = max(0, bisect.bisect_right(starts, lo) - 1)
             while i < len(shapes) and starts[i] < hi:
                 a, b = max(lo, starts[i]), min(hi, starts[i + 1])
                 touched += _sm3_flat(shapes[i], a - starts[i], b - starts[i])
                 i += 1
-            grads = total if setup == "zero1" else size
+            grads = size if setup == "zero2" else total
             out.append(RankCounts(params=total, grads=grads, owned=size, sm3_accumulators=touched, adafactor=size))
         return tuple(out)
     counts = config.shape_counts()
@@ -426,6 +450,8 @@ def rank_memory(config: GPT2Config, setup: str, world: int, optimizer: str, prec
     working = 0
     if setup in ("zero3", "fsdp2") and world > 1:
         working = 3 * e * config.largest_unit_numel()
+    if optimizer.startswith("sm3") and setup != "ddp" and world > 1:
+        working += 4 * rank_counts(config, "ddp", 1)[0].sm3_accumulators  # the all_reduce(MAX) buffer
     best: RankMemory | None = None
     for r, c in enumerate(rank_counts(config, setup, world)):
         if setup == "fsdp2":  # the fp32 shard is the master copy; gathered copies are in `working`
@@ -603,18 +629,17 @@ def measure_sm3_on_layouts(config: GPT2Config, setup: str, world: int, rank: int
     with no process group (nothing is reduced). SM3 then allocates its state
     as it would on that rank, and this returns its bytes.
     """
-    import torch
 
     from sm3_dist.layout import TensorLayout
     from sm3_dist.placement import ShardSpec
 
     shapes = [shape for _, shape in config.param_shapes()]
     specs: list[tuple[int, ShardSpec]] = []
-    if setup in ("zero1", "zero2"):
+    if setup in ("zero1", "zero2", "ddp-sharded"):
         total = sum(math.prod(s) for s in shapes)
-        alignment = ZERO_ALIGNMENT * world
-        size = -(-total // alignment) * alignment // world
-        lo, hi = rank * size, min((rank + 1) * size, total)
+        bounds = flat_bounds(total, world, padded=setup != "ddp-sharded")
+        lo, hi = bounds[rank], min(bounds[rank + 1], total)
+        size = bounds[rank + 1] - bounds[rank]
         pieces, start = [], 0
         for tid, s in enumerate(shapes):
             n = math.prod(s)
@@ -647,11 +672,59 @@ def measure_sm3_on_layouts(config: GPT2Config, setup: str, world: int, rank: int
         return optimizer_state_bytes(opt)
     from sm3_dist import SM3
 
-    momentum = 0.0 if optimizer == "sm3" else SM3_MOMENTUM
-    dtype = torch.bfloat16 if optimizer == "sm3-bf16-momentum" else torch.float32
-    opt = SM3(params, lr=0.1, momentum=momentum, momentum_dtype=dtype, shard_resolver=by_tensor.get)
+    opt = SM3(params, **_sm3_kwargs(optimizer), shard_resolver=by_tensor.get)
     opt.step()
     return optimizer_state_bytes(opt)
+
+
+def _sm3_kwargs(optimizer: str) -> dict[str, Any]:
+    import torch
+
+    if optimizer == "sm3":
+        return dict(lr=0.1)
+    if optimizer == "sm3-momentum":
+        return dict(lr=0.1, momentum=SM3_MOMENTUM)
+    if optimizer == "sm3-bf16-momentum":
+        return dict(lr=0.1, momentum=SM3_MOMENTUM, momentum_dtype=torch.bfloat16)
+    raise ValueError(f"{optimizer!r} is not an SM3 variant")
+
+
+def _sharded_sm3_worker(rank: int, world: int, init_file: str, shapes: list, optimizers: list, out: str) -> None:
+    import torch.distributed as dist
+
+    from sm3_dist import ShardedSM3
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        measured = {}
+        for name in optimizers:
+            params = _params_with_grads(shapes)
+            opt = ShardedSM3(params, **_sm3_kwargs(name))
+            opt.step()
+            opt.state_dict()  # waits for the last all_reduce of maxima (a collective: every rank calls it)
+            measured[name] = optimizer_state_bytes(opt)
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(measured, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_sharded_sm3(config: GPT2Config, world: int, optimizers: Sequence[str]) -> list[dict[str, int]]:
+    """State bytes of :class:`sm3_dist.ShardedSM3` on each of ``world`` CPU processes (gloo), per optimizer."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    shapes = [list(shape) for _, shape in config.param_shapes()]
+    names = [n for n in optimizers if n.startswith("sm3")]
+    with tempfile.TemporaryDirectory() as out:
+        init_file = os.path.join(out, "init")
+        mp.spawn(_sharded_sm3_worker, args=(world, init_file, shapes, names, out), nprocs=world, join=True)
+        results = []
+        for r in range(world):
+            with open(os.path.join(out, f"rank{r}.json")) as f:
+                results.append(json.load(f))
+    return results
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -705,7 +778,7 @@ def validate(
         del params
     sharded = [n for n in optimizers if n.startswith("sm3") or n in ("adam", "adagrad")]
     for world in (2, 3):
-        for setup in ("zero1", "zero2", "zero3", "fsdp2"):
+        for setup in ("ddp-sharded", "zero1", "zero2", "zero3", "fsdp2"):
             per_rank = rank_counts(tiny, setup, world)
             for rank in range(world):
                 for name in sharded:
@@ -714,6 +787,20 @@ def validate(
                         state_bytes(name, per_rank[rank]),
                         lambda s=setup, w=world, r=rank, n=name: measure_sm3_on_layouts(tiny, s, w, r, n),
                     )
+    if level == "full" and any(n.startswith("sm3") for n in optimizers):
+        world = 2
+        if progress is not None:
+            progress(f"ShardedSM3 at {world} ranks")
+        per_rank = rank_counts(tiny, "ddp-sharded", world)
+        for rank, measured in enumerate(measure_sharded_sm3(tiny, world, optimizers)):
+            for name, value in measured.items():
+                checks.append(
+                    Check(
+                        what=f"tiny ShardedSM3 world {world} rank {rank} {name}",
+                        predicted=state_bytes(name, per_rank[rank]),
+                        measured=value,
+                    )
+                )
     return checks
 
 
