@@ -34,6 +34,12 @@ class TinyBlock(nn.Module):
         self.norm = nn.LayerNorm(12)
         self.head = nn.Linear(12, 4)  # 3 ranks: rows 2, 2, 0
 
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.emb(idx))  # (batch, time, 12)
+        q = self.qkv(h)
+        mixed = torch.einsum("btc,kjc->btkj", h[..., :6], self.mix)
+        return self.head(h).pow(2).mean() + q.pow(2).mean() + mixed.pow(2).mean()
+
 
 def make_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -152,6 +158,38 @@ def test_fully_shard_matches_single_process(world_size):
     assert local_shapes[0]["qkv.weight"][0] == 9, "qkv.weight must be sharded on dim 1"
     if world_size >= 3:
         assert any(0 in s["head.weight"] or 0 in s["emb.weight"] for s in local_shapes), "no empty shard"
+
+
+def _training_loop_worker(rank: int, world_size: int) -> None:
+    """A real FSDP2 loop: forward, backward (FSDP reduce-scatters the gradients), SM3 step.
+
+    Every rank runs the same batch; on two ranks the average of two equal
+    gradients, (g + g) / 2, is g exactly, so the whole trajectory must match.
+    (On three ranks (g + g + g) / 3 may round: that tests the gradient
+    reduction, not the optimizer.)
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    for hyper in HYPER[::3]:
+        model = make_model(3)
+        ref_model = copy.deepcopy(model)
+        fully_shard(model.qkv, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = SM3(model.parameters(), lr=LR, **hyper)
+        ref = SM3(ref_model.parameters(), lr=LR, **hyper)
+        for step in range(STEPS):
+            idx = torch.randint(0, 5, (3, 4), generator=torch.Generator().manual_seed(step))
+            for m, o in ((model, opt), (ref_model, ref)):
+                o.zero_grad()
+                m(idx).backward()
+                o.step()
+        compare_with_reference(model, opt, ref_model, ref, f"training loop, world {world_size} {hyper}")
+
+
+def test_fully_shard_training_loop_matches_single_process():
+    run_distributed(_training_loop_worker, 2)
 
 
 # ---------------------------------------------------------------- 2-D meshes: HSDP and DP x TP
