@@ -95,9 +95,6 @@ def dtensor_spec(param: Tensor, name: str) -> ShardSpec:
     return ShardSpec(layout=layout, group=group, wrap_state=wrap_state)
 
 
-_FLAT_GROUPS: dict[tuple, Any] = {}
-
-
 def _flattened_group(mesh: Any, axes: list[int], name: str) -> Any:
     names = mesh.mesh_dim_names
     if names is None:
@@ -105,11 +102,8 @@ def _flattened_group(mesh: Any, axes: list[int], name: str) -> Any:
             f"{name}: sharded over {len(axes)} mesh axes of an unnamed device mesh; name the mesh dimensions "
             "(init_device_mesh(..., mesh_dim_names=...)) so the axes can be flattened into one reduction group"
         )
-    key = (id(mesh), tuple(axes))
-    if key not in _FLAT_GROUPS:
-        sub = mesh[tuple(names[a] for a in axes)]
-        _FLAT_GROUPS[key] = sub._flatten().get_group()
-    return _FLAT_GROUPS[key]
+    # DeviceMesh caches flattened meshes on its root mesh: every call returns the same group
+    return mesh[tuple(names[a] for a in axes)]._flatten().get_group()
 
 
 # Attributes by which frameworks mark a parameter whose local data is a flat piece of it, and what to do instead.
