@@ -15,7 +15,8 @@ hook uses the two places its engine looks an optimizer up:
   out on purpose: under ZeRO it would see a flat partition as a vector).
 * A DeepSpeed ``"scheduler"`` entry whose ``type`` DeepSpeed does not know is
   looked up in ``torch.optim.lr_scheduler``; :func:`register` sets
-  ``torch.optim.lr_scheduler.SM3WarmupCooldown`` (:func:`sm3_dist.schedules.warmup_cooldown`),
+  ``torch.optim.lr_scheduler.SM3WarmupCooldown`` (:func:`warmup_cooldown_scheduler`, i.e.
+  :func:`sm3_dist.schedules.warmup_cooldown` on the base optimizer),
   so ``"scheduler": {"type": "SM3WarmupCooldown", "params": {"total_steps": ...}}`` works.
 
 :class:`DeepSpeedSM3` is :class:`sm3_dist.SM3` with a ``shard_resolver`` that
@@ -25,10 +26,12 @@ back to parameter shapes, through :mod:`sm3_dist.layout`:
 * ZeRO-1/2 and ``BF16_Optimizer``: each model parameter's ``_hp_mapping``
   (``lp_fragment_address``: where the fragment starts in the parameter;
   ``hp_fragment_address``: where it starts in the fp32 partition) and
-  ``_dp_group``. The mapping is cross-checked against where the parameter
-  actually lives in the low-precision flat buffer (its storage offset) and the
-  partition's bounds ``[rank * partition_size, (rank + 1) * partition_size)``;
-  round-robin gradient ordering changes these offsets, not ownership.
+  ``_dp_group``, cross-checked with where the parameter actually lives in the
+  low-precision flat buffer (its storage offset) and the partition's bounds
+  ``[rank * partition_size, (rank + 1) * partition_size)``; the layout follows
+  the buffer. Round-robin gradient ordering changes these offsets, not
+  ownership (DeepSpeed 0.19's ``_hp_mapping`` ignores it: see
+  :func:`_hp_mapping_layout`).
 * ZeRO-3: the optimizer steps one sub-group at a time on
   ``fp32_partitioned_groups_flat[k]``, which holds the partitions of the
   parameters ``fp16_groups[k]`` back to back; rank ``r`` holds
@@ -69,6 +72,7 @@ say so, and :func:`check_engine` raises if the engine's optimizer is not SM3.
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -87,6 +91,7 @@ __all__ = [
     "check_deepspeed_version",
     "check_engine",
     "register",
+    "warmup_cooldown_scheduler",
 ]
 
 SUPPORTED_DEEPSPEED = ((0, 19, 0), (0, 20, 0))
@@ -142,11 +147,22 @@ def register() -> None:
     setattr(torch.optim, OPTIMIZER_TYPE, DeepSpeedSM3)
     if DeepSpeedSM3 not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
         zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(DeepSpeedSM3)
-    try:
-        from sm3_dist.schedules import warmup_cooldown
-    except ImportError:  # pragma: no cover - schedules ship with the core
-        return
-    setattr(torch.optim.lr_scheduler, SCHEDULER_TYPE, warmup_cooldown)
+    setattr(torch.optim.lr_scheduler, SCHEDULER_TYPE, warmup_cooldown_scheduler)
+
+
+def warmup_cooldown_scheduler(optimizer: Any, total_steps: int, **kwargs: Any) -> torch.optim.lr_scheduler.LambdaLR:
+    """The ``"scheduler": {"type": "SM3WarmupCooldown"}`` entry: :func:`sm3_dist.schedules.warmup_cooldown`.
+
+    DeepSpeed hands a scheduler its wrapper (a ZeRO optimizer, which is no
+    ``torch.optim.Optimizer``); the schedule is attached to the base optimizer
+    inside, whose ``param_groups`` the wrapper steps with.
+    """
+    from sm3_dist.schedules import warmup_cooldown
+
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    return warmup_cooldown(inner, total_steps, **kwargs)
 
 
 def check_engine(engine: Any) -> None:
@@ -218,21 +234,21 @@ class DeepSpeedSM3(SM3):
         try:
             pieces, group = _hp_mapping_layout(tensor, params, self._tensor_ids)
         except UnsupportedLayoutError as err:
-            raise self._error(tensor, str(err)) from None
+            raise self._error(tensor, str(err), "1 or 2") from None
         return ShardSpec(TensorLayout(pieces=pieces, numel=tensor.numel()), group=group, plan=self._global_plan())
 
     def _zero3_spec(self, tensor: Tensor, params: Sequence[Tensor]) -> ShardSpec:
         try:
             pieces, group = _zero3_layout(tensor, params, self._tensor_ids)
         except UnsupportedLayoutError as err:
-            raise self._error(tensor, str(err)) from None
+            raise self._error(tensor, str(err), "3") from None
         return ShardSpec(TensorLayout(pieces=pieces, numel=tensor.numel()), group=group, plan=self._global_plan())
 
-    def _error(self, tensor: Tensor, reason: str) -> UnsupportedLayoutError:
+    def _error(self, tensor: Tensor, reason: str, stage_hint: str = "unknown") -> UnsupportedLayoutError:
         import deepspeed
 
         engine = self._engine() if self._engine is not None else None
-        stage = engine.zero_optimization_stage() if engine is not None else "unknown"
+        stage = engine.zero_optimization_stage() if engine is not None else stage_hint
         low, high = SUPPORTED_DEEPSPEED
         return UnsupportedLayoutError(
             f"DeepSpeed {deepspeed.__version__}, ZeRO stage {stage}: the optimizer tensor of shape "
@@ -248,12 +264,17 @@ class DeepSpeedSM3(SM3):
 def _hp_mapping_layout(
     tensor: Tensor, params: Sequence[Tensor], tensor_ids: dict[int, int]
 ) -> tuple[tuple[Piece, ...], Any]:
-    """Pieces of a ZeRO-1/2 (or BF16_Optimizer) fp32 partition, from each parameter's ``_hp_mapping``.
+    """Pieces of a ZeRO-1/2 (or BF16_Optimizer) fp32 partition.
 
-    Cross-checked against the geometry: the parameters of a group live back to
-    back (in round-robin order, with optional alignment padding) in one
-    low-precision flat buffer, and this rank's fp32 partition is the copy of
-    ``[rank * n, (rank + 1) * n)`` of it, ``n = tensor.numel()``.
+    The parameters of a group live back to back (in round-robin order, with
+    optional alignment padding) in one low-precision flat buffer; this rank's
+    fp32 partition is the copy of ``[rank * n, (rank + 1) * n)`` of it, ``n =
+    tensor.numel()``, and its gradient is laid out the same way. The pieces
+    come from that geometry (each parameter's storage offset in the buffer).
+    Each parameter's ``_hp_mapping`` (``lp_fragment_address``,
+    ``hp_fragment_address``) must exist and point into ``tensor``; where it
+    disagrees with the geometry (DeepSpeed 0.19 with ``round_robin_gradients``)
+    a warning says so, and if no parameter agrees the layout is refused.
     """
     groups = {id(getattr(p, "_dp_group", None)) for p in params}
     if len(groups) != 1 or getattr(params[0], "_dp_group", None) is None:
@@ -271,34 +292,42 @@ def _hp_mapping_layout(
             f"the flat buffer has {flat_numel} elements, not world size x partition size "
             f"({dist.get_world_size(group)} x {size})"
         )
-    pieces = []
+    pieces, disagreements = [], []
     for p in params:
+        if not hasattr(p, "_hp_mapping"):
+            raise UnsupportedLayoutError(f"a parameter of shape {tuple(p.shape)} of the group has no _hp_mapping")
+        mapping = p._hp_mapping
+        if (
+            mapping is not None
+            and mapping.hp_fragment.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr()
+        ):
+            raise UnsupportedLayoutError("an _hp_mapping points into another tensor than the optimizer's partition")
         start = p.storage_offset()
         lo, hi = max(start, part_start), min(start + p.numel(), part_stop)
-        mapping = getattr(p, "_hp_mapping", None)
-        if lo >= hi:
-            if mapping is not None:
-                raise UnsupportedLayoutError(
-                    f"a parameter of shape {tuple(p.shape)} at [{start}, {start + p.numel()}) of the flat buffer "
-                    f"lies outside this rank's partition [{part_start}, {part_stop}) but has an _hp_mapping"
-                )
-            continue
-        if mapping is None:
-            raise UnsupportedLayoutError(
-                f"a parameter of shape {tuple(p.shape)} overlaps this rank's partition but has no _hp_mapping"
+        expected = (lo - start, hi - lo, lo - part_start) if lo < hi else None
+        found = None
+        if mapping is not None:
+            found = (
+                mapping.lp_fragment_address.start,
+                mapping.lp_fragment_address.numel,
+                mapping.hp_fragment_address.start,
             )
-        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-        expected = (lo - start, hi - lo, lo - part_start)
-        if (lp.start, lp.numel, hp.start) != expected or hp.numel != lp.numel:
-            raise UnsupportedLayoutError(
-                f"the _hp_mapping of a parameter of shape {tuple(p.shape)} (parameter start {lp.start}, partition "
-                f"start {hp.start}, {lp.numel} elements) disagrees with its place in the flat buffer "
-                f"(parameter start {expected[0]}, partition start {expected[2]}, {expected[1]} elements)"
-            )
-        if mapping.hp_fragment.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():
-            raise UnsupportedLayoutError("an _hp_mapping points into another tensor than the optimizer's partition")
-        pieces.append(
-            flat_range_piece(p.shape, lp.start, lp.start + lp.numel, tensor_id=tensor_ids[id(p)], offset=hp.start)
+        if found != expected:
+            disagreements.append(f"shape {tuple(p.shape)}: _hp_mapping {found}, flat buffer {expected}")
+        if expected is not None:
+            begin, numel, offset = expected
+            pieces.append(flat_range_piece(p.shape, begin, begin + numel, tensor_id=tensor_ids[id(p)], offset=offset))
+    if disagreements and len(disagreements) == len(params):
+        raise UnsupportedLayoutError(
+            "no parameter's _hp_mapping agrees with its place in the flat buffer: " + "; ".join(disagreements)
+        )
+    if disagreements:
+        _warn_once(
+            "DeepSpeed's _hp_mapping disagrees with where parameters lie in ZeRO's flat buffer (DeepSpeed 0.19 "
+            "computes it in parameter order, while round_robin_gradients lays the buffer out in round-robin "
+            "order). SM3 follows the buffer, which is what the fp32 partition and its gradient hold; DeepSpeed's "
+            "fragment APIs (safe_get_full_fp32_param, universal checkpoints) may be wrong here. (parameter start, "
+            "elements, partition start): " + "; ".join(disagreements)
         )
     pieces.sort(key=lambda piece: piece.offset)
     return tuple(pieces), group
@@ -342,6 +371,15 @@ def _zero3_layout(
             f"the sub-group's partitions add up to {offset} elements, the fp32 partition has {tensor.numel()}"
         )
     return tuple(pieces), group
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _global_shape(p: Tensor) -> tuple[int, ...]:

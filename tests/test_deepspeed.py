@@ -240,6 +240,8 @@ def test_state_is_local_momentum_plus_touched_accumulators(stage, world):
 
 @pytest.mark.slow
 def test_zero2_round_robin_gradients_matches():
+    """DeepSpeed 0.19's own _hp_mapping is wrong here (parameter order, buffer in round-robin order): SM3 follows
+    the buffer, warns, and stays exact."""
     results = _run(2, 2, zero_optimization={"round_robin_gradients": True})
     model, _ = _reference()
     for result in results:
@@ -286,6 +288,7 @@ def test_deepspeed_sm3_refuses_a_foreign_resolver():
 
 
 def _corrupted(rank, world, how):
+    import sm3_dist.integrations.deepspeed  # noqa: F401
     from sm3_dist import UnsupportedLayoutError
 
     torch.manual_seed(0)
@@ -294,10 +297,8 @@ def _corrupted(rank, world, how):
     for p in model.parameters():
         if how == "no_metadata":
             del p._hp_mapping
-        elif how == "shifted" and p._hp_mapping is not None:
-            p._hp_mapping.hp_fragment_address.start += 1
-        elif how == "dropped":
-            p._hp_mapping = None
+        elif how == "moved":
+            p.data = p.data.clone()  # no longer a view of ZeRO's flat buffer
     x, y = _batch(0)
     engine.backward(((engine(x) - y) ** 2).mean())
     try:
@@ -313,8 +314,7 @@ def test_unrecoverable_partition_raises_naming_version_and_stage():
 
     for how, reason in [
         ("no_metadata", "no ZeRO partition metadata"),
-        ("shifted", "disagrees with its place in the flat buffer"),
-        ("dropped", "has no _hp_mapping"),
+        ("moved", "do not share one flat buffer"),
     ]:
         messages = run_distributed(_corrupted, 2, how, env=ENV)
         for message in messages:
