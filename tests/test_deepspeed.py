@@ -289,6 +289,7 @@ def test_deepspeed_sm3_refuses_a_foreign_resolver():
 
 def _corrupted(rank, world, how):
     import sm3_dist.integrations.deepspeed  # noqa: F401
+
     from sm3_dist import UnsupportedLayoutError
 
     torch.manual_seed(0)
