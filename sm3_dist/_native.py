@@ -247,7 +247,60 @@ struct Plan {
 
 }  // namespace
 
-extern "C" int sm3_native_abi() { return 1; }
+extern "C" int sm3_native_abi() { return 2; }
+
+namespace {
+// exponent bits all ones: inf or NaN. A max-reduction of the masked exponents, which vectorizes.
+template <class T>
+bool has_nonfinite(const T* p, int64_t n, T mask) {
+  T m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    T e = T(p[i] & mask);
+    m = e > m ? e : m;
+  }
+  return m == mask;
+}
+}  // namespace
+
+// kinds: 0 fp32, 1 bf16, 2 fp16. Returns the index of the first tensor holding an inf/NaN, or -1.
+extern "C" int64_t sm3_native_first_nonfinite(const int64_t* ptrs, const int64_t* numels, const int64_t* kinds,
+                                              int64_t n, int64_t num_threads, int64_t tile_elems) {
+  struct Span { int64_t tensor, begin, end; };
+  std::vector<Span> spans;
+  int64_t total = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    total += numels[k];
+    for (int64_t b = 0; b < numels[k]; b += tile_elems) spans.push_back(Span{k, b, std::min(numels[k], b + tile_elems)});
+  }
+  std::vector<unsigned char> bad(spans.size(), 0);
+  const int64_t nspans = int64_t(spans.size());
+  std::atomic<int64_t> cursor(0);
+  auto work = [&]() {
+    for (int64_t t; (t = cursor.fetch_add(1, std::memory_order_relaxed)) < nspans;) {
+      const Span& s = spans[t];
+      const int64_t len = s.end - s.begin;
+      if (kinds[s.tensor] == 0)
+        bad[t] = has_nonfinite(reinterpret_cast<const uint32_t*>(ptrs[s.tensor]) + s.begin, len, uint32_t(0x7F800000u));
+      else
+        bad[t] = has_nonfinite(reinterpret_cast<const uint16_t*>(ptrs[s.tensor]) + s.begin, len,
+                               uint16_t(kinds[s.tensor] == 1 ? 0x7F80u : 0x7C00u));
+    }
+  };
+  int64_t nt = std::max<int64_t>(1, std::min({num_threads, nspans, (total + 4 * tile_elems - 1) / (4 * tile_elems)}));
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    work();
+  } else {
+    work();
+  }
+#else
+  work();
+#endif
+  for (int64_t t = 0; t < nspans; ++t)
+    if (bad[t]) return spans[t].tensor;
+  return -1;
+}
 
 // meta: nblocks x 11 int64 (see META_FIELDS); hyper: lr, momentum, 1 - momentum, beta, 1 - beta, eps, weight_decay, sign
 extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const double* hyper, int64_t flags,
@@ -415,8 +468,10 @@ def load() -> ctypes.CDLL | None:
                 if cxx is None:
                     raise RuntimeError("no C++ compiler found (set CXX)")
                 lib = ctypes.CDLL(str(_build(cxx)))
-                if lib.sm3_native_abi() != 1:
+                if lib.sm3_native_abi() != 2:
                     raise RuntimeError("stale library")
+                lib.sm3_native_first_nonfinite.restype = ctypes.c_int64
+                lib.sm3_native_first_nonfinite.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
                 lib.sm3_native_step.restype = ctypes.c_int
                 lib.sm3_native_step.argtypes = [
                     ctypes.c_void_p,

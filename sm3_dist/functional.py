@@ -34,8 +34,11 @@ that their scalar tail loops do not), and reductions are only ``min``/``max``.
 
 Three interchangeable kernels share one keyword-only signature, chosen by
 :func:`sm3`: a per-tensor loop (the readable reference), a ``foreach`` kernel
-that batches the elementwise work across tensors, and a ``fused`` kernel
-compiled with :func:`torch.compile`.
+that batches the elementwise work across tensors, and a ``fused`` kernel. On
+CPU the fused kernel is a one-pass C++ kernel (:mod:`sm3_dist._native`, built
+at first use; it reads ``w``, ``g``, ``m`` once and writes ``w``, ``m`` once,
+and is bitwise equal to the per-tensor loop); elsewhere, or when it cannot be
+built (logged once), each block goes through :func:`torch.compile`.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from torch import Tensor
 
 from sm3_dist import _native
 
-__all__ = ["sm3", "sm3_sparse_rows_"]
+__all__ = ["first_nonfinite", "sm3", "sm3_sparse_rows_"]
 
 
 def _min_over_covers(accumulators: Sequence[Tensor], shape: torch.Size) -> Tensor:
@@ -391,6 +394,42 @@ def _fused_sm3(
         for i, r in zip(rest, compiled):
             results[i] = r
     return results  # type: ignore[return-value]
+
+
+_FINITE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
+    """Index of the first tensor holding an inf or NaN, ``None`` if all are finite.
+
+    On CPU, one parallel pass of the native kernel over all of them (reads only);
+    elsewhere the largest absolute values, batched with ``torch._foreach_norm``.
+    """
+    if not tensors:
+        return None
+    lib = _native.load() if all(t.device.type == "cpu" for t in tensors) else None
+    if lib is not None and all(t.dtype in _FINITE_KINDS and t.is_contiguous() for t in tensors):
+        fields = torch.tensor(
+            [[t.data_ptr() for t in tensors], [t.numel() for t in tensors], [_FINITE_KINDS[t.dtype] for t in tensors]],
+            dtype=torch.int64,
+        )
+        index = lib.sm3_native_first_nonfinite(
+            fields[0].data_ptr(),
+            fields[1].data_ptr(),
+            fields[2].data_ptr(),
+            len(tensors),
+            torch.get_num_threads(),
+            _NATIVE_TILE_ELEMS,
+        )
+        return None if index < 0 else int(index)
+    nonempty = [i for i, t in enumerate(tensors) if t.numel()]
+    if not nonempty:
+        return None
+    norms = torch.stack(torch._foreach_norm([tensors[i] for i in nonempty], ord=float("inf"))).float()
+    finite = torch.isfinite(norms)
+    if bool(finite.all()):
+        return None
+    return nonempty[int((~finite).nonzero()[0])]
 
 
 def sm3(

@@ -279,12 +279,8 @@ class SM3(Optimizer):
                     if g.numel():
                         grads.append(g)
                         named.append(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})")
-        local_bad = None
-        if grads:
-            norms = torch.stack(torch._foreach_norm(grads, ord=float("inf"))).float()
-            finite = torch.isfinite(norms)
-            if not bool(finite.all()):
-                local_bad = named[int((~finite).nonzero()[0])]
+        bad = functional.first_nonfinite(grads)
+        local_bad = None if bad is None else named[bad]
         groups = {_group_key(s.group): s.group for s in self._specs.values() if s.group is not None}
         found = local_bad is not None
         for group in groups.values():

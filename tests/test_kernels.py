@@ -178,7 +178,6 @@ def test_many_shapes_compile_a_bounded_number_of_graphs(compiled_only):
 
 def test_native_build_failure_falls_back_and_says_so_once(monkeypatch, tmp_path):
     monkeypatch.setenv("SM3_DIST_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", "/nonexistent/c++")
     monkeypatch.setattr(_native, "_compiler", lambda: "/bin/false")
     monkeypatch.setattr(_native, "_state", {})
     with warnings.catch_warnings(record=True) as caught:
@@ -198,3 +197,25 @@ def test_native_builds_in_a_fresh_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(_native, "_state", {})
     assert _native.load() is not None
     assert len(list(tmp_path.glob("sm3_native_*.so"))) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan, None])
+@pytest.mark.parametrize("native", [True, False])
+def test_first_nonfinite(monkeypatch, dtype, bad, native):
+    if not native:
+        monkeypatch.setattr(functional._native, "load", lambda: None)
+    tensors = [
+        torch.randn(5).to(dtype),
+        torch.randn(0).to(dtype),
+        torch.randn(300, 700).to(dtype),
+        torch.ones(3, 5).t(),
+    ]
+    tensors[2][0, 0] = torch.finfo(dtype).max  # large but finite
+    assert functional.first_nonfinite(tensors) is None
+    assert functional.first_nonfinite([]) is None
+    if bad is not None:
+        tensors[2][250, 601] = bad
+        assert functional.first_nonfinite(tensors) == 2
+        tensors[0][4] = bad
+        assert functional.first_nonfinite(tensors) == 0
