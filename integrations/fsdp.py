@@ -22,6 +22,13 @@ With ``use_orig_params=False`` the optimizer sees the flat parameters
 themselves; each becomes a layout of several pieces (padding left alone).
 ``NO_SHARD`` parameters are whole tensors.
 
+Checkpoints: FSDP1's optimizer state-dict conversion (``FSDP.optim_state_dict``,
+and ``torch.distributed.checkpoint.state_dict.get_state_dict`` on an FSDP1
+model) assumes state shaped like the parameters (Adam's) and rejects SM3's
+per-dimension accumulators with an assertion; resharding SM3 state is
+supported under FSDP2, whose state is DTensors. Under FSDP1 each rank's
+``optimizer.state_dict()`` resumes at the same world size and wrapping.
+
 SM3 built without the resolver on FSDP1 parameters raises
 :class:`~sm3_dist.UnsupportedLayoutError` instead of treating the 1-D views as
 whole vectors (which would silently give per-element accumulators).

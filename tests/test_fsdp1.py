@@ -159,6 +159,55 @@ def test_flat_parameters_match_single_process():
     run_distributed(_flat_params_worker, 2)
 
 
+def _no_shard_worker(rank: int, world_size: int) -> None:
+    from torch.distributed.fsdp import ShardingStrategy
+
+    for use_orig_params in (True, False):
+        ref_model = make_model()
+        fsdp_model = wrap(
+            copy.deepcopy(ref_model), use_orig_params=use_orig_params, sharding_strategy=ShardingStrategy.NO_SHARD
+        )
+        opt = SM3(fsdp_model.parameters(), lr=LR, momentum=0.9, shard_resolver=fsdp1_shard_resolver(fsdp_model))
+        ref = SM3(ref_model.parameters(), lr=LR, momentum=0.9)
+        shapes = [(n, p.shape) for n, p in ref_model.named_parameters()]
+        ref_params = dict(ref_model.named_parameters())
+        for step in range(3):
+            grads = global_grads(shapes, step)
+            for flat, param, name, shape, start, stop, offset in flat_pieces(fsdp_model):
+                assert (start, stop) == (0, torch.Size(shape).numel()), "NO_SHARD holds every parameter whole"
+                if param is not None:
+                    param.grad = grads[name].clone()
+                else:
+                    if flat.grad is None:
+                        flat.grad = torch.zeros_like(flat)
+                    flat.grad[offset : offset + stop] = grads[name].flatten()
+            for name, r in ref_params.items():
+                r.grad = grads[name].clone()
+            opt.step()
+            ref.step()
+            if not use_orig_params:
+                for flat, *_ in flat_pieces(fsdp_model):
+                    flat.grad = None
+        opt.state_dict()
+        for _, param, name, shape, *_ in flat_pieces(fsdp_model):
+            r = ref_params[name]
+            if param is not None:
+                assert torch.equal(param.detach(), r.detach()), f"NO_SHARD: {name} differs"
+                for d in range(len(shape)):
+                    assert torch.equal(opt.state[param][accumulator_key(d)], ref.state[r][accumulator_key(d)])
+        if not use_orig_params:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            with FSDP.summon_full_params(fsdp_model, writeback=False):
+                for name, p in fsdp_model.named_parameters():
+                    name = name.replace(PREFIX, "")
+                    assert torch.equal(p.detach(), ref_params[name].detach()), f"NO_SHARD flat: {name} differs"
+
+
+def test_no_shard_matches_single_process():
+    run_distributed(_no_shard_worker, 2)
+
+
 def _errors_worker(rank: int, world_size: int) -> None:
     model = wrap(make_model(), use_orig_params=True)
     # without the resolver the 1-D views would look like whole vectors: refused
