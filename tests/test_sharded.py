@@ -64,7 +64,7 @@ class TinyTransformer(nn.Module):
 
 
 class Wide(nn.Module):
-    """One weight larger than a 4-rank slice (ranks own only part of it), and a bf16 parameter."""
+    """One weight larger than a 4-rank slice (ranks own only part of it), a bf16 parameter; bf16 momentum."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,6 +75,7 @@ class Wide(nn.Module):
 
 
 MODELS = {"transformer": TinyTransformer, "wide": Wide}
+EXTRA = {"wide": dict(momentum_dtype=torch.bfloat16)}
 
 
 def make_model(kind: str = "transformer", seed: int = 0) -> nn.Module:
@@ -112,7 +113,7 @@ def train(opt, params, steps, start=0, scheduler=None) -> None:
 
 def reference_run(kind: str, momentum: float, beta: float, steps: int = STEPS) -> tuple[list[torch.Tensor], dict]:
     model = make_model(kind)
-    opt = SM3(param_groups(model), lr=LR, momentum=momentum, beta=beta)
+    opt = SM3(param_groups(model), lr=LR, momentum=momentum, beta=beta, **EXTRA.get(kind, {}))
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     params = list(model.parameters())
     train(opt, params, steps, scheduler=scheduler)
@@ -173,15 +174,17 @@ def _count_collectives() -> dict[str, int]:
     import sm3_dist.comm
     import sm3_dist.sharded
 
-    counts = {"all_gather": 0, "all_reduce": 0}
+    counts = {"all_gather": 0, "all_reduce": 0, "all_gather_bytes": 0, "all_reduce_bytes": 0}
     gather, launch = sm3_dist.sharded.all_gather_flat, sm3_dist.comm.MaxReducer.launch
 
-    def counted_gather(*args, **kwargs):
+    def counted_gather(local, output, group):
         counts["all_gather"] += 1
-        return gather(*args, **kwargs)
+        counts["all_gather_bytes"] += output.numel() * output.element_size()
+        return gather(local, output, group)
 
     def counted_launch(self):
         counts["all_reduce"] += 1
+        counts["all_reduce_bytes"] += self.buffer.numel() * self.buffer.element_size()
         return launch(self)
 
     sm3_dist.sharded.all_gather_flat = counted_gather
@@ -194,7 +197,7 @@ def _exactness_job(counts: dict[str, int], runs: list[tuple[str, float, float]])
     for kind, momentum, beta in runs:
         model = make_model(kind)
         params = list(model.parameters())
-        opt = ShardedSM3(param_groups(model), lr=LR, momentum=momentum, beta=beta)
+        opt = ShardedSM3(param_groups(model), lr=LR, momentum=momentum, beta=beta, **EXTRA.get(kind, {}))
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
         train(opt, params, 1, scheduler=scheduler)
         before = dict(counts)
@@ -366,7 +369,7 @@ def test_sharded_equals_single_process(sessions, world_size, momentum, beta):
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_param_larger_than_a_slice_and_bf16_bucket(sessions, world_size):
+def test_param_larger_than_a_slice_and_bf16_buckets(sessions, world_size):
     ref_params, ref_state = reference_run("wide", 0.9, 0.0)
     results = sessions.exact(world_size)
     owned = [run[("wide", 0.9, 0.0)]["owned"] for run in results]
@@ -380,8 +383,15 @@ def test_param_larger_than_a_slice_and_bf16_bucket(sessions, world_size):
             assert p.dtype == r.dtype
             assert torch.equal(p, r), f"rank {rank}: parameter {k} differs"
         assert_state_equal(run["state"], ref_state)
-        assert run["comm"].allgather_calls == 2  # one fp32 bucket, one bf16 bucket
-        assert run["per_step"] == {"all_gather": 2, "all_reduce": 1}
+        comm = run["comm"]
+        assert comm.allgather_calls == 2  # one fp32 bucket, one bf16 bucket
+        assert run["per_step"] == {
+            "all_gather": 2,
+            "all_reduce": 1,
+            "all_gather_bytes": comm.allgather_bytes,
+            "all_reduce_bytes": comm.allreduce_bytes,
+        }
+        assert run["state"]["state"][0][MOMENTUM_KEY].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -406,8 +416,13 @@ def test_one_bucketed_collective_of_each_kind_per_step(sessions, world_size):
     shapes = [tuple(p.shape) for p in make_model().parameters()]
     for by_run in sessions.exact(world_size):
         run = by_run[("transformer", 0.9, 0.9)]
-        assert run["per_step"] == {"all_gather": 1, "all_reduce": 1}
         comm = run["comm"]
+        assert run["per_step"] == {
+            "all_gather": 1,
+            "all_reduce": 1,
+            "all_gather_bytes": comm.allgather_bytes,
+            "all_reduce_bytes": comm.allreduce_bytes,
+        }
         # the MAX all-reduce carries the sum of the dimensions (fp32); a gradient all-reduce carries numel
         assert comm.allreduce_bytes == 4 * sum(sum(s or (1,)) for s in shapes)
         assert comm.allreduce_bytes < 4 * sum(math.prod(s) for s in shapes)
