@@ -11,6 +11,7 @@ weights mid-row, and the tests assert that they do.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -206,6 +207,55 @@ def _no_shard_worker(rank: int, world_size: int) -> None:
 
 def test_no_shard_matches_single_process():
     run_distributed(_no_shard_worker, 2)
+
+
+def _resume_worker(rank: int, world_size: int, path: str, load: bool) -> None:
+    """Per-rank resume at the same world size: local parameter pieces and ``optimizer.state_dict()``."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    hyper = dict(momentum=0.9, beta=0.9)
+    first, second = 3, 4
+    fsdp_model = wrap(make_model(seed=5 if load else 0), use_orig_params=True)
+    opt = SM3(fsdp_model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(fsdp_model))
+    rows = flat_pieces(fsdp_model)
+    shapes = [(name, torch.Size(shape)) for _, _, name, shape, *_ in rows]
+    file = os.path.join(path, f"rank{rank}.pt")
+    if load:
+        saved = torch.load(file, weights_only=True)
+        with torch.no_grad():
+            for (_, param, *_), value in zip(rows, saved["params"]):
+                param.copy_(value)
+        opt.load_state_dict(saved["optim"])
+    for step in range(first, first + second) if load else range(first):
+        grads = global_grads(shapes, step)
+        for _, param, name, _, start, stop, _ in rows:
+            param.grad = grads[name].flatten()[start:stop].clone()
+        opt.step()
+    if not load:
+        torch.save({"params": [row[1].detach().clone() for row in rows], "optim": opt.state_dict()}, file)
+        return
+    ref_model = make_model()
+    ref = SM3(ref_model.parameters(), lr=LR, **hyper)
+    ref_params = dict(ref_model.named_parameters())
+    for step in range(first + second):
+        grads = global_grads(shapes, step)
+        for name, r in ref_params.items():
+            r.grad = grads[name].clone()
+        ref.step()
+    opt.state_dict()
+    for _, param, name, shape, start, stop, _ in rows:
+        for d, (lo, hi) in enumerate(hull(shape, start, stop)):
+            acc = ref.state[ref_params[name]][accumulator_key(d)][lo:hi]
+            assert torch.equal(opt.state[param][accumulator_key(d)], acc), f"resumed: {name} mu_{d} differs"
+    with FSDP.summon_full_params(fsdp_model, writeback=False):
+        for name, p in fsdp_model.named_parameters():
+            name = name.replace(PREFIX, "")
+            assert torch.equal(p.detach(), ref_params[name].detach()), f"resumed: parameter {name} differs"
+
+
+def test_resume_same_world_size(tmp_path):
+    run_distributed(_resume_worker, 2, str(tmp_path), False)
+    run_distributed(_resume_worker, 2, str(tmp_path), True)
 
 
 def _errors_worker(rank: int, world_size: int) -> None:
