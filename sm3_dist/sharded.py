@@ -349,8 +349,10 @@ class ShardedSM3(Optimizer):
 
         A collective: every rank must call it. Momentum is all-gathered (one collective per dtype) and the
         accumulators are combined by one ``all_reduce(MAX)``: every rank holding an entry holds the same
-        value, and the others contribute 0.
+        value, and the others contribute 0. ``register_state_dict_pre_hook``/``post_hook`` hooks run as usual.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         inner = self._inner.state_dict()["state"]
         device = self._views[0].device if self._views else torch.device("cpu")
         state: dict[int, dict[str, Any]] = {}
@@ -396,10 +398,19 @@ class ShardedSM3(Optimizer):
                     else:
                         entry[accumulator_key(d)] = inner[k][accumulator_key(d)].clone()
                 state[k] = entry
-        return {"state": state, "param_groups": self._pack_groups()}
+        state_dict = {"state": state, "param_groups": self._pack_groups()}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a consolidated state (from a ``ShardedSM3`` at any world size, or a single-process ``SM3``)."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         groups = state_dict.get("param_groups")
         saved_state = state_dict.get("state")
         if not isinstance(groups, list) or not isinstance(saved_state, dict):
@@ -453,6 +464,8 @@ class ShardedSM3(Optimizer):
                 if key != "params":
                     outer[key] = value
         self._refresh_state()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 def _aliases(view: Tensor, p: Tensor, start: int) -> bool:

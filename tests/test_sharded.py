@@ -292,6 +292,22 @@ def _resume_second_half_job(saved: dict | None, checkpoint_dir: str | None) -> d
     return dict(params=[p.detach().clone() for p in model.parameters()], state=opt.state_dict())
 
 
+def _subgroup_job(rank: int, world_size: int) -> dict:
+    """Two data-parallel groups of two ranks each (as beside tensor or pipeline parallelism)."""
+    import torch.distributed as dist
+
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+    group = groups[rank // 2]
+    model = make_model()
+    opt = ShardedSM3(param_groups(model), process_group=group, lr=LR, momentum=0.9, beta=0.9)
+    assert (opt.world_size, opt.rank) == (2, rank % 2)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    train(opt, list(model.parameters()), STEPS, scheduler=scheduler)
+    return dict(
+        params=[p.detach().clone() for p in model.parameters()], state=opt.state_dict(), owned=opt.owned_ranges()
+    )
+
+
 def _session_worker(rank: int, world_size: int, jobs: dict) -> dict:
     counts = _count_collectives()
     out = {}
@@ -303,6 +319,8 @@ def _session_worker(rank: int, world_size: int, jobs: dict) -> dict:
         out["resume_first"] = _resume_first_half_job(rank, jobs["resume_first"])
     if "resume_second" in jobs:
         out["resume_second"] = _resume_second_half_job(*jobs["resume_second"])
+    if "subgroup" in jobs:
+        out["subgroup"] = _subgroup_job(rank, world_size)
     return out
 
 
@@ -327,6 +345,7 @@ class Sessions:
                 jobs["resume_second"] = (None, self.checkpoint_dir)
             elif world_size == 4:
                 jobs["resume_second"] = (self.saved(), None)
+                jobs["subgroup"] = True
             if world_size in (3, 4):
                 self(2)  # the checkpoint comes first
             self._results[world_size] = run_distributed(_session_worker, world_size, jobs)
@@ -460,6 +479,16 @@ def test_inside_distributed_data_parallel(sessions):
     assert_state_equal(results[0]["state"], opt.state_dict())
 
 
+def test_process_subgroups(sessions):
+    """World size 4 split into two data-parallel groups of 2: each group is its own exact ShardedSM3."""
+    ref_params, ref_state = reference_run("transformer", 0.9, 0.9)
+    results = [r["subgroup"] for r in sessions(4)]
+    assert results[0]["owned"] == results[2]["owned"] != results[1]["owned"] == results[3]["owned"]
+    for run in results:
+        assert all(torch.equal(p, r) for p, r in zip(run["params"], ref_params))
+        assert_state_equal(run["state"], ref_state)
+
+
 # ---------------------------------------------------------------------- resume at the same and another world size
 
 
@@ -547,6 +576,21 @@ def test_closure_and_state_keys():
     assert torch.is_tensor(loss) and loss.dim() == 0
     state = opt.state[model.attn.qkv]
     assert set(state) == {STEP_KEY, MOMENTUM_KEY, *(accumulator_key(d) for d in range(3))}
+
+
+def test_state_dict_hooks_run():
+    model = make_model()
+    opt = ShardedSM3(model.parameters(), lr=LR, momentum=0.9)
+    train(opt, list(model.parameters()), 2)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: {k: v for k, v in sd.items() if k != "extra"})
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load-post"))
+    state = opt.state_dict()
+    assert state["extra"] == 1
+    opt.load_state_dict(state)
+    assert calls == ["pre", "load-post"]
 
 
 def test_flat_partition_geometry():
