@@ -21,6 +21,8 @@ micro-batch and the largest model that fit.
 setup    params                grads              master (mixed)      elements the optimizer updates
 =======  ====================  =================  ==================  ==================================
 ddp      e·P                   e·P                4·P                 P (every rank)
+ddp-     e·P                   e·P                4·P/N               the rank's balanced flat slice
+sharded                                                               (:class:`sm3_dist.ShardedSM3`)
 zero1    e·P                   e·P                4·P/N               the rank's slice of one flat group
 zero2    e·P                   e·(P/N)            4·P/N               same
 zero3    e·Σ ceil(n/N) + pers  e·Σ ceil(n/N)      4·Σ ceil(n/N)       each parameter's ceil(n/N) slice
@@ -38,7 +40,12 @@ bytes (``exp_avg``, ``exp_avg_sq``), Adagrad 4 (``sum``). Adafactor keeps, as
 ``torch.optim.Adafactor`` does, ``row_var`` (``shape[:-1]``) and ``col_var``
 (``shape[:-2] + shape[-1:]``) for tensors of rank >= 2 and a full ``variance``
 for rank <= 1; under ZeRO the basic optimizer sees one flat (rank-1) partition,
-so Adafactor's state there is a full ``variance``. SM3: momentum (4 or 2 bytes
+so Adafactor's state there is a full ``variance``; under FSDP2 its ``row_var``
+and ``col_var`` come out replicated (whole on every rank; and in torch 2.13 its
+step then fails on the DTensor math, after the state is allocated). For
+``ddp-sharded`` the non-SM3 optimizers are modelled on the same balanced
+slices (torch's ``ZeroRedundancyOptimizer`` assigns whole parameters, so its
+slices are only roughly balanced). SM3: momentum (4 or 2 bytes
 per updated element, none without momentum) plus 4 bytes per *touched
 accumulator entry*: for each local piece of a parameter of shape
 ``(n_1, ..., n_p)``, the range of each ``mu_d`` that the piece's indices cover,
@@ -48,7 +55,9 @@ shards). Reported per-rank numbers are those of the rank with the largest total.
 
 **Working set** (ZeRO-3, FSDP2): the largest wrapped unit (one GPT-2 block, or
 the embeddings) gathered twice (compute + prefetch) and its unsharded gradient
-once, in the compute dtype. Communication buckets, allocator fragmentation, the
+once, in the compute dtype. Sharded SM3 (every setup but ``ddp``, world > 1)
+adds its ``all_reduce(MAX)`` buffer: 4 bytes per accumulator entry of the
+whole model. Communication buckets, allocator fragmentation, the
 CUDA context and DeepSpeed's transient fp32 gradient partition during the step
 are not modelled.
 
@@ -319,8 +328,8 @@ def _fsdp2_param(shape: tuple[int, ...], world: int) -> tuple[tuple[int, int, in
         lengths = (rows, *shape[1:])
         if len(shape) >= 2:
             sm3 = box_piece(shape, (start, *(0,) * (len(shape) - 1)), lengths).accumulator_numel
-            # row_var (n0, 1) is sharded like the parameter; col_var (1, n1) is a chunk of a size-1 dim: rank 0's
-            adafactor = rows * math.prod(shape[1:-1]) + (shape[-1] * math.prod(shape[1:-2]) if r == 0 else 0)
+            # torch.optim.Adafactor's row_var/col_var come out Replicate(): whole on every rank (measured)
+            adafactor = _adafactor_numel(shape)
         else:
             sm3 = rows
             adafactor = rows
