@@ -204,6 +204,12 @@ class DeepSpeedSM3(SM3):
         self._plan: tuple[tuple[int, ...], ...] | None = None
         self._engine = _find_engine()
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch replaces the param_group dicts on load; keep each group's model parameters, in group order.
+        before = [self._model_params.get(id(group)) for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        self._model_params = {id(g): params for g, params in zip(self.param_groups, before) if params is not None}
+
     # ------------------------------------------------------------------ resolver
 
     def _resolve(self, tensor: Tensor) -> ShardSpec | None:
