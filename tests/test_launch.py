@@ -29,7 +29,7 @@ LAUNCH = ROOT / "launch"
 SCRIPT = LAUNCH / "train.py"
 YAMLS = sorted((LAUNCH / "accelerate").glob("*.yaml"))
 JSONS = sorted((LAUNCH / "deepspeed").glob("*.json"))
-SMALL = ["--batch-size", "4", "--seq-len", "32", "--eval-windows", "4", "--log-every", "1", "--no-plot"]
+SMALL = ["--batch-size", "4", "--seq-len", "32", "--eval-windows", "4", "--warmup-fraction", "0.34", "--no-plot"]
 
 
 def _free_port() -> int:
@@ -85,7 +85,7 @@ def _assert_trained(out: Path, steps: int, world: int = 2, *, png: bool = True) 
     assert sorted(losses) == list(range(1, steps + 1))
     assert losses[steps] < losses[1] - 0.5, losses
     summary = _summary(out)
-    assert summary["eval_loss"] < 5.0
+    assert summary["eval_loss"] < 4.5
     assert len(summary["optimizer_state_bytes"]) == world and all(b > 0 for b in summary["optimizer_state_bytes"])
     assert len(summary["peak_memory_bytes"]) == world and all(b > 0 for b in summary["peak_memory_bytes"])
     if png:
@@ -299,31 +299,6 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="DeepSpeedSM3 keys its model parameters by id(param_group), and torch's Optimizer.load_state_dict "
-    "replaces the param_group dicts: the first step after engine.load_checkpoint raises UnsupportedLayoutError",
-)
-def test_deepspeed_resumes_exactly(tmp_path):
-    first, second = tmp_path / "first", tmp_path / "second"
-    common = [*SMALL, "--setup", "deepspeed", "--steps", "4", "--eval-every", "0"]
-    _sm3_dist(*common, "--out", str(first), "--checkpoint-every", "2")
-    _sm3_dist(*common, "--out", str(second), "--resume", str(first / "checkpoints" / "step_0000002"))
-    a, b = _losses(first), _losses(second)
-    assert sorted(b) == [3, 4] and all(a[s] == b[s] for s in b), (a, b)
-
-
-CPU_SMOKE = ["ddp_cpu.yaml", "deepspeed_zero1.yaml", "deepspeed_zero3.yaml", "deepspeed_zero2_offload.yaml"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", CPU_SMOKE)
-def test_accelerate_config_runs_steps_on_cpu(name, tmp_path):
-    _accelerate(LAUNCH / "accelerate" / name, *SMALL, "--steps", "3", "--eval-every", "0", "--out", str(tmp_path))
-    _assert_trained(tmp_path, 3, png=False)
-
-
-@pytest.mark.slow
 def test_accelerate_fsdp_on_cpu_is_refused_before_any_process_group(tmp_path):
     proc = _accelerate(LAUNCH / "accelerate" / "fsdp2.yaml", "--out", str(tmp_path), expect=None)
     assert proc.returncode != 0
@@ -339,13 +314,3 @@ def test_accelerate_fsdp_on_cpu_is_refused_before_any_process_group(tmp_path):
 def test_accelerate_fsdp2_trains_on_gpu(tmp_path):
     _accelerate(LAUNCH / "accelerate" / "fsdp2.yaml", *SMALL, "--steps", "6", "--out", str(tmp_path))
     _assert_trained(tmp_path, 6, png=False)
-
-
-@pytest.mark.slow
-def test_compare_writes_one_png_with_both_curves(tmp_path):
-    proc = _sm3_dist(*SMALL, "--compare", "sm3,adamw", "--steps", "3", "--eval-every", "0", "--nproc", "1",
-                     "--out", str(tmp_path))  # fmt: skip
-    for name in ("sm3", "adamw"):
-        assert sorted(_losses(tmp_path / name)) == [1, 2, 3]
-    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert "sm3 (lr 0.1)" in proc.stdout and "adamw (lr 0.003)" in proc.stdout
