@@ -49,7 +49,17 @@ def local_spec(param: Tensor) -> ShardSpec:
 
 
 def dtensor_spec(param: Tensor, name: str) -> ShardSpec:
-    """The spec of a DTensor parameter (FSDP2 ``fully_shard``, tensor parallel, HSDP)."""
+    """The spec of a DTensor parameter (FSDP2 ``fully_shard``, tensor parallel, HSDP).
+
+    The local piece is the dense box ``compute_local_shape_and_global_offset``
+    gives (uneven and empty shards included). Partial maxima are reduced over
+    the mesh axes that ``Shard`` (flattened into one group when there are
+    several; ``Replicate`` axes hold equal copies and need nothing). State is
+    kept as DTensors on the parameter's mesh so DCP saves and reshards it:
+    momentum with the parameter's placements; ``mu_d`` with ``Shard(0)`` on the
+    mesh axes that shard dimension ``d`` and ``Replicate()`` on the others.
+    ``Partial`` and ``_StridedShard`` raise :class:`UnsupportedLayoutError`.
+    """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     from torch.distributed.tensor.placement_types import _StridedShard
