@@ -537,9 +537,8 @@ def max_micro_batch(
     return (budget_bytes - states) // per_sample
 
 
-_FAMILY_WIDTHS = tuple(
-    128 * k for k in (2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128)
-)
+_FAMILY_WIDTHS = tuple(128 * k for k in range(2, 161))
+"""Hidden sizes of the model family searched: 256 to 20480 in steps of 128."""
 
 
 def largest_model(
@@ -552,15 +551,23 @@ def largest_model(
     *,
     widths: Sequence[int] = _FAMILY_WIDTHS,
 ) -> GPT2Config | None:
-    """Largest model of :func:`family_config` (over ``widths``) that trains with micro-batch 1, or None."""
-    best = None
-    for width in sorted(widths):
-        config = family_config(width)
-        if max_micro_batch(config, setup, world, optimizer, budget_bytes, act, precision) >= 1:
-            best = config
+    """Largest model of :func:`family_config` (over ``widths``) that trains with micro-batch 1, or None.
+
+    Memory grows with the width, so this is a binary search.
+    """
+    ordered = sorted(widths)
+
+    def fits(width: int) -> bool:
+        return max_micro_batch(family_config(width), setup, world, optimizer, budget_bytes, act, precision) >= 1
+
+    lo, hi = 0, len(ordered)  # ordered[:lo] fit, ordered[hi:] do not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(ordered[mid]):
+            lo = mid + 1
         else:
-            break
-    return best
+            hi = mid
+    return family_config(ordered[lo - 1]) if lo else None
 
 
 # ---------------------------------------------------------------------------------------------- measurement
@@ -861,6 +868,32 @@ def headline_table(
     return "\n".join(lines)
 
 
+_STYLES = {
+    "adam": dict(color="tab:red", ls="-", marker="o"),
+    "adamw": dict(color="tab:orange", ls=":", marker="x"),
+    "adagrad": dict(color="tab:brown", ls="-", marker="s"),
+    "adafactor": dict(color="tab:green", ls="--", marker="^"),
+    "sm3": dict(color="tab:blue", ls="-", marker="D"),
+    "sm3-momentum": dict(color="tab:purple", ls="--", marker="v"),
+    "sm3-bf16-momentum": dict(color="tab:cyan", ls="-.", marker="P"),
+}
+
+
+def _axes_grid(n: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return plt, fig, flat[:n]
+
+
 def _plot_memory_vs_world(
     path: str,
     config: GPT2Config,
@@ -869,60 +902,54 @@ def _plot_memory_vs_world(
     optimizers: Sequence[str],
     precision: str,
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(setups), figsize=(3.6 * len(setups), 3.6), sharey=True, squeeze=False)
-    for ax, setup in zip(axes[0], setups):
+    plt, fig, axes = _axes_grid(len(setups))
+    for ax, setup in zip(axes, setups):
         for o in optimizers:
             ys = [_gib(rank_memory(config, setup, w, o, precision).total) for w in worlds]
-            ax.plot(worlds, ys, marker="o", ms=3, label=_OPTIMIZER_LABELS[o])
-        ax.set_xscale("log", base=2)
+            ax.plot(worlds, ys, ms=4, lw=1.3, label=_OPTIMIZER_LABELS[o], **_STYLES[o])
+        if len(worlds) > 1:
+            ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(_SETUP_LABELS[setup])
-        ax.set_xlabel("world size")
+        ax.set_xlabel("data-parallel ranks")
+        ax.set_ylabel("per-rank model states (GiB)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("per-rank model states (GiB)")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"GPT-2 {config.name} ({config.numel / 1e9:.2f}B params), {precision}: per-rank memory vs world size")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(
+        f"GPT-2 {config.name} ({config.numel / 1e9:.2f}B params), {precision}: params + grads + master + "
+        "optimizer state + working set per rank"
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def _plot_max_params(
     path: str, world: int, setups: Sequence[str], optimizers: Sequence[str], precision: str, act: ActivationModel
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    budgets = [4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160]
-    fig, axes = plt.subplots(1, len(setups), figsize=(3.6 * len(setups), 3.6), sharey=True, squeeze=False)
-    for ax, setup in zip(axes[0], setups):
+    budgets = [4, 6, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160]
+    plt, fig, axes = _axes_grid(len(setups))
+    for ax, setup in zip(axes, setups):
         for o in optimizers:
             ys = []
             for b in budgets:
                 config = largest_model(setup, world, o, b * GIB, act, precision)
                 ys.append(config.numel / 1e9 if config is not None else float("nan"))
-            ax.step(budgets, ys, where="post", label=_OPTIMIZER_LABELS[o])
+            ax.plot(budgets, ys, ms=4, lw=1.3, label=_OPTIMIZER_LABELS[o], **_STYLES[o])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"{_SETUP_LABELS[setup]}, {world} ranks")
         ax.set_xlabel("per-rank budget (GiB)")
+        ax.set_ylabel("largest trainable model (B params)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("largest trainable model (B params)")
-    axes[0][-1].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     ckpt = "with" if act.checkpointing else "without"
     fig.suptitle(
         f"Largest GPT-2-style model (depth = width/128) at micro-batch 1 x {act.seq_len} tokens, {precision}, "
         f"{ckpt} activation checkpointing"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
