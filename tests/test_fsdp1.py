@@ -114,7 +114,7 @@ def _orig_params_worker(rank: int, world_size: int) -> list[tuple[str, tuple[int
     return [(name, shape, start, stop) for (_, _, name, shape, start, stop, _) in flat_pieces(fsdp_model)]
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_use_orig_params_matches_single_process(world_size):
     per_rank = run_distributed(_orig_params_worker, world_size)
     straddles = []
