@@ -12,6 +12,9 @@ from sm3_dist.bench_distributed import format_table, main, parse_size
 from sm3_dist.cli import main as cli_main
 from sm3_dist.sharded import FlatPartition
 
+# the multi-process sessions are shared by the tests of this file: keep them on one xdist worker
+pytestmark = pytest.mark.xdist_group("bench_distributed")
+
 SIZE = "64,8,1"  # vocab 64, width 8, one block
 WORLD_SIZES = (1, 2, 4)
 

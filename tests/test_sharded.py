@@ -22,6 +22,9 @@ from sm3_dist import MOMENTUM_KEY, SM3, STEP_KEY, ShardedSM3, accumulator_key, l
 from sm3_dist.sharded import FlatPartition
 from tests.spawn import run_distributed
 
+# the multi-process sessions are shared by the tests of this file: keep them on one xdist worker
+pytestmark = pytest.mark.xdist_group("sharded")
+
 LR = 0.05
 STEPS = 10
 HYPER = [(m, b) for m in (0.0, 0.9) for b in (0.0, 0.9)]
