@@ -769,9 +769,10 @@ def validate(
 ) -> list[Check]:
     """Measure real optimizer instances and compare with the model (fp32 parameters).
 
-    ``tiny``: the tiny config, single process, every optimizer; and SM3 (and
-    Adam/Adagrad) on every rank's local pieces of ZeRO-1/2/3 and FSDP2 at 2
-    and 3 ranks. ``full`` adds GPT-2 124M, single process, every optimizer.
+    ``tiny``: the tiny config, single process, every optimizer; SM3 (and
+    Adam/Adagrad) on every rank's local pieces of each sharded setup at 2 and 3
+    ranks; :class:`sm3_dist.ShardedSM3` on 2 processes. ``full`` adds GPT-2
+    124M, single process, every optimizer.
     """
     checks: list[Check] = []
     tiny = SIZES["tiny"]
@@ -803,7 +804,7 @@ def validate(
                         state_bytes(name, per_rank[rank]),
                         lambda s=setup, w=world, r=rank, n=name: measure_sm3_on_layouts(tiny, s, w, r, n),
                     )
-    if level == "full" and any(n.startswith("sm3") for n in optimizers):
+    if any(n.startswith("sm3") for n in optimizers):
         world = 2
         if progress is not None:
             progress(f"ShardedSM3 at {world} ranks")
@@ -983,8 +984,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--measure",
         choices=("full", "tiny", "none"),
-        default="full",
-        help="validate against real optimizers: tiny config (+ GPT-2 124M with full)",
+        default="tiny",
+        help="validate against real optimizers: the tiny config on one process (every setup's layouts) and "
+        "ShardedSM3 on 2 processes; full adds GPT-2 124M on one process (default tiny)",
     )
     p.add_argument("--tolerance", type=float, default=0.02, help="largest relative disagreement allowed")
     p.add_argument("--out", default="sm3-memory", help="output folder (default ./sm3-memory)")
