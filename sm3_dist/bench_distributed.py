@@ -194,7 +194,7 @@ def run(
     warmup: int = 2,
     momentum: float = 0.9,
     beta: float = 0.0,
-    threads: int | None = None,
+    threads: int = 1,
     timeout: float = 600.0,
     progress: Any = None,
 ) -> dict[str, Any]:
@@ -210,7 +210,7 @@ def run(
             warmup=warmup,
             momentum=momentum,
             beta=beta,
-            threads=threads or max(1, (os.cpu_count() or 1) // world_size),
+            threads=threads,
             timeout=timeout,
         )
         start = time.perf_counter()
@@ -229,6 +229,7 @@ def run(
         beta=beta,
         steps=steps,
         warmup=warmup,
+        threads=threads,
         torch=torch.__version__,
         cpu_count=os.cpu_count(),
         rows=rows,
@@ -247,7 +248,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"ShardedSM3, GPT-style parameter set {result['size']!r} (vocab {result['vocab']}, width "
         f"{result['width']}, {result['blocks']} blocks): {result['numel']:,} parameters in "
         f"{result['num_tensors']} tensors, sum of dims {result['sum_of_dims']:,}; momentum {result['momentum']}, "
-        f"beta {result['beta']}; gloo on CPU ({result['cpu_count']} cores), median of {result['steps']} steps",
+        f"beta {result['beta']}; gloo on CPU ({result['cpu_count']} cores, {result['threads']} thread(s) per "
+        f"process), median of {result['steps']} steps",
         "",
         "| world | state/rank (max) | state (all ranks) | max all-reduce/step | grad all-reduce | ratio "
         "| all-gather/step | step ms | grad all-reduce ms |",
@@ -286,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--momentum", type=float, default=0.9, help="SM3 momentum (default 0.9; 0: no buffer)")
     parser.add_argument("--beta", type=float, default=0.0, help="SM3 beta (default 0)")
-    parser.add_argument("--threads", type=int, help="torch threads per process (default: cores / world size)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per process (default 1: rows differ only in world size)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per world size before giving up")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)
@@ -299,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc) if isinstance(exc, argparse.ArgumentTypeError) else f"--world-sizes: {exc}")
     if not world_sizes or min(world_sizes) < 1:
         parser.error("--world-sizes must list positive integers")
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     if not 0.0 <= args.momentum < 1.0 or not 0.0 <= args.beta < 1.0:

@@ -32,6 +32,7 @@ def test_parameter_set(bench):
     assert bench["numel"] == sum(math.prod(s) for s in shapes)
     assert bench["sum_of_dims"] == sum(sum(s) for s in shapes)
     assert [r["world_size"] for r in bench["rows"]] == list(WORLD_SIZES)
+    assert bench["threads"] == 1
 
 
 def test_communication_bytes(bench):
@@ -99,6 +100,7 @@ def test_table_shows_the_numbers(bench):
         (["--world-sizes", "two"], "--world-sizes"),
         (["--momentum", "1.5"], "--momentum and --beta"),
         (["--steps", "0"], "--steps must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_bad_arguments(argv, message, capsys):
