@@ -457,8 +457,10 @@ class SM3(Optimizer):
         super().load_state_dict(state_dict)
         for pid, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(pid, {}).items():
-                if isinstance(value, Tensor) and key != STEP_KEY:
-                    self.state[p][key] = value.to(device=to_local(p).device, copy=True)
+                if isinstance(value, Tensor):
+                    # a copy, so training on does not write into the caller's dict; the step count stays on CPU
+                    device = value.device if key == STEP_KEY else to_local(p).device
+                    self.state[p][key] = value.to(device=device, copy=True)
 
 
 def _check_hyperparameters(**values: Any) -> None:

@@ -390,3 +390,17 @@ def test_nonfinite_ignore_lets_nan_through():
 def test_bad_nonfinite_policy():
     with pytest.raises(ValueError, match="nonfinite"):
         SM3([torch.zeros(1, requires_grad=True)], nonfinite="zero")
+
+
+def test_load_state_dict_copies_so_training_leaves_the_source_alone():
+    p = torch.randn(3, 2, requires_grad=True)
+    opt = SM3([p], momentum=0.9)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    source = copy.deepcopy(saved)
+    opt.load_state_dict(source)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    for key, value in source["state"][0].items():
+        assert torch.equal(value, saved["state"][0][key]), key
