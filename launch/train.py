@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cooldown-fraction", type=float, default=0.0, help="linear decay to 0 over this final part")
     p.add_argument("--polyak", type=float, nargs="?", const=0.999, default=None, metavar="DECAY",
                    help="also evaluate an EMA of the weights (decay 0.999 if no value is given)")  # fmt: skip
-    p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end); 0: end only")
+    p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at the end); 0: end only")
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows of --seq-len tokens per evaluation")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default OUT/checkpoints)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (and at the end); 0: never")

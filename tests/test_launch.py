@@ -29,7 +29,8 @@ LAUNCH = ROOT / "launch"
 SCRIPT = LAUNCH / "train.py"
 YAMLS = sorted((LAUNCH / "accelerate").glob("*.yaml"))
 JSONS = sorted((LAUNCH / "deepspeed").glob("*.json"))
-SMALL = ["--batch-size", "4", "--seq-len", "32", "--eval-windows", "4", "--warmup-fraction", "0.34", "--no-plot"]
+SMALL_ANY_LR = ["--batch-size", "8", "--seq-len", "32", "--eval-windows", "4", "--warmup-fraction", "0.34"]
+SMALL = [*SMALL_ANY_LR, "--lr", "0.03", "--no-plot"]
 
 
 def _free_port() -> int:
