@@ -268,6 +268,12 @@ class SM3(Optimizer):
             reducer.launch()
         return loss
 
+    def _name(self, gi: int, pi: int, p: Tensor) -> str:
+        """How errors name a parameter: its position, and the global shape of what it holds."""
+        pieces = self._specs[p].layout.pieces if p in self._specs else ()
+        shape = pieces[0].shape if len(pieces) == 1 else tuple(p.shape)
+        return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(shape)})"
+
     def _found_nonfinite(self) -> bool:
         """Whether any rank's gradient holds an inf/NaN; raises under ``nonfinite="raise"``."""
         named, grads = [], []
@@ -278,7 +284,7 @@ class SM3(Optimizer):
                     g = g.coalesce().values() if g.is_sparse else g
                     if g.numel():
                         grads.append(g)
-                        named.append(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})")
+                        named.append(self._name(gi, pi, p))
         bad = functional.first_nonfinite(grads)
         local_bad = None if bad is None else named[bad]
         groups = {_group_key(s.group): s.group for s in self._specs.values() if s.group is not None}
@@ -304,7 +310,7 @@ class SM3(Optimizer):
         params, grads, bufs, accs, targets = [], [], [], [], []
         finalize: list[tuple[list[Tensor], list[Tensor]]] = []  # (stored accumulators, new maxima) of local pieces
         for pi, p in enumerate(group["params"]):
-            name = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+            name = self._name(gi, pi, p)
             spec = self._specs[p]
             state = self.state[p]
             if not state:

@@ -47,7 +47,7 @@ from torch.optim import Optimizer
 
 from sm3_dist.comm import MaxReducer, all_gather_flat
 from sm3_dist.layout import TensorLayout, flat_range_piece, normalize_shape
-from sm3_dist.optimizer import MOMENTUM_KEY, SM3, STEP_KEY, accumulator_key
+from sm3_dist.optimizer import MOMENTUM_KEY, SKIPPED_KEY, SM3, STEP_KEY, accumulator_key
 from sm3_dist.placement import ShardSpec, _is_dtensor
 
 __all__ = ["CommVolume", "FlatPartition", "ShardedSM3"]
@@ -195,6 +195,11 @@ class ShardedSM3(Optimizer):
     # ------------------------------------------------------------------ introspection
 
     @property
+    def skipped_steps(self) -> int:
+        """Steps every rank skipped together for a non-finite gradient (``nonfinite="skip"``)."""
+        return self._inner.skipped_steps
+
+    @property
     def momentum_dtype(self) -> torch.dtype:
         return self._inner.momentum_dtype
 
@@ -269,6 +274,9 @@ class ShardedSM3(Optimizer):
         finally:
             for view in self._views:
                 view.grad = None
+        for outer, inner in zip(self.param_groups, self._inner.param_groups):
+            if SKIPPED_KEY in inner:
+                outer[SKIPPED_KEY] = inner[SKIPPED_KEY]
         if self.world_size > 1:
             for (dtype, device), indices in self._buckets.items():
                 self._gather(

@@ -83,3 +83,55 @@ def test_fsdp2_raise_names_parameter_on_its_rank():
     assert "param_groups[0]['params'][1] (shape (9, 10))" in results[1]["raised"]
     assert "(rank 1)" in results[1]["raised"]
     assert "another rank" in results[0]["raised"] and "(rank 0)" in results[0]["raised"]
+
+
+def _sharded_worker(rank: int, world_size: int, bad: float, policy: str):
+    from sm3_dist import ShardedSM3
+
+    model = _model()
+    opt = ShardedSM3(model.parameters(), lr=0.05, momentum=0.9, nonfinite=policy)
+    params = list(model.parameters())
+    last = len(params) - 1
+    # the last parameter's last element lies in the last rank's slice
+    assert opt.owned_ranges(world_size - 1)[last][1] == params[last].numel()
+
+    def set_grads(step, poison=False):
+        for name, p in model.named_parameters():
+            p.grad = _grads(model, step)[name]
+        if poison and rank == world_size - 1:
+            params[last].grad.view(-1)[-1] = bad
+
+    def snapshot():
+        opt.state_dict()
+        return [p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+
+    set_grads(0)
+    opt.step()
+    before = snapshot()
+    set_grads(1, poison=True)
+    try:
+        opt.step()
+    except FloatingPointError as err:
+        return {"raised": str(err)}
+    after = snapshot()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before[0], after[0])) and all(
+        torch.equal(sa[k], sb[k]) for sa, sb in zip(before[1], after[1]) for k in sa
+    )
+    skipped = opt.skipped_steps
+    set_grads(2)
+    opt.step()
+    moved = not all(torch.equal(a, b) for a, b in zip(after[0], snapshot()[0]))
+    return {"unchanged": unchanged, "skipped": skipped, "moved": moved}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_sharded_skip_on_one_rank_is_skipped_everywhere(world_size, bad):
+    for result in run_distributed(_sharded_worker, world_size, bad, "skip"):
+        assert result == {"unchanged": True, "skipped": 1, "moved": True}
+
+
+def test_sharded_raise_names_parameter_on_its_rank():
+    results = run_distributed(_sharded_worker, 2, float("inf"), "raise")
+    assert "param_groups[0]['params'][4] (shape (5,))" in results[1]["raised"] and "(rank 1)" in results[1]["raised"]
+    assert "another rank" in results[0]["raised"]
