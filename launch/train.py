@@ -41,6 +41,7 @@ OPTIMIZERS = ("sm3", "adamw", "adagrad", "adafactor")
 SETUPS = ("ddp", "sharded", "fsdp2", "deepspeed")
 DEFAULT_LR = {"sm3": 0.1, "adamw": 3e-3, "adagrad": 0.05, "adafactor": 1e-2}
 """Learning rates used when ``--lr`` is not given (tuned on the default tiny model)."""
+DEFAULT_BATCH_SIZE = 16
 DS_OPTIMIZER_TYPES = {"sm3": "SM3", "adamw": "AdamW", "adagrad": "Adagrad", "adafactor": "Adafactor"}
 CHECKPOINT_PREFIX = "step_"
 META_FILE = "meta.json"
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-size", default="tiny", help="tiny, small, gpt2 (=124M), medium, large, xl")
     p.add_argument("--data", default=None, help="a text file to train on instead of pydoc_data.topics")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences per step, all ranks)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch (sequences per step, all ranks); default 16, or what a DeepSpeed config fixes")  # fmt: skip
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default per optimizer: {DEFAULT_LR})")
     p.add_argument("--momentum", type=float, default=0.9, help="SM3 momentum (0 keeps no momentum buffer)")
@@ -169,17 +171,15 @@ def validate(args: argparse.Namespace, env: dict[str, str] | None = None) -> Pla
     world_size = int(env["WORLD_SIZE"]) if launched else args.nproc
     if world_size < 1:
         raise UsageError(f"--nproc must be at least 1, got {world_size}")
+    batch_given, lr_given = args.batch_size is not None, args.lr is not None
+    if not batch_given:
+        args.batch_size = DEFAULT_BATCH_SIZE
     for name in ("steps", "batch_size", "seq_len", "eval_windows", "log_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("eval_every", "checkpoint_every"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.batch_size % world_size:
-        raise UsageError(
-            f"the global batch size {args.batch_size} is not divisible by the {world_size} processes: "
-            f"choose a multiple of {world_size}"
-        )
     from sm3_dist.launch.model import SIZES
 
     if args.model_size not in SIZES:
@@ -258,13 +258,25 @@ def validate(args: argparse.Namespace, env: dict[str, str] | None = None) -> Pla
             for key in ("train_batch_size", "train_micro_batch_size_per_gpu"):
                 value = deepspeed_config.get(key, "auto")
                 per = world_size if key == "train_micro_batch_size_per_gpu" else 1
+                if value != "auto" and not batch_given:
+                    args.batch_size = int(value) * per
+                    batch_given = True
                 if value != "auto" and int(value) * per != args.batch_size:
                     raise UsageError(
                         f"the DeepSpeed config sets {key}={value}, which disagrees with --batch-size "
                         f'{args.batch_size} over {world_size} processes: set it to "auto"'
                     )
+            section = deepspeed_config.get("optimizer") or {}
+            lr = section.get("params", {}).get("lr")
+            if not lr_given and section.get("type") == DS_OPTIMIZER_TYPES[names[0]] and isinstance(lr, (int, float)):
+                args.lr = float(lr)
     elif args.deepspeed_config is not None:
         raise UsageError("--deepspeed-config is only used with --setup deepspeed")
+    if args.batch_size % world_size:
+        raise UsageError(
+            f"the global batch size {args.batch_size} is not divisible by the {world_size} processes: "
+            f"choose a multiple of {world_size}"
+        )
 
     if args.out is None:
         args.out = str(Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
