@@ -226,7 +226,7 @@ def test_accelerate_config_parses(path):
 def test_deepspeed_json_fills_for_the_job(path):
     config = json.loads(path.read_text())
     args = train.build_parser().parse_args(["--setup", "deepspeed", "--deepspeed-config", str(path)])
-    args.lr = 0.05
+    args.lr, args.batch_size = 0.05, 16
     filled, from_config = train._fill_deepspeed_config(config, args, world_size=2)
     assert from_config and filled["optimizer"]["type"] == "SM3"
     assert filled["optimizer"]["params"]["lr"] == 0.05
@@ -237,7 +237,7 @@ def test_deepspeed_json_fills_for_the_job(path):
 
 def test_baseline_under_deepspeed_is_a_client_optimizer():
     args = train.build_parser().parse_args(["--optimizer", "adagrad"])
-    args.lr = 0.01
+    args.lr, args.batch_size = 0.01, 16
     filled, from_config = train._fill_deepspeed_config({"optimizer": {"type": "SM3"}}, args, world_size=2)
     assert not from_config and "optimizer" not in filled and filled["zero_allow_untested_optimizer"]
 
