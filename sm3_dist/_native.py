@@ -94,6 +94,9 @@ struct VS {
   static F sqrt(F a) { return __builtin_sqrtf(a); }
   static F min_nan(F a, F b) { return a != a ? a : (b != b ? b : (b < a ? b : a)); }
   static F max_nan(F a, F b) { return a != a ? a : (b != b ? b : (a < b ? b : a)); }
+  // nu >= +0 or NaN; the row minimum may be NaN: the scalar path is the NaN-exact one
+  static F min_row(F rmin, F b) { return min_nan(rmin, b); }
+  static F max_nu(F a, F b) { return max_nan(a, b); }
   static F gt0(F nu, F x) { return nu > 0.0f ? x : 0.0f; }
   static float hmax(F a) { return a; }
 };
@@ -124,6 +127,13 @@ struct V16 {
   // vminps/vmaxps return the second operand when either is NaN: put a NaN first operand back.
   static F min_nan(F a, F b) { return _mm512_mask_mov_ps(_mm512_min_ps(a, b), _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a); }
   static F max_nan(F a, F b) { return _mm512_mask_mov_ps(_mm512_max_ps(a, b), _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a); }
+  // Only for rows whose minimum is not NaN: vminps returns its second operand, colacc, when either is NaN.
+  static F min_row(F rmin, F b) { return _mm512_min_ps(rmin, b); }
+  // nu is +0..+inf or NaN: as unsigned integers the bit patterns order the same, and every NaN (either
+  // sign) lies above +inf, so an unsigned max is a NaN-propagating max (maxima start at +0, not -inf).
+  static F max_nu(F a, F b) {
+    return _mm512_castsi512_ps(_mm512_max_epu32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+  }
   static F gt0(F nu, F x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(nu, _mm512_setzero_ps(), _CMP_GT_OQ), x); }
   static float hmax(F a) {
     alignas(64) float lanes[16];
@@ -169,11 +179,11 @@ inline void step_at(PT* w_row, const PT* g_row, MT* m_row, const float* colacc, 
   F g = V::mul(V::ld(g_row + j), h.sign);
   F w = V::ld(w_row + j);
   if (WD) g = V::add(g, V::mul(w, h.wd));
-  F mn = V::min_nan(rmin, V::ld(colacc + j));
+  F mn = V::min_row(rmin, V::ld(colacc + j));
   F sq = V::mul(g, g);
   F nu = BETA ? V::add(V::mul(mn, h.beta), V::mul(sq, h.omb)) : V::add(mn, sq);
-  rmax = V::max_nan(rmax, nu);
-  V::st(cm + j, V::max_nan(V::ld(cm + j), nu));
+  rmax = V::max_nu(rmax, nu);
+  V::st(cm + j, V::max_nu(V::ld(cm + j), nu));
   F u = EPS ? V::mul(V::div(h.one, V::sqrt(V::add(nu, h.eps))), g) : V::gt0(nu, V::mul(g, V::div(h.one, V::sqrt(nu))));
   F upd;
   if (HAS_M) {
@@ -192,18 +202,21 @@ void run_tile(const Block& b, const Hyper& hs, int64_t r0, int64_t r1, int64_t c
   typedef SM3_VEC V;
   const HV<V> hv(hs);
   const HV<VS> h1(hs);
-  const float ninf = -std::numeric_limits<float>::infinity();
-  for (int64_t j = c0; j < c1; ++j) colpart[j] = ninf;
+  // nu >= +0 (or NaN), so +0 is the identity of its max
+  for (int64_t j = c0; j < c1; ++j) colpart[j] = 0.0f;
   for (int64_t i = r0; i < r1; ++i) {
     PT* w_row = static_cast<PT*>(b.w) + i * b.cols;
     const PT* g_row = static_cast<const PT*>(b.g) + i * b.cols;
     MT* m_row = HAS_M ? static_cast<MT*>(b.m) + i * b.cols : nullptr;
     const float rmin_s = b.rowmin[i];
-    typename V::F rmin = V::set1(rmin_s), rmax = V::set1(ninf);
+    float rmax_s = 0.0f;
     int64_t j = c0;
-    for (; j + V::W <= c1; j += V::W)
-      step_at<V, PT, MT, HAS_M, WD, BETA, EPS>(w_row, g_row, m_row, b.colacc, colpart, rmin, rmax, hv, j);
-    float rmax_s = V::hmax(rmax);
+    if (rmin_s == rmin_s) {
+      typename V::F rmin = V::set1(rmin_s), rmax = V::set1(0.0f);
+      for (; j + V::W <= c1; j += V::W)
+        step_at<V, PT, MT, HAS_M, WD, BETA, EPS>(w_row, g_row, m_row, b.colacc, colpart, rmin, rmax, hv, j);
+      rmax_s = V::hmax(rmax);
+    }
     for (; j < c1; ++j)
       step_at<VS, PT, MT, HAS_M, WD, BETA, EPS>(w_row, g_row, m_row, b.colacc, colpart, rmin_s, rmax_s, h1, j);
     rowpart[i] = rmax_s;
