@@ -219,3 +219,27 @@ def test_first_nonfinite(monkeypatch, dtype, bad, native):
         assert functional.first_nonfinite(tensors) == 2
         tensors[0][4] = bad
         assert functional.first_nonfinite(tensors) == 0
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("shape", [(13, 40), (5, 7, 36)], ids=str)
+def test_nonfinite_values_propagate_alike(monkeypatch, kernel, shape):
+    """A NaN/inf gradient or accumulator (nonfinite="ignore") reaches the same elements and maxima, however cut."""
+    original = _problem
+
+    def poisoned(shape, pdtype, mdtype, seed=0):
+        w, g, m, accs = original(shape, pdtype, mdtype, seed)
+        g.view(-1)[17] = math.nan
+        g.view(-1)[-5] = math.inf
+        accs[0][2] = math.nan  # a row whose minimum is NaN
+        accs[-1][33] = math.nan  # a column whose minimum is NaN
+        return w, g, m, accs
+
+    monkeypatch.setitem(globals(), "_problem", poisoned)
+    args = (shape, torch.float32, torch.float32, HYPERS["plain"])
+    whole = _run(kernel, *args, _splits(shape)["whole"], momentum=0.9)
+    eager = _run("eager", *args, _splits(shape)["whole"], momentum=0.9)
+    assert whole[0].isnan().any() and not whole[0].isnan().all()
+    for other in [eager, *(_run(kernel, *args, r, momentum=0.9) for r in _splits(shape).values())]:
+        for a, b in [(whole[0], other[0]), (whole[1], other[1]), *zip(whole[2], other[2])]:
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
