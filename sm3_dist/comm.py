@@ -6,6 +6,8 @@
 * :func:`all_gather_flat` - the bucketed all-gather of updated parameters used
   by :class:`sm3_dist.ShardedSM3`.
 * :func:`any_rank_true` - one tiny collective for decisions all ranks must share.
+* :func:`all_reduce_` - one in-place ``all_reduce`` of a bucket (``"sum"`` or
+  ``"max"``), for consolidating sharded state into a checkpoint.
 
 Nothing else in the package calls ``torch.distributed`` collectives.
 """
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["MaxReducer", "all_gather_flat", "any_rank_true", "world_size"]
+__all__ = ["MaxReducer", "all_gather_flat", "all_reduce_", "any_rank_true", "world_size"]
 
 
 def world_size(group: dist.ProcessGroup | None) -> int:
@@ -94,3 +96,15 @@ def any_rank_true(flag: bool, group: dist.ProcessGroup | None, device: torch.dev
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item() > 0)
+
+
+_REDUCE_OPS = {"sum": "SUM", "max": "MAX"}
+
+
+def all_reduce_(bucket: Tensor, op: str, group: dist.ProcessGroup | None) -> Tensor:
+    """Reduce ``bucket`` in place over ``group`` with ``op`` (``"sum"`` or ``"max"``) and return it."""
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
+    if world_size(group) > 1:
+        dist.all_reduce(bucket, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=group)
+    return bucket
