@@ -315,3 +315,15 @@ def test_accelerate_fsdp_on_cpu_is_refused_before_any_process_group(tmp_path):
 def test_accelerate_fsdp2_trains_on_gpu(tmp_path):
     _accelerate(LAUNCH / "accelerate" / "fsdp2.yaml", *SMALL, "--steps", "6", "--out", str(tmp_path))
     _assert_trained(tmp_path, 6, png=False)
+
+
+@pytest.mark.skipif(not (LAUNCH / "deepspeed" / "zero2.json").is_file(), reason="launch/deepspeed/zero2.json absent")
+def test_deepspeed_config_batch_and_lr_are_used_unless_given():
+    path = str(LAUNCH / "deepspeed" / "zero2.json")
+    config = json.loads(Path(path).read_text())
+    parser = train.build_parser()
+    plan = train.validate(parser.parse_args(["--setup", "deepspeed", "--deepspeed-config", path]), env={})
+    assert plan.args.batch_size == config["train_micro_batch_size_per_gpu"] * 2
+    assert plan.args.lr == config["optimizer"]["params"]["lr"]
+    with pytest.raises(train.UsageError, match="disagrees with --batch-size 6"):
+        train.validate(parser.parse_args(["--setup", "deepspeed", "--deepspeed-config", path, "--batch-size", "6"]), {})
