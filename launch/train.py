@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default per optimizer: {DEFAULT_LR})")
     p.add_argument("--momentum", type=float, default=0.9, help="SM3 momentum (0 keeps no momentum buffer)")
+    p.add_argument("--momentum-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="SM3 momentum storage: bfloat16 halves it (computed in fp32)")  # fmt: skip
+    p.add_argument("--beta", type=float, default=0.0, help="SM3 beta: 0 running sum, (0, 1) moving average")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-fraction", type=float, default=0.05, help="quadratic warm-up over this part of the run")
     p.add_argument("--cooldown-fraction", type=float, default=0.0, help="linear decay to 0 over this final part")
@@ -190,6 +193,8 @@ def validate(args: argparse.Namespace, env: dict[str, str] | None = None) -> Pla
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if not 0.0 <= args.momentum < 1.0:
         raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not 0.0 <= args.beta < 1.0:
+        raise UsageError(f"--beta must be in [0, 1), got {args.beta}")
     if args.polyak is not None and not 0.0 <= args.polyak < 1.0:
         raise UsageError(f"--polyak decay must be in [0, 1), got {args.polyak}")
     for name in ("warmup_fraction", "cooldown_fraction"):
@@ -454,7 +459,13 @@ def _make_optimizer(name: str, params, args: argparse.Namespace, *, sharded: boo
     if name == "sm3":
         import sm3_dist
 
-        kwargs = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        kwargs = dict(
+            lr=args.lr,
+            momentum=args.momentum,
+            beta=args.beta,
+            weight_decay=args.weight_decay,
+            momentum_dtype=getattr(torch, args.momentum_dtype),
+        )
         if sharded:
             return sm3_dist.ShardedSM3(params, **kwargs)
         return sm3_dist.SM3(params, **kwargs)
@@ -898,6 +909,9 @@ def _fill_deepspeed_config(config: dict, args: argparse.Namespace, world_size: i
             params["weight_decay"] = args.weight_decay
         if args.optimizer == "sm3":
             params["momentum"] = args.momentum
+            params["beta"] = args.beta
+            if args.momentum_dtype != "float32":
+                params["momentum_dtype"] = args.momentum_dtype
         for key in [k for k, v in params.items() if v == "auto"]:
             params.pop(key)
     else:
