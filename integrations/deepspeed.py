@@ -53,14 +53,41 @@ DeepSpeed version and ZeRO stage: SM3 never falls back to a diagonal
 Supported DeepSpeed versions: ``SUPPORTED_DEEPSPEED`` (the private attributes
 above are read in :func:`_hp_mapping_layout` and :func:`_zero3_layout` only).
 
+Config values: ``"params"`` are :class:`sm3_dist.SM3`'s keyword arguments;
+``"momentum_dtype": "bfloat16"`` (or ``"bf16"``, ``"float32"``) is turned into
+the ``torch.dtype`` (:func:`momentum_dtype_from_config`; an unknown name raises
+``ValueError``), and ``"nonfinite": "skip" | "raise" | "ignore"`` passes through.
+
+Non-finite gradients. DeepSpeed 0.19 catches most of them itself, before the
+base optimizer is called, and SM3 never sees them: under fp16 the loss scaler's
+overflow check (every rank, all partitions) skips the step and lowers the
+scale; under bf16 (``check_grad_overflow``, default true) and under fp32
+ZeRO-1/2/3 (an inf/NaN global gradient norm counts as an overflow) the ZeRO
+optimizer does the same. Those steps count in ``engine.skipped_steps``, not in
+SM3's ``skipped_steps``: there is no double handling, because on such a step
+``DeepSpeedSM3.step`` is not called at all. What reaches SM3 (stage 0 in fp32,
+``zero_optimization.compute_grad_norm: false``, bf16 with
+``check_grad_overflow: false``, or anything that writes the flat gradient after
+DeepSpeed's check) is handled by SM3's ``nonfinite`` policy: with ``"skip"``
+every rank skips together (one one-element all-reduce over the data-parallel
+group), ``"raise"`` names the model parameter and the element index on the
+rank whose partition holds it. (fp16 cannot run on a CPU without fp16 support
+in oneDNN, so that path is exercised only on GPUs; the fp32 ZeRO-2 skip is
+tested on CPU.)
+
 Checkpoints: ``engine.save_checkpoint`` stores the base optimizer's
 ``state_dict`` (per rank under ZeRO), which holds SM3's state keyed as in
-:func:`sm3_dist.accumulator_key`; ``load_checkpoint`` at the same world size
-restores it. DeepSpeed's universal-checkpoint conversion (``ds_to_universal``)
-slices every optimizer state tensor shaped like the flat partition (Adam's
-``exp_avg``, and SM3's momentum) per parameter, and leaves the accumulators
-(``pieceJ.mu_d``, sized by the sum of dimensions) alone: SM3 accumulators do
-not survive a universal-checkpoint conversion (resuming from one restarts them).
+:func:`sm3_dist.accumulator_key` plus the piece record :data:`LAYOUT_KEY`;
+``load_checkpoint`` at the same world size restores it. DeepSpeed's
+universal-checkpoint converter (``ds_to_universal``) reads Adam's
+``exp_avg``/``exp_avg_sq`` by name and stops with ``KeyError: 'exp_avg'`` on
+SM3 state (nothing is written, nothing is lost silently). :func:`to_universal`
+is the SM3 converter: per-parameter fp32 weights and momentum in DeepSpeed's
+universal layout, and the global accumulators carried in the optimizer's param
+groups, so that ``engine.load_checkpoint`` with ``"checkpoint":
+{"load_universal": true}`` resumes at another data-parallel size (ZeRO-1/2/3)
+with every accumulator. A partition whose loaded state has no accumulators
+raises at the next step instead of restarting them.
 
 Offload: ``offload_optimizer: {"device": "cpu"}`` runs SM3 on the CPU copy of
 the partition. accelerate's DeepSpeed plugin replaces an optimizer it does not
@@ -71,7 +98,12 @@ say so, and :func:`check_engine` raises if the engine's optimizer is not SM3.
 
 from __future__ import annotations
 
+import glob
 import inspect
+import math
+import os
+import re
+import shutil
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
@@ -82,7 +114,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sm3_dist.layout import Piece, TensorLayout, flat_range_piece, normalize_shape
-from sm3_dist.optimizer import SM3
+from sm3_dist.optimizer import MOMENTUM_KEY, SM3, STEP_KEY, accumulator_key
 from sm3_dist.placement import ShardSpec, UnsupportedLayoutError
 
 __all__ = [
@@ -90,7 +122,9 @@ __all__ = [
     "DeepSpeedSM3",
     "check_deepspeed_version",
     "check_engine",
+    "momentum_dtype_from_config",
     "register",
+    "to_universal",
     "warmup_cooldown_scheduler",
 ]
 
@@ -99,6 +133,11 @@ SUPPORTED_DEEPSPEED = ((0, 19, 0), (0, 20, 0))
 
 OPTIMIZER_TYPE = "SM3"
 SCHEDULER_TYPE = "SM3WarmupCooldown"
+LAYOUT_KEY = "sm3_layout"
+"""Key :meth:`DeepSpeedSM3.state_dict` adds: ``{"plan": global shapes by tensor id, "pieces": {state index:
+[(tensor id, flat start, flat stop, offset in the partition), ...]}}``."""
+UNIVERSAL_KEY = "sm3_universal"
+"""Param-group key under which :func:`to_universal` hands the global accumulators to :class:`DeepSpeedSM3`."""
 
 
 def _parse_version(version: str) -> tuple[int, ...]:
@@ -168,27 +207,65 @@ def warmup_cooldown_scheduler(optimizer: Any, total_steps: int, **kwargs: Any) -
 def check_engine(engine: Any) -> None:
     """Raise if ``engine``'s base optimizer is not :class:`DeepSpeedSM3` (e.g. swapped for ``DeepSpeedCPUAdam``)."""
     base = getattr(engine, "basic_optimizer", None)
-    if not isinstance(base, DeepSpeedSM3):
+    if isinstance(base, DeepSpeedSM3):
+        return
+    if isinstance(base, SM3):
         raise RuntimeError(
-            f"the DeepSpeed engine's optimizer is {type(base).__name__}, not SM3; with offload_optimizer set, "
-            'accelerate swaps unknown optimizers for DeepSpeedCPUAdam unless "zero_force_ds_cpu_optimizer": false'
+            "the DeepSpeed engine's optimizer is a plain sm3_dist.SM3, which reads ZeRO's flat partitions as "
+            "vectors (diagonal AdaGrad); build sm3_dist.integrations.deepspeed.DeepSpeedSM3 or use the config "
+            'entry "optimizer": {"type": "SM3"}'
         )
+    raise RuntimeError(
+        f"the DeepSpeed engine's optimizer is {type(base).__name__}, not SM3; with offload_optimizer set, "
+        'accelerate swaps unknown optimizers for DeepSpeedCPUAdam unless "zero_force_ds_cpu_optimizer": false'
+    )
+
+
+_MOMENTUM_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def momentum_dtype_from_config(value: str | torch.dtype) -> torch.dtype:
+    """The ``torch.dtype`` a JSON config's ``"momentum_dtype"`` names (``"bfloat16"``, ``"bf16"``, ``"float32"``...)."""
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        dtype = _MOMENTUM_DTYPE_NAMES.get(value.strip().lower().removeprefix("torch."))
+        if dtype is not None:
+            return dtype
+    raise ValueError(
+        f"momentum_dtype {value!r} is not a known name: use one of {sorted(_MOMENTUM_DTYPE_NAMES)} "
+        "(or a torch.dtype, torch.float32 or torch.bfloat16)"
+    )
 
 
 class DeepSpeedSM3(SM3):
     """:class:`sm3_dist.SM3` that maps DeepSpeed's flat fp32 partitions back to parameter shapes.
 
-    Takes the arguments of :class:`sm3_dist.SM3` (except ``shard_resolver``).
-    Built by DeepSpeed from ``"optimizer": {"type": "SM3", "params": {...}}``
-    after :func:`register`, or by the user and passed as ``optimizer=`` to
-    ``deepspeed.initialize``. It remembers the model parameters it was built on;
-    ZeRO then replaces ``param_groups[i]["params"]`` with its flat partitions,
-    and the layouts are resolved at the first step.
+    Takes the arguments of :class:`sm3_dist.SM3` (except ``shard_resolver``);
+    ``momentum_dtype`` may also be a name (``"bfloat16"``, as a JSON config
+    writes it: :func:`momentum_dtype_from_config`). Built by DeepSpeed from
+    ``"optimizer": {"type": "SM3", "params": {...}}`` after :func:`register`, or
+    by the user and passed as ``optimizer=`` to ``deepspeed.initialize``. It
+    remembers the model parameters it was built on; ZeRO then replaces
+    ``param_groups[i]["params"]`` with its flat partitions, and the layouts are
+    resolved at the first step.
+
+    ``state_dict()`` adds :data:`LAYOUT_KEY`: for every flat partition, which
+    range of which parameter each of its pieces holds, so that
+    :func:`to_universal` can turn the per-rank state into per-parameter state.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], *args: Any, **kwargs: Any) -> None:
         if "shard_resolver" in kwargs:
             raise TypeError("DeepSpeedSM3 provides its own shard_resolver")
+        if "momentum_dtype" in kwargs:
+            kwargs["momentum_dtype"] = momentum_dtype_from_config(kwargs["momentum_dtype"])
         super().__init__(params, *args, shard_resolver=self._resolve, **kwargs)
         self._model_params: dict[int, tuple[Tensor, ...]] = {}
         self._model_param_ids: set[int] = set()
@@ -203,12 +280,116 @@ class DeepSpeedSM3(SM3):
         self._trainable = tuple(trainable)
         self._plan: tuple[tuple[int, ...], ...] | None = None
         self._engine = _find_engine()
+        self._universal: dict[str, Any] | None = None
+        self.register_step_pre_hook(_restore_universal_state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = {k: v for k, v in state_dict.items() if k != LAYOUT_KEY}
         # torch replaces the param_group dicts on load; keep each group's model parameters, in group order.
         before = [self._model_params.get(id(group)) for group in self.param_groups]
         super().load_state_dict(state_dict)
         self._model_params = {id(g): params for g, params in zip(self.param_groups, before) if params is not None}
+        self._universal = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        pieces: dict[int, list[tuple[int, int, int, int]]] = {}
+        index: dict[int, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in index:
+                    continue
+                index[id(p)] = len(index)
+                spec = self._specs.get(p)
+                if spec is not None and spec.group is not None:
+                    pieces[index[id(p)]] = [_piece_record(piece) for piece in spec.layout.pieces]
+        if pieces:
+            state_dict[LAYOUT_KEY] = {"plan": [tuple(s) for s in self._global_plan()], "pieces": pieces}
+        return state_dict
+
+    # ------------------------------------------------------------------ universal checkpoints
+
+    def _restore_universal(self) -> None:
+        """Rebuild the SM3 state of partitions DeepSpeed's universal loader filled (see :func:`to_universal`)."""
+        for group in self.param_groups:
+            carrier = group.pop(UNIVERSAL_KEY, None)
+            if carrier is not None:
+                self._universal = _checked_carrier(carrier, self._global_plan(), self.momentum_dtype)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state and self._universal is None:
+                    continue  # a fresh partition: SM3 initializes it
+                if state and _has_accumulators(state) and "exp_avg" not in state:
+                    continue
+                if self._universal is None:
+                    raise ValueError(
+                        f"DeepSpeedSM3: the optimizer state of a ZeRO partition holds {sorted(state)} but no SM3 "
+                        "accumulators. A universal checkpoint of SM3 state must be written by "
+                        "sm3_dist.integrations.deepspeed.to_universal (DeepSpeed's ds_to_universal knows only Adam's "
+                        "exp_avg/exp_avg_sq); continuing would silently restart the accumulators"
+                    )
+                spec = self._specs.get(p) or self._resolve(p)
+                if spec is None or spec.group is None:
+                    raise ValueError("DeepSpeedSM3: a universal checkpoint restores ZeRO partitions only")
+                several = len(spec.layout.pieces) > 1
+                accumulators = self._universal["accumulators"]
+                for j, piece in enumerate(spec.layout.pieces):
+                    for d, (lo, hi) in enumerate(piece.ranges):
+                        mu = accumulators[piece.tensor_id][d][lo:hi]
+                        state[accumulator_key(d, j if several else None)] = mu.to(
+                            device=p.device, dtype=torch.float32, copy=True
+                        )
+                # ZeRO-3's universal loader reads Adam's key names only: to_universal writes the momentum as exp_avg
+                momentum = state.pop("exp_avg", None)
+                state.pop("exp_avg_sq", None)
+                if momentum is None:
+                    momentum = state.pop(MOMENTUM_KEY, None)
+                if group["momentum"] > 0.0 and momentum is not None:
+                    state[MOMENTUM_KEY] = momentum.to(device=p.device, dtype=self.momentum_dtype).contiguous().clone()
+                state[STEP_KEY] = torch.tensor(float(self._universal["step"]), dtype=torch.float32)
+
+    # ------------------------------------------------------------------ non-finite gradients
+
+    def _found_nonfinite(self) -> bool:
+        try:
+            return super()._found_nonfinite()
+        except FloatingPointError as err:
+            where = self._nonfinite_location()
+            if where is None:
+                raise
+            rank = f" (rank {dist.get_rank()})" if dist.is_initialized() else ""
+            raise FloatingPointError(f"SM3: non-finite gradient in {where}{rank}; no state was changed") from err
+
+    def _nonfinite_location(self) -> str | None:
+        """The model parameter and element of this rank's first inf/NaN gradient entry, if any."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or p.grad.is_sparse:
+                    continue
+                bad = (~torch.isfinite(p.grad.reshape(-1))).nonzero()
+                if not bad.numel():
+                    continue
+                flat = int(bad[0])
+                spec = self._specs.get(p)
+                if spec is None or spec.group is None:
+                    return f"{self._param_name(p)} at index {_unravel(flat, _global_shape(p))}"
+                for piece in spec.layout.pieces:
+                    for block in piece.blocks:
+                        if block.offset <= flat < block.offset + block.numel:
+                            inner = _unravel(flat - block.offset, block.lengths)
+                            where = tuple(s + i for s, i in zip(block.starts, inner))
+                            return f"{self._param_name(self._trainable[piece.tensor_id])} at index {where}"
+                return f"padding element {flat} of a ZeRO partition"
+        return None
+
+    def _param_name(self, p: Tensor) -> str:
+        engine = self._engine() if self._engine is not None else None
+        names = getattr(engine, "param_names", None) or {}
+        name = names.get(p)
+        if name is None:
+            name = f"trainable parameter {self._tensor_ids.get(id(p), '?')}"
+        return f"{name} (shape {_global_shape(p)})"
 
     # ------------------------------------------------------------------ resolver
 
@@ -377,6 +558,243 @@ def _zero3_layout(
             f"the sub-group's partitions add up to {offset} elements, the fp32 partition has {tensor.numel()}"
         )
     return tuple(pieces), group
+
+
+# ---------------------------------------------------------------------- universal checkpoints
+
+
+def _restore_universal_state(optimizer: DeepSpeedSM3, args: Any, kwargs: Any) -> None:
+    optimizer._restore_universal()
+
+
+def _has_accumulators(state: dict[str, Any]) -> bool:
+    return any(key.startswith(("mu_", "piece")) for key in state)
+
+
+def _checked_carrier(carrier: dict[str, Any], plan: Sequence[tuple[int, ...]], momentum_dtype: torch.dtype) -> dict:
+    saved = tuple(tuple(s) for s in carrier["plan"])
+    if saved != tuple(tuple(s) for s in plan):
+        raise ValueError(
+            f"the universal checkpoint holds SM3 accumulators for parameters of shapes {list(saved)}, but this "
+            f"optimizer's trainable parameters have shapes {list(plan)}: it comes from another model"
+        )
+    dtype = carrier.get("momentum_dtype")
+    if dtype is not None and dtype != str(momentum_dtype):
+        raise ValueError(
+            f"the universal checkpoint's momentum is {dtype} but this optimizer has momentum_dtype={momentum_dtype}"
+        )
+    return carrier
+
+
+def _piece_record(piece: Piece) -> tuple[int, int, int, int]:
+    start = _ravel(piece.blocks[0].starts, piece.shape)
+    return (piece.tensor_id, start, start + piece.numel, piece.offset)
+
+
+def _ravel(index: Sequence[int], shape: Sequence[int]) -> int:
+    flat = 0
+    for i, n in zip(index, shape):
+        flat = flat * n + i
+    return flat
+
+
+def _unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
+    index = []
+    for n in reversed(tuple(shape) or (1,)):
+        index.append(flat % n)
+        flat //= n
+    return tuple(reversed(index))
+
+
+_OPTIM_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+def to_universal(input_folder: str, output_folder: str) -> None:
+    """Convert a DeepSpeed ZeRO-1/2/3 checkpoint holding :class:`DeepSpeedSM3` state into a universal checkpoint.
+
+    The SM3 counterpart of DeepSpeed's ``ds_to_universal.py --input_folder ... --output_folder ...``
+    (``input_folder`` is one tag folder, e.g. ``ckpt/global_step10``), which fails on SM3 state
+    with ``KeyError: 'exp_avg'``: it reads Adam's two moments and nothing else. Data parallelism
+    only (one model-parallel rank). The output is DeepSpeed's own layout, which
+    ``engine.load_checkpoint(...)`` with ``"checkpoint": {"load_universal": true}`` reads at any
+    data-parallel size:
+
+    * ``zero/<name>/fp32.pt`` and the momentum, per parameter: ``momentum_buffer.pt`` (ZeRO-1/2,
+      whose loader restores every per-parameter file), ``exp_avg.pt`` (ZeRO-3, whose loader reads
+      only Adam's names; ``exp_avg_sq.pt`` is a one-element placeholder); ``step.pt``.
+    * SM3's accumulators are not parameter-shaped, so DeepSpeed's loader cannot slice them. The
+      global accumulators (``sum of dims`` floats per parameter, rebuilt from every rank's
+      touched ranges) go into the param groups of ``zero/optimizer_state.pt`` under
+      :data:`UNIVERSAL_KEY`; DeepSpeed copies param-group entries onto the optimizer, and at its
+      next step :class:`DeepSpeedSM3` takes each partition's ranges from there (and the momentum
+      back to its dtype). A partition left without accumulators raises instead of restarting them.
+
+    Raises ``ValueError`` if the checkpoint was not saved by :class:`DeepSpeedSM3`, or if
+    DeepSpeed's own partition map disagrees with SM3's layout (DeepSpeed 0.19 with
+    ``round_robin_gradients``, whose universal checkpoints are wrong for any optimizer).
+    """
+    from deepspeed.checkpoint import constants as ds
+
+    optim_files: dict[int, str] = {}
+    for path in glob.glob(os.path.join(input_folder, "*_optim_states.pt")):
+        match = _OPTIM_FILE.search(os.path.basename(path))
+        if match is None:
+            continue
+        if int(match.group(2)) != 0:
+            raise NotImplementedError(f"{path}: model-parallel checkpoints (mp_rank > 0) are not supported")
+        optim_files[int(match.group(1))] = path
+    if not optim_files:
+        raise FileNotFoundError(f"no ZeRO optimizer state files (*zero_pp_rank_*_optim_states.pt) in {input_folder}")
+    world = len(optim_files)
+    if sorted(optim_files) != list(range(world)):
+        raise ValueError(f"{input_folder}: optimizer state files of data-parallel ranks {sorted(optim_files)}")
+    states = [
+        torch.load(optim_files[r], map_location="cpu", weights_only=False)[ds.OPTIMIZER_STATE_DICT]
+        for r in range(world)
+    ]
+    stage = int(states[0].get(ds.ZERO_STAGE, 1))
+    model_pattern = "mp_rank_*_model_states.pt" if stage <= 2 else "zero_pp_rank_*_mp_rank_*_model_states.pt"
+    model_files = sorted(glob.glob(os.path.join(input_folder, model_pattern)))
+    if not model_files:
+        raise FileNotFoundError(f"no model state files ({model_pattern}) in {input_folder}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    param_shapes = torch.load(model_files[0], map_location="cpu", weights_only=False)[ds.PARAM_SHAPES]
+    for group_shapes in param_shapes:
+        shapes.update({name: tuple(shape) for name, shape in group_shapes.items()})
+
+    fp32: dict[str, Tensor] = {}
+    momentum: dict[str, Tensor] = {}
+    covered = dict.fromkeys(shapes, 0)
+    accumulators: dict[int, list[Tensor]] = {}
+    names: dict[int, str] = {}
+    plan = None
+    steps, momentum_dtype = set(), None
+    for rank, sd in enumerate(states):
+        where = f"{optim_files[rank]}"
+        base = sd[ds.BASE_OPTIMIZER_STATE] if stage <= 2 else sd[ds.OPTIMIZER_STATE_DICT]
+        if not isinstance(base, dict) or LAYOUT_KEY not in base:
+            raise ValueError(
+                f"{where}: the optimizer state was not saved by sm3_dist's DeepSpeedSM3 (no {LAYOUT_KEY!r} "
+                "record); for other optimizers use DeepSpeed's ds_to_universal"
+            )
+        record = base[LAYOUT_KEY]
+        if plan is None:
+            plan = [tuple(s) for s in record["plan"]]
+        for flat_fp32, index, names_at in _partitions(sd, base, stage, world, rank, param_shapes, ds):
+            state = base["state"].get(index, {})
+            pieces = record["pieces"].get(index, [])
+            several = len(pieces) > 1
+            flat_momentum = state.get(MOMENTUM_KEY)
+            if STEP_KEY in state:
+                steps.add(float(state[STEP_KEY]))
+            if flat_momentum is not None:
+                momentum_dtype = flat_momentum.dtype
+            for j, (tid, start, stop, offset) in enumerate(pieces):
+                found = names_at.get(offset)
+                if found is None or found[1] != stop - start or normalize_shape(shapes[found[0]]) != plan[tid]:
+                    raise ValueError(
+                        f"{where}: DeepSpeed's partition map ({found}) disagrees with SM3's layout (parameter "
+                        f"{tid} of shape {plan[tid]}, elements [{start}, {stop}) at offset {offset}); DeepSpeed "
+                        "0.19's map is wrong under round_robin_gradients, and such a checkpoint cannot be converted"
+                    )
+                name = found[0]
+                if names.setdefault(tid, name) != name:
+                    raise ValueError(f"{where}: parameter {tid} is {names[tid]} on one rank and {name} on another")
+                n = stop - start
+                numel = math.prod(plan[tid])
+                fp32.setdefault(name, torch.zeros(numel, dtype=torch.float32))[start:stop] = flat_fp32[
+                    offset : offset + n
+                ]
+                if flat_momentum is not None:
+                    buf = momentum.setdefault(name, torch.zeros(numel, dtype=flat_momentum.dtype))
+                    buf[start:stop] = flat_momentum.view(-1)[offset : offset + n]
+                covered[name] += n
+                mus = accumulators.setdefault(tid, [torch.zeros(m, dtype=torch.float32) for m in plan[tid]])
+                for d, (lo, hi) in enumerate(flat_range_piece(plan[tid], start, stop).ranges):
+                    value = state[accumulator_key(d, j if several else None)]
+                    # every rank holds the reduced (global) values of the entries it touches: equal where they overlap
+                    mus[d][lo:hi] = torch.maximum(mus[d][lo:hi], value)
+    missing = {
+        name: (covered[name], math.prod(shape))
+        for name, shape in shapes.items()
+        if covered[name] != math.prod(normalize_shape(shape))
+    }
+    if missing:
+        raise ValueError(
+            f"{input_folder}: parameters not covered exactly once by the partitions (found, expected): {missing}"
+        )
+    if len(steps) > 1:
+        raise ValueError(f"{input_folder}: the ranks' SM3 step counters differ: {sorted(steps)}")
+    step = torch.tensor(steps.pop() if steps else 0.0)
+
+    zero_dir = os.path.join(output_folder, "zero")
+    for name, shape in shapes.items():
+        folder = os.path.join(zero_dir, name)
+        os.makedirs(folder, exist_ok=True)
+        torch.save({ds.PARAM: fp32[name].view(shape)}, os.path.join(folder, "fp32.pt"))
+        if stage <= 2:
+            if name in momentum:
+                torch.save({ds.PARAM: momentum[name].view(shape)}, os.path.join(folder, f"{MOMENTUM_KEY}.pt"))
+        else:
+            numel = math.prod(normalize_shape(shape))
+            placeholder = torch.zeros(1).expand(numel)
+            torch.save({ds.PARAM: momentum.get(name, placeholder)}, os.path.join(folder, "exp_avg.pt"))
+            torch.save({ds.PARAM: placeholder}, os.path.join(folder, "exp_avg_sq.pt"))
+        torch.save(step.clone(), os.path.join(folder, "step.pt"))
+
+    carrier = {
+        "plan": plan,
+        "names": [names.get(tid) for tid in range(len(plan))],
+        "accumulators": accumulators,
+        "step": float(step),
+        "momentum_dtype": str(momentum_dtype) if momentum_dtype is not None else None,
+    }
+    base0 = states[0][ds.BASE_OPTIMIZER_STATE] if stage <= 2 else states[0][ds.OPTIMIZER_STATE_DICT]
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [], UNIVERSAL_KEY: carrier}
+        for g in base0["param_groups"]
+    ]
+    if stage <= 2:
+        sharded = (ds.BASE_OPTIMIZER_STATE, ds.PARAM_SLICE_MAPPINGS, ds.SINGLE_PARTITION_OF_FP32_GROUPS)
+        out = {k: v for k, v in states[0].items() if k not in sharded}
+    else:
+        out = {k: v for k, v in states[0].items() if k not in (ds.OPTIMIZER_STATE_DICT, ds.FP32_FLAT_GROUPS)}
+        out[ds.OPTIMIZER_STATE_DICT] = {"state": {0: {STEP_KEY: step.clone()}}, "param_groups": groups}
+    out[ds.PARAM_GROUPS] = groups
+    torch.save(out, os.path.join(zero_dir, "optimizer_state.pt"))
+    for path in glob.glob(os.path.join(input_folder, "*model_states.pt")):
+        shutil.copy2(path, output_folder)
+    root, tag = os.path.split(os.path.abspath(output_folder))
+    with open(os.path.join(root, "latest_universal"), "w") as f:
+        f.write(tag)
+
+
+def _partitions(sd, base, stage, world, rank, param_shapes, ds):
+    """Per flat fp32 partition of one rank: (the partition, its index in the SM3 state, {offset: (name, numel)})."""
+    if stage <= 2:
+        fp32_groups = sd[ds.SINGLE_PARTITION_OF_FP32_GROUPS]
+        mappings = sd[ds.PARAM_SLICE_MAPPINGS]
+        for gi, group in enumerate(base["param_groups"]):
+            (index,) = group["params"]
+            names_at = {address.start: (name, address.numel) for name, address in mappings[gi].items()}
+            yield fp32_groups[gi].view(-1), index, names_at
+        return
+    flats = sd[ds.FP32_FLAT_GROUPS]
+    indices = [index for group in base["param_groups"] for index in group["params"]]
+    if len(indices) != len(flats) or len(flats) != len(param_shapes):
+        raise ValueError(
+            f"ZeRO-3 checkpoint with {len(flats)} sub-groups, {len(param_shapes)} shape lists and {len(indices)} "
+            "optimizer tensors"
+        )
+    for flat, index, group_shapes in zip(flats, indices, param_shapes):
+        names_at, offset = {}, 0
+        for name, shape in group_shapes.items():
+            numel = math.prod(normalize_shape(shape))
+            ps = math.ceil(numel / world)
+            local = max(0, min(ps, numel - rank * ps))
+            names_at[offset] = (name, local)
+            offset += ps
+        yield flat.view(-1), index, names_at
 
 
 _WARNED: set[str] = set()

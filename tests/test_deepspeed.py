@@ -1,12 +1,32 @@
 """DeepSpeed: ``"type": "SM3"`` in the config, ZeRO stages 0-3 against single-process SM3.
 
-Every rank is fed the same batch, so the gradient DeepSpeed averages over the
-data-parallel ranks is the local gradient itself: at world size 2 the average
-``(g + g) / 2`` is exact, so the parameters must be ``torch.equal`` to
-single-process :class:`sm3_dist.SM3`. At world size 3, ``(g + g + g) / 3``
-(or ``g / 3`` summed three times) can round differently from ``g`` in the last
-bit, so the comparison there is to 1e-6: that is DeepSpeed's gradient
-averaging, not SM3 (the sharded SM3 math is exact at any world size).
+Exactness depends on DeepSpeed's averaging of the data-parallel gradients, so
+every rank is fed the same batch and the models are chosen so that the average
+is the local gradient bit for bit:
+
+* :class:`Net` (a small nonlinear model) at world size 2: ``(g + g) / 2 == g``
+  exactly, so the parameters must be ``torch.equal`` to single-process
+  :class:`sm3_dist.SM3`. At world size 3, ``g / 3`` summed three times (ZeRO)
+  or ``(g + g + g) * fl(1/3)`` (stage 0) can round differently from ``g`` in the
+  last bit, so :class:`Net` at world size 3 is compared to 1e-6: DeepSpeed's
+  gradient averaging, not SM3.
+* :class:`ExactNet` at world size 3: the same parameters under a loss that is
+  linear in each of them, ``sum(fc1(x1) * d1) + sum(fc2(x2) * d2) + sum(mix *
+  c) + sum(scale * s)``, with ``x`` small integers and ``d``, ``c``, ``s``
+  small integers times ``3 / 8``. Every gradient entry is then ``3 m`` with
+  ``m`` a small integer times ``1 / 8``, whatever the parameters are. ZeRO
+  divides by 3 before summing: ``3m / 3 = m`` exactly, and ``m + m + m = 3m``
+  exactly. Stage 0 sums first, ``9m`` (exact), and multiplies by ``fl(1/3) =
+  (1/3)(1 + 2^-25)``: the product ``3m (1 + 2^-25)`` is within half an ulp of
+  ``3m`` (``2^-24 / M`` relative, mantissa ``M < 2``), so it rounds to ``3m``.
+  The averaged gradient is the local one at any world size, and the run must
+  be ``torch.equal`` to single-process SM3.
+
+All runs of one world size share one spawned session: one process group,
+engines built one after another (:data:`RUNS`); the tests read its results.
+Non-finite gradients are injected with a step pre-hook on the base optimizer,
+i.e. into one rank's flat gradient partition after DeepSpeed's reduction and
+its own overflow check, right where SM3 reads it.
 """
 
 from __future__ import annotations
@@ -14,6 +34,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import traceback
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -21,6 +43,8 @@ import torch
 from tests.spawn import run_distributed
 
 deepspeed = pytest.importorskip("deepspeed")
+
+pytestmark = pytest.mark.xdist_group("deepspeed")
 
 ENV = {"DS_ACCELERATOR": "cpu"}
 os.environ.update(ENV)
@@ -46,16 +70,60 @@ class Net(torch.nn.Module):
         return self.fc2(h) * self.scale
 
 
+class ExactNet(Net):
+    """:class:`Net`'s parameters under a loss linear in each: gradients ``3 m``, ``m`` a small multiple of 1/8."""
+
+    def forward(self, x1, d1, x2, d2, c_mix, c_scale):  # type: ignore[override]
+        return (
+            (self.fc1(x1) * d1).sum()
+            + (self.fc2(x2) * d2).sum()
+            + (self.mix * c_mix).sum()
+            + (self.scale * c_scale).sum()
+        )
+
+
+MODELS = {"net": Net, "exact": ExactNet}
+
+
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + step)
     return torch.randn(BATCH, 5, generator=gen), torch.randn(BATCH, 3, generator=gen)
 
 
-def _config(stage: int, **extra) -> dict:
+def _exact_batch(step: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(200 + step)
+
+    def ints(*shape):
+        return torch.randint(-2, 3, shape, generator=gen).float()
+
+    return (
+        ints(BATCH, 5),
+        ints(BATCH, 7) * 3 / 8,
+        ints(BATCH, 7),
+        ints(BATCH, 3) * 3 / 8,
+        ints(2, 3, 7) * 3 / 8,
+        ints(1) * 3 / 8,
+    )
+
+
+def loss_of(model, kind: str, step: int, poison: bool = False) -> torch.Tensor:
+    """The loss of batch ``step``; ``poison`` puts a NaN into the input (every gradient of the rank turns NaN)."""
+    if kind == "net":
+        x, y = _batch(step)
+        if poison:
+            x[0, 0] = float("nan")
+        return ((model(x) - y) ** 2).mean()
+    inputs = list(_exact_batch(step))
+    if poison:
+        inputs[0][0, 0] = float("nan")
+    return model(*inputs)
+
+
+def _config(stage: int, params: dict | None = None, **extra) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": BATCH,
         "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "SM3", "params": dict(HYPER)},
+        "optimizer": {"type": "SM3", "params": {**HYPER, **(params or {})}},
         "zero_optimization": {"stage": stage},
         "steps_per_print": 10**9,
         "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips to norm 1.0 unless told otherwise
@@ -79,7 +147,7 @@ def _full_params(engine) -> dict[str, torch.Tensor]:
 
 
 def _describe_state(opt) -> list[dict]:
-    """Per optimizer tensor: its pieces (tensor_id, shape, ranges, straddle) and its state shapes."""
+    """Per optimizer tensor: its pieces (tensor_id, shape, ranges, straddle) and its state tensors."""
     out = []
     for p, spec in opt._specs.items():  # ZeRO-3 empties param_groups between steps: walk the resolved tensors
         if p in opt.state:
@@ -103,105 +171,329 @@ def _describe_state(opt) -> list[dict]:
                     numel=p.numel(),
                     pieces=pieces,
                     reduced=spec.group is not None,
-                    state={k: (tuple(v.shape), v.clone()) for k, v in opt.state[p].items() if torch.is_tensor(v)},
+                    state={k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)},
                 )
             )
     return out
 
 
-def _train(rank, world, stage, extra):
+# ---------------------------------------------------------------------- the spawned sessions
+
+
+@dataclass(frozen=True)
+class Run:
+    """One DeepSpeed engine of a session."""
+
+    name: str
+    stage: int
+    kind: str = "net"
+    params: dict = field(default_factory=dict)
+    """Extra SM3 ``"params"`` of the JSON config."""
+    extra: dict = field(default_factory=dict)
+    """Extra top-level config entries."""
+    scenario: str = "train"
+    """``train``; ``nonfinite`` (skip); ``raise``; ``poison`` (a NaN input); ``corrupt:no_metadata`` / ``:moved``."""
+
+
+BF16 = {"momentum_dtype": "bfloat16"}
+RUNS = {
+    2: [
+        *(Run(f"fp32-zero{s}", s) for s in range(4)),
+        *(Run(f"bf16m-zero{s}", s, params=BF16) for s in range(4)),
+        Run("round-robin", 2, extra={"zero_optimization": {"round_robin_gradients": True}}),
+        Run("nonfinite", 2, params={"nonfinite": "skip"}, scenario="nonfinite"),
+        Run("raise", 2, params={"nonfinite": "raise"}, scenario="raise"),
+        *(Run(f"poison-zero{s}", s, scenario="poison") for s in (0, 2, 3)),
+        Run("poison-zero2-no-norm", 2, scenario="poison", extra={"zero_optimization": {"compute_grad_norm": False}}),
+        Run("corrupt:no_metadata", 2, scenario="corrupt:no_metadata"),
+        Run("corrupt:moved", 2, scenario="corrupt:moved"),
+    ],
+    3: [
+        *(Run(f"fp32-zero{s}", s) for s in (1, 2, 3)),
+        *(Run(f"exact-zero{s}", s, kind="exact") for s in range(4)),
+        *(Run(f"bf16m-zero{s}", s, kind="exact", params=BF16) for s in range(4)),
+        Run("nonfinite", 2, kind="exact", params={"nonfinite": "skip"}, scenario="nonfinite"),
+        Run("raise", 2, kind="exact", params={"nonfinite": "raise"}, scenario="raise"),
+    ],
+}
+
+
+def _engine(run: Run):
     import sm3_dist.integrations.deepspeed  # noqa: F401  (registers "SM3")
 
     torch.manual_seed(0)
-    model = Net()
+    model = MODELS[run.kind]()
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=_config(stage, **extra)
+        model=model, model_parameters=model.parameters(), config=_config(run.stage, run.params, **run.extra)
     )
+    return engine, model
+
+
+def _train(engine, run: Run) -> dict:
+    from sm3_dist import local_state_bytes
+
     for step in range(STEPS):
-        x, y = _batch(step)
-        loss = ((engine(x) - y) ** 2).mean()
-        engine.backward(loss)
+        engine.backward(loss_of(engine, run.kind, step))
         engine.step()
     base = engine.basic_optimizer
     base._wait_for_maxima()  # the last all-reduce of maxima (ZeRO-3 empties param_groups between steps)
+    state = _describe_state(base)
     return dict(
         params=_full_params(engine),
         wrapper=type(engine.optimizer).__name__,
         base=type(base).__name__,
-        names=[n for n, p in model.named_parameters()],
-        state=_describe_state(base),
+        state=state,
+        state_bytes=local_state_bytes(base),
+        momentum_dtype=base.momentum_dtype,
     )
 
 
-def _reference(steps: int = STEPS):
+def _fragment_target(engine, rank: int) -> tuple[int, str, tuple[int, ...]]:
+    """An element of this rank's flat partition: its offset there, its parameter's name and its index in it.
+
+    Read from DeepSpeed's own ``_hp_mapping`` (correct without round-robin gradients), independently of SM3."""
+    model = engine.module
+    candidates = [(n, p) for n, p in model.named_parameters() if p._hp_mapping is not None]
+    name, p = max(candidates, key=lambda c: (c[1].dim() >= 2, c[1]._hp_mapping.lp_fragment_address.numel))
+    mapping = p._hp_mapping
+    k = mapping.lp_fragment_address.numel // 2
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(mapping.lp_fragment_address.start + k), p.shape))
+    return mapping.hp_fragment_address.start + k, name, index
+
+
+def _snapshot(engine) -> dict:
+    """Full parameters, the optimizer's own tensors (fp32 partitions) and its state."""
+    base = engine.basic_optimizer
+    base._wait_for_maxima()
+    return dict(
+        params=_full_params(engine),
+        partitions=[t.detach().clone() for t in base._specs],
+        state=[{k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for s in base.state.values()],
+    )
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (
+        all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
+        and all(torch.equal(x, y) for x, y in zip(a["partitions"], b["partitions"]))
+        and len(a["state"]) == len(b["state"])
+        and all(
+            sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+            for sa, sb in zip(a["state"], b["state"])
+        )
+    )
+
+
+NONFINITE_PLAN = {2: ("inf", -1), 4: ("nan", 0)}
+"""Step -> (value, rank) written into that rank's flat gradient partition only (-1: the last rank)."""
+DEEPSPEED_SKIP_STEP = 5
+"""At this step rank 1's input holds a NaN: DeepSpeed's own overflow check skips before SM3 is called."""
+
+
+def _nonfinite(engine, run: Run, rank: int, world: int) -> dict:
+    base = engine.basic_optimizer
+    offset, name, index = _fragment_target(engine, rank)
+    current = {"step": -1}
+
+    def inject(optimizer, args, kwargs):
+        planned = NONFINITE_PLAN.get(current["step"])
+        if planned is not None and rank == planned[1] % world:
+            (flat,) = [p for g in optimizer.param_groups for p in g["params"]]
+            flat.grad.view(-1)[offset] = float(planned[0])
+
+    handle = base.register_step_pre_hook(inject)
+    unchanged, skipped_by_deepspeed = {}, engine.skipped_steps
+    for step in range(8):
+        current["step"] = step
+        poison = step == DEEPSPEED_SKIP_STEP and rank == 1
+        engine.backward(loss_of(engine, run.kind, step, poison=poison))
+        if step in NONFINITE_PLAN or step == DEEPSPEED_SKIP_STEP:
+            before = _snapshot(engine)
+            engine.step()
+            unchanged[step] = _same(before, _snapshot(engine))
+        else:
+            engine.step()
+    handle.remove()
+    base._wait_for_maxima()
+    return dict(
+        params=_full_params(engine),
+        unchanged=unchanged,
+        sm3_skipped=base.skipped_steps,
+        deepspeed_skipped=engine.skipped_steps - skipped_by_deepspeed,
+        target=(name, index),
+    )
+
+
+POISON_STEP = 2
+
+
+def _poison(engine, run: Run, rank: int) -> dict:
+    """A NaN in rank 1's input at one step: every rank's averaged gradient turns NaN."""
+    base = engine.basic_optimizer
+    unchanged, skipped_by_deepspeed = None, engine.skipped_steps
+    for step in range(5):
+        engine.backward(loss_of(engine, run.kind, step, poison=step == POISON_STEP and rank == 1))
+        before = _snapshot(engine) if step == POISON_STEP else None
+        engine.step()
+        if before is not None:
+            unchanged = _same(before, _snapshot(engine))
+    base._wait_for_maxima()
+    return dict(
+        params=_full_params(engine),
+        unchanged=unchanged,
+        sm3_skipped=base.skipped_steps,
+        deepspeed_skipped=engine.skipped_steps - skipped_by_deepspeed,
+    )
+
+
+def _raise(engine, run: Run, rank: int, world: int) -> dict:
+    base = engine.basic_optimizer
+    offset, name, index = _fragment_target(engine, rank)
+    engine.backward(loss_of(engine, run.kind, 0))
+    engine.step()
+
+    def inject(optimizer, args, kwargs):
+        if rank == world - 1:
+            (flat,) = [p for g in optimizer.param_groups for p in g["params"]]
+            flat.grad.view(-1)[offset] = float("inf")
+
+    base.register_step_pre_hook(inject)
+    engine.backward(loss_of(engine, run.kind, 1))
+    before = _snapshot(engine)
+    try:
+        engine.step()
+        message = None
+    except FloatingPointError as err:
+        message = str(err)
+    return dict(message=message, target=(name, index), unchanged=_same(before, _snapshot(engine)))
+
+
+def _corrupt(engine, model, how: str) -> str | None:
+    from sm3_dist import UnsupportedLayoutError
+
+    for p in model.parameters():
+        if how == "no_metadata":
+            del p._hp_mapping
+        elif how == "moved":
+            p.data = p.data.clone()  # no longer a view of ZeRO's flat buffer
+    engine.backward(loss_of(engine, "net", 0))
+    try:
+        engine.step()
+    except UnsupportedLayoutError as err:
+        return str(err)
+    return None
+
+
+def _session(rank: int, world: int, runs: list[Run]) -> dict[str, dict]:
+    out = {}
+    for run in runs:
+        try:
+            engine, model = _engine(run)
+            if run.scenario == "train":
+                out[run.name] = _train(engine, run)
+            elif run.scenario == "nonfinite":
+                out[run.name] = _nonfinite(engine, run, rank, world)
+            elif run.scenario == "raise":
+                out[run.name] = _raise(engine, run, rank, world)
+            elif run.scenario == "poison":
+                out[run.name] = _poison(engine, run, rank)
+            else:
+                out[run.name] = dict(message=_corrupt(engine, model, run.scenario.split(":")[1]))
+            engine.destroy()
+        except Exception:
+            out[run.name] = dict(error=traceback.format_exc())
+    return out
+
+
+_SESSIONS: dict[int, list[dict]] = {}
+
+
+def _results(world: int, name: str) -> list[dict]:
+    if world not in _SESSIONS:
+        _SESSIONS[world] = run_distributed(_session, world, RUNS[world], env=ENV, timeout=600)
+    results = [session[name] for session in _SESSIONS[world]]
+    for rank, result in enumerate(results):
+        assert "error" not in result, f"run {name!r} at world size {world}, rank {rank}:\n{result['error']}"
+    return results
+
+
+def _reference(kind: str = "net", steps: int = STEPS, skip=(), **options):
     from sm3_dist import SM3
 
     torch.manual_seed(0)
-    model = Net()
-    opt = SM3(model.parameters(), **HYPER)
+    model = MODELS[kind]()
+    opt = SM3(model.parameters(), **HYPER, **options)
     for step in range(steps):
-        x, y = _batch(step)
+        if step in skip:
+            continue
         opt.zero_grad()
-        ((model(x) - y) ** 2).mean().backward()
+        loss_of(model, kind, step).backward()
         opt.step()
     opt.state_dict()
     return model, opt
 
 
-_RUNS: dict = {}
+WRAPPERS = {
+    0: "DeepSpeedSM3",
+    1: "DeepSpeedZeroOptimizer",
+    2: "DeepSpeedZeroOptimizer",
+    3: "DeepSpeedZeroOptimizer_Stage3",
+}
 
 
-def _run(stage: int, world: int, **extra):
-    key = (stage, world, repr(sorted(extra.items())))
-    if key not in _RUNS:
-        _RUNS[key] = run_distributed(_train, world, stage, extra, env=ENV)
-    return _RUNS[key]
+# ---------------------------------------------------------------------- fp32 against single-process SM3
 
-
-CASES = [(0, 2), (1, 2), (2, 2), (3, 2), (1, 3), (2, 3), (3, 3)]
+CASES = [
+    *((s, 2, "fp32", "net") for s in range(4)),
+    *((s, 3, "fp32", "net") for s in (1, 2, 3)),
+    *((s, 3, "exact", "exact") for s in range(4)),
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "world"), CASES, ids=[f"zero{s}-world{w}" for s, w in CASES])
-def test_matches_single_process(stage, world):
-    results = _run(stage, world)
-    model, _ = _reference()
+@pytest.mark.parametrize(
+    ("stage", "world", "run", "kind"), CASES, ids=[f"{r}-zero{s}-world{w}" for s, w, r, _ in CASES]
+)
+def test_matches_single_process(stage, world, run, kind):
+    results = _results(world, f"{run}-zero{stage}")
+    model, _ = _reference(kind)
     expected = {n: p.detach() for n, p in model.named_parameters()}
+    exact = world == 2 or kind == "exact"
     for rank, result in enumerate(results):
         assert result["base"] == "DeepSpeedSM3"
-        assert result["wrapper"] == (
-            "DeepSpeedSM3"
-            if stage == 0
-            else "DeepSpeedZeroOptimizer_Stage3"
-            if stage == 3
-            else "DeepSpeedZeroOptimizer"
-        )
+        assert result["wrapper"] == WRAPPERS[stage]
         for name, value in result["params"].items():
-            if world == 2:
+            if exact:
                 assert torch.equal(value, expected[name]), f"rank {rank}: {name} differs"
             else:
                 torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
 
 
+STRADDLE = [(s, w) for w in (2, 3) for s in (1, 2, 3)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "world"), CASES[1:4], ids=[f"zero{s}-world2" for s, _ in CASES[1:4]])
+@pytest.mark.parametrize(("stage", "world"), STRADDLE, ids=[f"zero{s}-world{w}" for s, w in STRADDLE])
 def test_partition_cuts_a_weight_mid_row(stage, world):
     """The exactness above is only meaningful if some partition boundary splits a row of a weight."""
-    results = _run(stage, world)
+    results = _results(world, f"fp32-zero{stage}")
     straddles = [
         piece for result in results for tensor in result["state"] for piece in tensor["pieces"] if piece["mid_row"]
     ]
     assert straddles, "no ZeRO partition boundary cuts a weight mid-row: choose other sizes"
 
 
+WALK = [(s, 2, "fp32", "net") for s in (1, 2, 3)] + [(s, 3, "exact", "exact") for s in (1, 2, 3)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "world"), CASES[1:], ids=[f"zero{s}-world{w}" for s, w in CASES[1:]])
-def test_state_is_local_momentum_plus_touched_accumulators(stage, world):
+@pytest.mark.parametrize(("stage", "world", "run", "kind"), WALK, ids=[f"zero{s}-world{w}" for s, w, _, _ in WALK])
+def test_state_is_local_momentum_plus_touched_accumulators(stage, world, run, kind):
     """Walk the base optimizer's state on every rank: momentum for the partition, accumulators for touched ranges."""
     from sm3_dist import MOMENTUM_KEY, STEP_KEY, accumulator_key
 
-    results = _run(stage, world)
-    _, ref = _reference()
+    results = _results(world, f"{run}-zero{stage}")
+    _, ref = _reference(kind)
     ref_params = [p for g in ref.param_groups for p in g["params"]]
     shapes = [tuple(p.shape) or (1,) for p in ref_params]
     numel = sum(math.prod(s) for s in shapes)
@@ -219,18 +511,14 @@ def test_state_is_local_momentum_plus_touched_accumulators(stage, world):
                 for d, (lo, hi) in enumerate(piece["ranges"]):
                     key = accumulator_key(d, j if several else None)
                     expected_keys.add(key)
-                    shape, value = tensor["state"][key]
-                    assert shape == (hi - lo,)
-                    assert shape[0] <= shapes[tid][d]
-                    # the stored entries are exactly the single-process accumulators (world 2: bitwise)
-                    ref_acc = ref.state[ref_params[tid]][accumulator_key(d)][lo:hi]
-                    if world == 2:
-                        assert torch.equal(value, ref_acc)
-                    else:
-                        torch.testing.assert_close(value, ref_acc, rtol=1e-5, atol=1e-7)
+                    value = tensor["state"][key]
+                    assert value.shape == (hi - lo,)
+                    assert value.shape[0] <= shapes[tid][d]
+                    # the stored entries are exactly the single-process accumulators
+                    assert torch.equal(value, ref.state[ref_params[tid]][accumulator_key(d)][lo:hi])
                     total_acc += hi - lo
             assert set(tensor["state"]) == expected_keys
-            assert tensor["state"][MOMENTUM_KEY][0] == (tensor["numel"],)
+            assert tensor["state"][MOMENTUM_KEY].shape == (tensor["numel"],)
             total_momentum += tensor["numel"]
         # momentum covers only the local partition (padding included), accumulators far below numel
         assert total_momentum <= math.ceil(numel / world) + 16 * len(ref_params)
@@ -242,14 +530,126 @@ def test_state_is_local_momentum_plus_touched_accumulators(stage, world):
 def test_zero2_round_robin_gradients_matches():
     """DeepSpeed 0.19's own _hp_mapping is wrong here (parameter order, buffer in round-robin order): SM3 follows
     the buffer, warns, and stays exact."""
-    results = _run(2, 2, zero_optimization={"round_robin_gradients": True})
+    results = _results(2, "round-robin")
     model, _ = _reference()
     for result in results:
         for name, p in model.named_parameters():
             assert torch.equal(result["params"][name], p.detach()), name
 
 
-# ---------------------------------------------------------------------- registration and errors
+# ---------------------------------------------------------------------- bf16 momentum (issue 9)
+
+BF16_CASES = [(s, w) for w in (2, 3) for s in range(4)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "world"), BF16_CASES, ids=[f"zero{s}-world{w}" for s, w in BF16_CASES])
+def test_bf16_momentum_is_bitwise_single_process_and_two_bytes_per_element(stage, world):
+    """``"momentum_dtype": "bfloat16"`` in the JSON config: torch.equal to single-process SM3 with bf16 momentum
+    (world 2: :class:`Net`; world 3: :class:`ExactNet`), and 2 bytes per local element plus 4 per touched
+    accumulator entry on every rank."""
+    from sm3_dist import MOMENTUM_KEY, STEP_KEY
+
+    kind = "net" if world == 2 else "exact"
+    results = _results(world, f"bf16m-zero{stage}")
+    model, _ = _reference(kind, momentum_dtype=torch.bfloat16)
+    fp32_model, _ = _reference(kind)
+    differs = False
+    for rank, result in enumerate(results):
+        assert result["momentum_dtype"] == torch.bfloat16
+        assert result["wrapper"] == WRAPPERS[stage]
+        for name, p in model.named_parameters():
+            assert torch.equal(result["params"][name], p.detach()), f"rank {rank}: {name}"
+            differs |= not torch.equal(p.detach(), dict(fp32_model.named_parameters())[name].detach())
+        local_elements = sum(t["numel"] for t in result["state"])
+        touched_entries = sum(hi - lo for t in result["state"] for piece in t["pieces"] for lo, hi in piece["ranges"])
+        assert result["state_bytes"] == 2 * local_elements + 4 * touched_entries
+        for tensor in result["state"]:
+            assert tensor["state"][MOMENTUM_KEY].dtype == torch.bfloat16
+            assert all(
+                v.dtype == torch.float32 for k, v in tensor["state"].items() if k not in (MOMENTUM_KEY, STEP_KEY)
+            )
+        if stage > 0:
+            numel = sum(p.numel() for p in model.parameters())
+            assert local_elements <= math.ceil(numel / world) + 16 * 6  # the partition (and its padding) only
+    assert differs, "bf16 momentum gave the fp32 trajectory: the option had no effect"
+
+
+# ---------------------------------------------------------------------- non-finite gradients (issue 8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_nonfinite_in_one_rank_partition_skips_on_every_rank(world):
+    """An inf (step 2, last rank) and a NaN (step 4, rank 0) in one rank's gradient partition: every rank's
+    parameters, fp32 partition and SM3 state stay bitwise unchanged, SM3's ``skipped_steps`` is 2 everywhere, and
+    training goes on equal to single-process SM3 that never saw those batches. A NaN in rank 1's input (step 5)
+    is caught by DeepSpeed's own overflow check (fp32 ZeRO-2's global-norm check) before SM3 is called: counted
+    once, by DeepSpeed."""
+    kind = "net" if world == 2 else "exact"
+    results = _results(world, "nonfinite")
+    model, _ = _reference(kind, steps=8, skip=(*NONFINITE_PLAN, DEEPSPEED_SKIP_STEP))
+    for rank, result in enumerate(results):
+        assert result["unchanged"] == {2: True, 4: True, DEEPSPEED_SKIP_STEP: True}, f"rank {rank}"
+        assert result["sm3_skipped"] == 2, f"rank {rank}"
+        assert result["deepspeed_skipped"] == 1, f"rank {rank}"
+        for name, p in model.named_parameters():
+            assert torch.equal(result["params"][name], p.detach()), f"rank {rank}: {name}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_nonfinite_raise_names_the_model_parameter(world):
+    results = _results(world, "raise")
+    for rank, result in enumerate(results):
+        assert result["message"] is not None, f"rank {rank} did not raise"
+        assert result["unchanged"], f"rank {rank}: state changed before the error"
+        assert "no state was changed" in result["message"]
+        if rank == world - 1:
+            name, index = result["target"]
+            assert f"in {name} (shape " in result["message"], result["message"]
+            assert f"at index {index} (rank {rank})" in result["message"], result["message"]
+        else:
+            assert f"on another rank (rank {rank})" in result["message"], result["message"]
+
+
+POISON = [("zero0", "sm3"), ("zero2", "deepspeed"), ("zero3", "deepspeed"), ("zero2-no-norm", "sm3")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("run", "skipper"), POISON, ids=[r for r, _ in POISON])
+def test_nonfinite_input_is_skipped_once_by_deepspeed_or_by_sm3(run, skipper):
+    """A NaN in one rank's input. Where DeepSpeed checks the gradients itself (fp32 ZeRO-2/3: the global norm), it
+    skips the step before SM3 is called and SM3 counts nothing; where it does not (stage 0 fp32,
+    ``compute_grad_norm: false``), SM3 skips on every rank. Either way once, state bitwise unchanged, and the run
+    goes on equal to single-process SM3 without that batch."""
+    results = _results(2, f"poison-{run}")
+    model, _ = _reference(steps=5, skip=(POISON_STEP,))
+    for rank, result in enumerate(results):
+        assert result["unchanged"] is True, f"rank {rank}"
+        assert (result["sm3_skipped"], result["deepspeed_skipped"]) == ((1, 0) if skipper == "sm3" else (0, 1))
+        for name, p in model.named_parameters():
+            assert torch.equal(result["params"][name], p.detach()), f"rank {rank}: {name}"
+
+
+# ---------------------------------------------------------------------- layouts that cannot be recovered
+
+
+@pytest.mark.slow
+def test_unrecoverable_partition_raises_naming_version_and_stage():
+    for how, reason in [
+        ("no_metadata", "no ZeRO partition metadata"),
+        ("moved", "do not share one flat buffer"),
+    ]:
+        for result in _results(2, f"corrupt:{how}"):
+            message = result["message"]
+            assert message is not None, f"{how}: SM3 stepped on a partition it could not map"
+            assert f"DeepSpeed {deepspeed.__version__}, ZeRO stage 2" in message
+            assert reason in message
+            assert "diagonal" in message
+
+
+# ---------------------------------------------------------------------- registration, config values, errors
 
 
 def test_registration_is_explicit_and_idempotent():
@@ -287,39 +687,43 @@ def test_deepspeed_sm3_refuses_a_foreign_resolver():
         DeepSpeedSM3([torch.nn.Parameter(torch.ones(2))], shard_resolver=lambda t: None)
 
 
-def _corrupted(rank, world, how):
-    import sm3_dist.integrations.deepspeed  # noqa: F401
+@pytest.mark.parametrize(
+    ("value", "dtype"),
+    [
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("torch.bfloat16", torch.bfloat16),
+        (" BFloat16 ", torch.bfloat16),
+        ("float32", torch.float32),
+        ("fp32", torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        ("float16", None),
+        ("int8", None),
+        ("", None),
+        (16, None),
+    ],
+)
+def test_momentum_dtype_from_the_json_config(value, dtype):
+    from sm3_dist.integrations.deepspeed import DeepSpeedSM3
 
-    from sm3_dist import UnsupportedLayoutError
-
-    torch.manual_seed(0)
-    model = Net()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=_config(2))
-    for p in model.parameters():
-        if how == "no_metadata":
-            del p._hp_mapping
-        elif how == "moved":
-            p.data = p.data.clone()  # no longer a view of ZeRO's flat buffer
-    x, y = _batch(0)
-    engine.backward(((engine(x) - y) ** 2).mean())
-    try:
-        engine.step()
-    except UnsupportedLayoutError as err:
-        return str(err)
-    return None
+    params = [torch.nn.Parameter(torch.ones(2, 3))]
+    if dtype is None:
+        with pytest.raises(ValueError, match=r"momentum_dtype .* is not a known name: use one of \['bf16', 'bfloat16'"):
+            DeepSpeedSM3(params, momentum=0.9, momentum_dtype=value)
+    else:
+        assert DeepSpeedSM3(params, momentum=0.9, momentum_dtype=value).momentum_dtype is dtype
 
 
-@pytest.mark.slow
-def test_unrecoverable_partition_raises_naming_version_and_stage():
-    import sm3_dist.integrations.deepspeed  # noqa: F401
+def test_check_engine_names_what_it_found():
+    from types import SimpleNamespace
 
-    for how, reason in [
-        ("no_metadata", "no ZeRO partition metadata"),
-        ("moved", "do not share one flat buffer"),
-    ]:
-        messages = run_distributed(_corrupted, 2, how, env=ENV)
-        for message in messages:
-            assert message is not None, f"{how}: SM3 stepped on a partition it could not map"
-            assert f"DeepSpeed {deepspeed.__version__}, ZeRO stage 2" in message
-            assert reason in message
-            assert "diagonal" in message
+    from sm3_dist.integrations.deepspeed import DeepSpeedSM3, check_engine
+
+    from sm3_dist import SM3
+
+    params = [torch.nn.Parameter(torch.ones(2))]
+    check_engine(SimpleNamespace(basic_optimizer=DeepSpeedSM3(params)))
+    with pytest.raises(RuntimeError, match=r"a plain sm3_dist\.SM3, which reads ZeRO's flat partitions as vectors"):
+        check_engine(SimpleNamespace(basic_optimizer=SM3(params)))
+    with pytest.raises(RuntimeError, match=r'is Adam, not SM3.*"zero_force_ds_cpu_optimizer": false'):
+        check_engine(SimpleNamespace(basic_optimizer=torch.optim.Adam(params)))
