@@ -20,11 +20,23 @@ DeepSpeed plugin when started by ``accelerate launch``).
 Every run writes ``metrics.jsonl`` (one JSON record a line: ``config``,
 ``train`` per step, ``eval``, ``summary``) and ``loss.png`` into ``--out``.
 Bad input is reported before any process group starts, with exit code 2.
+
+Reliability: ``--checkpoint-every N`` writes a checkpoint every N steps,
+atomically and with a manifest (:mod:`sm3_dist.launch.checkpoint`), keeping the
+newest ``--keep-checkpoints``; a job killed at any point (SIGKILL included)
+restarts with ``--resume auto`` from the newest checkpoint that verifies, and
+ends bitwise where an uninterrupted run ends. A corrupted, truncated or foreign
+checkpoint is refused before anything is loaded (exit code 2; ``auto`` falls
+back to an older one and says so). ``--pg-timeout`` bounds every collective, so
+a dead or hung rank stops the job with an error naming the timeout instead of
+hanging it. Each ``train`` record carries the optimizer's ``skipped_steps``
+(steps skipped together for a non-finite gradient).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -37,16 +49,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sm3_dist.launch import checkpoint
+
 OPTIMIZERS = ("sm3", "adamw", "adagrad", "adafactor")
 SETUPS = ("ddp", "sharded", "fsdp2", "deepspeed")
 DEFAULT_LR = {"sm3": 0.1, "adamw": 3e-3, "adagrad": 0.05, "adafactor": 1e-2}
 """Learning rates used when ``--lr`` is not given (tuned on the default tiny model)."""
 DEFAULT_BATCH_SIZE = 16
 DS_OPTIMIZER_TYPES = {"sm3": "SM3", "adamw": "AdamW", "adagrad": "Adagrad", "adafactor": "Adafactor"}
-CHECKPOINT_PREFIX = "step_"
-META_FILE = "meta.json"
+CHECKPOINT_PREFIX = checkpoint.PREFIX
+META_FILE = checkpoint.MANIFEST_FILE
 TRAINER_FILE = "trainer.pt"
-DONE_FILE = "complete"
+DONE_FILE = checkpoint.DONE_FILE
+DEFAULT_PG_TIMEOUT_S = 600.0
 
 __all__ = ["OPTIMIZERS", "SETUPS", "UsageError", "build_parser", "main"]
 
@@ -98,9 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows of --seq-len tokens per evaluation")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default OUT/checkpoints)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (and at the end); 0: never")
+    p.add_argument("--keep-checkpoints", type=int, default=3, metavar="K",
+                   help="keep the newest K checkpoints (0: keep all)")  # fmt: skip
     p.add_argument("--resume", default=None, metavar="PATH|auto",
-                   help="a checkpoint (step directory, or a checkpoint dir: its latest); auto: the latest in "
-                   "--checkpoint-dir if any")  # fmt: skip
+                   help="a checkpoint (step directory, or a checkpoint dir: its latest), which must verify; auto: "
+                   "the newest in --checkpoint-dir that verifies (older ones if newer are damaged), if any")  # fmt: skip
+    p.add_argument("--pg-timeout", type=float, default=DEFAULT_PG_TIMEOUT_S, metavar="SECONDS",
+                   help="process-group timeout: a collective that a dead or hung rank never joins fails after this")  # fmt: skip
+    p.add_argument("--final-weights", default=None, metavar="FILE",
+                   help="at the end, write the full model state dict (torch.save, from rank 0) to FILE")  # fmt: skip
     p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
     p.add_argument("--nproc", type=int, default=2, help="processes to start when no launcher started this one")
     p.add_argument("--seed", type=int, default=0)
@@ -140,6 +161,8 @@ class Plan:
     """The DeepSpeed config this run passes on (``--setup deepspeed`` only)."""
     resume: Path | None
     """The checkpoint to resume from."""
+    skipped: tuple[tuple[str, str], ...] = ()
+    """Newer checkpoints that ``--resume auto`` passed over: (path, why)."""
 
 
 def _ds_config_from_file(path: str) -> dict:
@@ -180,7 +203,7 @@ def validate(args: argparse.Namespace, env: dict[str, str] | None = None) -> Pla
     for name in ("steps", "batch_size", "seq_len", "eval_windows", "log_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("eval_every", "checkpoint_every"):
+    for name in ("eval_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     from sm3_dist.launch.model import SIZES
@@ -189,6 +212,8 @@ def validate(args: argparse.Namespace, env: dict[str, str] | None = None) -> Pla
         raise UsageError(f"unknown model size {args.model_size!r}: choose from {', '.join(SIZES)}")
     if args.data is not None and not Path(args.data).is_file():
         raise UsageError(f"--data {args.data!r} is not a file")
+    if not (args.pg_timeout > 0 and math.isfinite(args.pg_timeout)):
+        raise UsageError(f"--pg-timeout must be a positive number of seconds, got {args.pg_timeout}")
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if not 0.0 <= args.momentum < 1.0:
@@ -287,44 +312,86 @@ def validate(args: argparse.Namespace, env: dict[str, str] | None = None) -> Pla
         args.out = str(Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if args.checkpoint_dir is None:
         args.checkpoint_dir = str(Path(args.out) / "checkpoints")
-    resume = None
-    if args.resume is not None and not args.compare:
-        resume = _find_checkpoint(args.resume, args.checkpoint_dir)
-        if resume is not None:
-            meta = json.loads((resume / META_FILE).read_text())
-            for key, mine in (("setup", args.setup), ("optimizer", args.optimizer), ("model_size", args.model_size)):
-                if meta[key] != mine:
-                    raise UsageError(f"checkpoint {resume} was saved with {key}={meta[key]!r}, this run has {mine!r}")
-            if meta["setup"] == "deepspeed" and meta["world_size"] != world_size:
-                raise UsageError(
-                    f"checkpoint {resume} holds DeepSpeed state of {meta['world_size']} ranks; resume it on "
-                    f"{meta['world_size']} processes (this run has {world_size})"
-                )
-            if meta["step"] >= args.steps:
-                raise UsageError(f"checkpoint {resume} is at step {meta['step']}, not before --steps {args.steps}")
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
-    return Plan(args, world_size, launched, accelerate, deepspeed_config, resume)
+    resume, skipped = None, ()
+    if args.resume is not None and not args.compare:
+        expected = expected_checkpoint(args, world_size, deepspeed_config, env)
+        try:
+            resume, passed_over = checkpoint.resolve(args.resume, Path(args.checkpoint_dir), expected)
+        except checkpoint.CheckpointError as e:
+            raise UsageError(str(e)) from None
+        skipped = tuple((str(path), reason) for path, reason in passed_over)
+        if resume is not None:
+            step = checkpoint.step_of(resume)
+            step = json.loads((resume / META_FILE).read_text())["step"] if step is None else step
+            if step >= args.steps:
+                raise UsageError(f"checkpoint {resume} is at step {step}, not before --steps {args.steps}")
+        if env.get("RANK", "0") == "0":
+            for path, reason in skipped:
+                print(f"sm3-dist train: skipping checkpoint {path}: {reason}", file=sys.stderr, flush=True)
+            if skipped:
+                where = f"the older checkpoint {resume}" if resume is not None else "no checkpoint"
+                print(f"sm3-dist train: resuming from {where}", file=sys.stderr, flush=True)
+    return Plan(args, world_size, launched, accelerate, deepspeed_config, resume, skipped)
 
 
-def _find_checkpoint(spec: str, checkpoint_dir: str) -> Path | None:
-    """The step directory to resume from; ``None`` for ``auto`` with nothing saved yet."""
+def model_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The model's shape as a checkpoint's manifest records it."""
+    from sm3_dist.launch.data import VOCAB_SIZE
+    from sm3_dist.launch.model import SIZES
 
-    def latest(root: Path) -> Path | None:
-        done = [d for d in root.glob(f"{CHECKPOINT_PREFIX}*") if (d / DONE_FILE).exists()]
-        return max(done, key=lambda d: int(d.name[len(CHECKPOINT_PREFIX) :]), default=None)
+    shape = SIZES[args.model_size]
+    return {
+        "n_layer": shape.n_layer,
+        "n_embd": shape.n_embd,
+        "n_head": shape.n_head,
+        "vocab_size": VOCAB_SIZE,
+        "n_positions": args.seq_len,
+    }
 
-    if spec == "auto":
-        root = Path(checkpoint_dir)
-        return latest(root) if root.is_dir() else None
-    path = Path(spec)
-    if (path / DONE_FILE).exists():
-        return path
-    if path.is_dir():
-        found = latest(path)
-        if found is not None:
-            return found
-    raise UsageError(f"--resume {spec!r}: no complete checkpoint there (a {CHECKPOINT_PREFIX}N directory is expected)")
+
+def optimizer_config(args: argparse.Namespace, deepspeed_config: dict | None) -> dict[str, Any]:
+    """The optimizer's hyperparameters and learning-rate schedule (a checkpoint records their hash)."""
+    config: dict[str, Any] = {
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "steps": args.steps,
+        "warmup_fraction": args.warmup_fraction,
+        "cooldown_fraction": args.cooldown_fraction,
+    }
+    if args.optimizer == "sm3":
+        config.update(momentum=args.momentum, beta=args.beta, momentum_dtype=args.momentum_dtype)
+    section = (deepspeed_config or {}).get("optimizer") or {}
+    if isinstance(section, dict) and str(section.get("type", "")).lower() == DS_OPTIMIZER_TYPES[args.optimizer].lower():
+        fixed = {"lr", "weight_decay", "momentum", "beta", "momentum_dtype"}
+        extra = {k: v for k, v in (section.get("params") or {}).items() if k not in fixed and v != "auto"}
+        if extra:
+            config["deepspeed_params"] = extra
+    return config
+
+
+def expected_checkpoint(
+    args: argparse.Namespace, world_size: int, deepspeed_config: dict | None, env: dict[str, str] | None = None
+) -> checkpoint.Expected:
+    """What this run writes into a checkpoint's manifest, and what it needs from one to resume."""
+    stage = None
+    if args.setup == "deepspeed":
+        if deepspeed_config is not None:
+            stage = int(deepspeed_config.get("zero_optimization", {}).get("stage", 0) or 0)
+        elif (env or {}).get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").isdigit():
+            stage = int((env or {})["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    return checkpoint.Expected(
+        setup=args.setup,
+        optimizer=args.optimizer,
+        model_size=args.model_size,
+        model=model_config(args),
+        optimizer_config=optimizer_config(args, deepspeed_config),
+        world_size=world_size,
+        reshardable=args.setup != "deepspeed",
+        zero_stage=stage,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -501,10 +568,14 @@ class Trainer:
         if plan.accelerate is not None:
             self._init_accelerate_plugin()
         elif not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.pg_timeout))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.out = Path(args.out)
         self.checkpoint_dir = Path(args.checkpoint_dir)
+        self.expected = expected_checkpoint(args, self.world, plan.deepspeed_config, dict(os.environ))
+        self.writer = checkpoint.CheckpointWriter(
+            self.checkpoint_dir, rank=self.rank, world_size=self.world, keep=args.keep_checkpoints
+        )
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         self.corpus = load_corpus(args.data)
@@ -523,6 +594,7 @@ class Trainer:
             from sm3_dist.averaging import polyak
 
             self.ema = polyak(self.raw_model, decay=args.polyak)
+        self._count_skipped_steps()
         self.start_step = 0
         if plan.resume is not None:
             self._load(plan.resume)
@@ -532,8 +604,10 @@ class Trainer:
 
     def _init_accelerate_plugin(self) -> None:
         from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
 
-        self.accelerator = Accelerator()
+        timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=self.args.pg_timeout))
+        self.accelerator = Accelerator(kwargs_handlers=[timeout])
 
     def _schedule(self, optimizer) -> None:
         from sm3_dist.schedules import warmup_cooldown
@@ -645,6 +719,7 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
         )
+        checkpoint.fault("step", step, self.rank)
         loss = self._loss(batch)
         if self.engine is not None:
             self.engine.backward(loss)
@@ -654,6 +729,8 @@ class Trainer:
                 self.accelerator.backward(loss)
             else:
                 loss.backward()
+            if checkpoint.fault("grad", step, self.rank):
+                self._poison_gradients()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -662,6 +739,32 @@ class Trainer:
         value = loss.detach().float().reshape(1)
         dist.all_reduce(value)
         return float(value.item()) / self.world if torch.isfinite(value).all() else float("nan")
+
+    def _poison_gradients(self) -> None:
+        """Test-only (``SM3_DIST_TEST_FAULT=nan@grad:STEP:RANK``): NaN in this rank's local gradients."""
+        from sm3_dist.placement import to_local
+
+        for p in self.raw_model.parameters():
+            if p.grad is not None:
+                to_local(p.grad).fill_(float("nan"))
+
+    def _count_skipped_steps(self) -> None:
+        """Start the optimizer's skipped-step counter at 0 in every param group.
+
+        SM3 adds the key on its first skipped step; a fresh optimizer lacks it, and
+        ``dcp.load`` fills only the keys its template has, so without it a resumed
+        run would restart the count from 0.
+        """
+        if hasattr(self.state_optimizer, "skipped_steps"):
+            from sm3_dist.optimizer import SKIPPED_KEY
+
+            for group in self.state_optimizer.param_groups:
+                group.setdefault(SKIPPED_KEY, 0)
+
+    def skipped_steps(self) -> int | None:
+        """The optimizer's count of steps skipped for a non-finite gradient (``None`` if it keeps none)."""
+        value = getattr(self.state_optimizer, "skipped_steps", None)
+        return int(value) if value is not None else None
 
     def evaluate(self) -> float:
         import torch
@@ -708,14 +811,12 @@ class Trainer:
         return state
 
     def save(self, step: int) -> Path:
-        import torch
-        import torch.distributed as dist
+        """A checkpoint of ``step``, written atomically with a manifest (collective)."""
+        return self.writer.save(step, lambda staging: self._write_checkpoint(staging, step), self.expected)
 
-        path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
-        if self.rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        setup = self.args.setup
+    def _write_checkpoint(self, path: Path, step: int) -> None:
+        import torch
+
         extra: dict[str, Any] = {}
         if self.engine is not None:
             if self.ema is not None:
@@ -729,19 +830,25 @@ class Trainer:
             dcp.save(self._dcp_state(), checkpoint_id=str(path / "dcp"))
         if self.rank == 0:
             torch.save({"step": step, "scheduler": self.scheduler.state_dict(), **extra}, path / TRAINER_FILE)
-            meta = {
-                "step": step,
-                "setup": setup,
-                "optimizer": self.args.optimizer,
-                "model_size": self.args.model_size,
-                "world_size": self.world,
-            }
-            (path / META_FILE).write_text(json.dumps(meta) + "\n")
-        dist.barrier()
+
+    def save_final_weights(self, path: Path) -> None:
+        """The full model state dict, written by rank 0 (collective: FSDP2 and ZeRO-3 gather their shards)."""
+        import torch
+
+        if self.accelerator is not None:
+            state = self.accelerator.get_state_dict(self.model)
+        elif self.args.setup == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(self.model, options=options)
+        elif self.engine is not None and self.engine.zero_optimization_stage() == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.raw_model.state_dict()
         if self.rank == 0:
-            (path / DONE_FILE).write_text("")
-        dist.barrier()
-        return path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, path)
 
     def _load(self, path: Path) -> None:
         import torch
@@ -782,10 +889,14 @@ class Trainer:
 
         args = self.args
         tokens_per_step = args.batch_size * args.seq_len
+        pids: list[Any] = [None] * self.world
+        dist.all_gather_object(pids, os.getpid())
         if self.start_step == 0:
-            self._write({"kind": "config", "world_size": self.world, "n_params": self.n_params, **vars(args)})
+            record = {"kind": "config", "world_size": self.world, "n_params": self.n_params, **vars(args)}
         else:
-            self._write({"kind": "resume", "step": self.start_step, "from": str(self.plan.resume)})
+            record = {"kind": "resume", "step": self.start_step, "from": str(self.plan.resume)}
+            record["skipped"] = [{"path": path, "reason": reason} for path, reason in self.plan.skipped]
+        self._write({**record, "pids": pids})
         bar = tqdm(
             total=args.steps,
             initial=self.start_step,
@@ -809,14 +920,18 @@ class Trainer:
         for step in range(self.start_step + 1, args.steps + 1):
             t0 = time.perf_counter()
             lr = self._lr()
-            loss = self.train_step(step)
+            with self._collectives(step, "training step"):
+                loss = self.train_step(step)
             dt = time.perf_counter() - t0
             if step > self.start_step + 1:  # the first step pays for warm-up work
                 measured_tokens += tokens_per_step
                 measured_time += dt
             recent = [*recent[-(args.log_every - 1) :], dt] if args.log_every > 1 else [dt]
             tps = tokens_per_step * len(recent) / sum(recent)
-            record = {"kind": "train", "step": step, "loss": loss, "lr": lr, "tokens_per_s": tps}
+            record = {"kind": "train", "step": step, "loss": loss, "lr": lr, "tokens_per_s": tps, "step_s": dt}
+            record["skipped_steps"] = self.skipped_steps()
+            if self.engine is not None:
+                record["overflow_skipped_steps"] = int(getattr(self.engine, "skipped_steps", 0))
             record["elapsed_s"] = time.perf_counter() - started
             self._write(record)
             if not math.isfinite(loss):
@@ -825,17 +940,22 @@ class Trainer:
             if step % args.log_every == 0 or step == args.steps:
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tps:.0f}")
             if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-                eval_loss = self.evaluate()
-                eval_polyak = self.evaluate_polyak()
+                with self._collectives(step, "evaluation"):
+                    eval_loss = self.evaluate()
+                    eval_polyak = self.evaluate_polyak()
                 self._write({"kind": "eval", "step": step, "eval_loss": eval_loss, "eval_loss_polyak": eval_polyak})
                 if self.rank == 0:
                     extra = f", Polyak {eval_polyak:.4f}" if eval_polyak is not None else ""
                     bar.write(f"step {step}: train loss {loss:.4f}, held-out loss {eval_loss:.4f}{extra}")
             if args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps):
-                saved = self.save(step)
+                with self._collectives(step, "checkpoint"):
+                    saved = self.save(step)
                 if self.rank == 0:
                     bar.write(f"step {step}: checkpoint {saved}")
         bar.close()
+        if args.final_weights:
+            with self._collectives(args.steps, "final weights"):
+                self.save_final_weights(Path(args.final_weights))
         wall = time.perf_counter() - started
         per_rank = [None] * self.world
         mine = (sm3_dist.local_state_bytes(self.state_optimizer), _peak_memory_bytes(self.device))
@@ -851,6 +971,7 @@ class Trainer:
             "optimizer_state_bytes": [s for s, _ in per_rank],
             "peak_memory_bytes": [m for _, m in per_rank],
             "peak_memory_kind": "cuda_max_memory_allocated" if self.device.type == "cuda" else "max_rss",
+            "skipped_steps": self.skipped_steps(),
         }
         self._write(summary)
         if self.rank == 0:
@@ -860,6 +981,22 @@ class Trainer:
 
                 plot_runs([(args.optimizer, self.out / "metrics.jsonl")], self.out / "loss.png")
                 print(f"wrote {self.out / 'metrics.jsonl'} and {self.out / 'loss.png'}", flush=True)
+
+    @contextlib.contextmanager
+    def _collectives(self, step: int, what: str):
+        """Re-raise a failed or timed-out collective with the step, the rank and ``--pg-timeout``."""
+        try:
+            yield
+        except RuntimeError as e:
+            kind = _comm_failure(e)
+            if kind is None:
+                raise
+            timeout = f"--pg-timeout {self.args.pg_timeout:g} s"
+            if kind == "timeout":
+                why = f"a collective did not complete within the process-group timeout ({timeout}): another rank hung or died"
+            else:
+                why = f"a collective lost its connection to another rank, which died or was killed ({timeout})"
+            raise RuntimeError(f"rank {self.rank}, {what} of step {step}: {why}. Cause: {e}") from e
 
     def _print_summary(self, s: dict) -> None:
         lines = [
@@ -882,6 +1019,23 @@ class Trainer:
             self.metrics = None
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+_TIMEOUT_MARKS = ("timed out", "timeout", "deadline exceeded")
+_CONNECTION_MARKS = ("connection reset", "connection closed", "connection refused", "broken pipe", "read error",
+                     "nccl error", "remote worker", "peer")  # fmt: skip
+
+
+def _comm_failure(e: BaseException) -> str | None:
+    """``"timeout"`` or ``"connection"`` when ``e`` is a failed collective (gloo/NCCL), else ``None``."""
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    if any(mark in text for mark in _TIMEOUT_MARKS):
+        return "timeout"
+    if isinstance(e, dist.DistError) or any(mark in text for mark in _CONNECTION_MARKS):
+        return "connection"
+    return None
 
 
 def _fill_deepspeed_config(config: dict, args: argparse.Namespace, world_size: int) -> tuple[dict, bool]:
