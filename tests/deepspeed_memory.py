@@ -17,6 +17,7 @@ from tests.spawn import run_distributed
 
 OPTIMIZERS = {
     "SM3 (momentum 0.9)": {"type": "SM3", "params": {"lr": 0.1, "momentum": 0.9}},
+    "SM3 (momentum 0.9, bf16)": {"type": "SM3", "params": {"lr": 0.1, "momentum": 0.9, "momentum_dtype": "bfloat16"}},
     "SM3 (momentum 0)": {"type": "SM3", "params": {"lr": 0.1, "momentum": 0.0}},
     "Adam": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
     "Adagrad": {"type": "Adagrad", "params": {"lr": 1e-2}},

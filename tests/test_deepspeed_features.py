@@ -183,6 +183,46 @@ def _accelerate_offload():
     return out
 
 
+# ---------------------------------------------------------------------- the shipped configs
+
+LAUNCH_JSONS = sorted(
+    name
+    for name in os.listdir(os.path.join(os.path.dirname(__file__), "..", "launch", "deepspeed"))
+    if name.endswith(".json")
+)
+"""``fp16.json`` is built only where DeepSpeed's CPU accelerator supports fp16 (oneDNN fp16; not on most CPUs)."""
+
+
+def _launch_json(name):
+    """Build an engine from a shipped config (micro-batch 4), take two steps, report what it built."""
+    import json
+
+    from sm3_dist.integrations.deepspeed import check_engine
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "launch", "deepspeed", name)) as f:
+        config = json.load(f)
+    config.update(train_micro_batch_size_per_gpu=4, steps_per_print=10**9)
+    config.pop("train_batch_size", None)
+    if config.get("fp16", {}).get("enabled") and not deepspeed.get_accelerator().is_fp16_supported():
+        return dict(skipped="fp16 is not supported by this CPU")
+    torch.manual_seed(0)
+    model = Net()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    check_engine(engine)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    _loop(engine, 2, 1, dtype)
+    base = engine.basic_optimizer
+    out = dict(
+        stage=engine.zero_optimization_stage(),
+        momentum_dtype=base.momentum_dtype,
+        nonfinite=base.nonfinite,
+        offload=engine.zero_cpu_offload(),
+        finite=all(torch.isfinite(p).all() for p in _full_params(engine).values()),
+    )
+    engine.destroy()
+    return out
+
+
 # ---------------------------------------------------------------------- the sessions
 
 BF16 = [
@@ -222,6 +262,8 @@ def _world2_runs(root):
         path = os.path.join(root, f"universal-{name}")
         runs[f"universal-{name}"] = lambda s=stage, p=params, d=path: _universal_source(s, p, d)
     runs["accelerate"] = _accelerate_offload
+    for name in LAUNCH_JSONS:
+        runs[f"json-{name}"] = lambda n=name: _launch_json(n)
     return runs
 
 
@@ -465,3 +507,25 @@ def test_accelerate_offload_keeps_sm3_only_with_the_flag(world2):
             assert result[case]["base"] == "DeepSpeedCPUAdam", (rank, case)
             assert "DeepSpeedCPUAdam, not SM3" in result[case]["error"]
             assert '"zero_force_ds_cpu_optimizer": false' in result[case]["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LAUNCH_JSONS)
+def test_shipped_config_builds_sm3(world2, name):
+    """Every ``launch/deepspeed/*.json`` builds DeepSpeedSM3 at its ZeRO stage and trains (fp16: where supported)."""
+    import json
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "launch", "deepspeed", name)) as f:
+        config = json.load(f)
+    params = config["optimizer"]["params"]
+    for result in _pick(world2[1], f"json-{name}"):
+        if "skipped" in result:
+            assert config.get("fp16", {}).get("enabled"), result["skipped"]
+            continue
+        assert result["stage"] == config["zero_optimization"]["stage"]
+        assert result["momentum_dtype"] == (
+            torch.bfloat16 if params.get("momentum_dtype") == "bfloat16" else torch.float32
+        )
+        assert result["nonfinite"] == params.get("nonfinite", "skip")
+        assert result["offload"] == ("offload_optimizer" in config["zero_optimization"])
+        assert result["finite"]
