@@ -121,7 +121,7 @@ class CopyBandwidth:
     Sampled before the timed rounds and once in every round, so that it sees the machine as the steps do.
     """
 
-    def __init__(self, device: torch.device, mib: int = 256) -> None:
+    def __init__(self, device: torch.device, mib: int = 128) -> None:
         self.device = device
         self.src = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
         self.dst = torch.empty_like(self.src)
@@ -177,7 +177,7 @@ def run(
     candidates = [c for c in _candidates(lr=1e-4) if only is None or any(o in c.name for o in only)]
     if not candidates:
         raise ValueError(f"--only {only} matches no optimizer")
-    progress(f"bandwidth: copying 256 MiB tensors on {device}")
+    progress(f"bandwidth: copying 128 MiB tensors on {device}")
     copy = CopyBandwidth(device)
     copy.sample(reps=5)
     optimizers = []
