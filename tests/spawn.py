@@ -10,7 +10,9 @@ the parent with the worker's traceback; a hang ends in a ``TimeoutError``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import glob
 import os
 import socket
 import tempfile
@@ -58,10 +60,29 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, ar
 def run_distributed(
     fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, env: dict | None = None
 ) -> list[Any]:
+    port = free_port()
+    try:
+        return _run(fn, world_size, port, args, timeout, env)
+    finally:
+        remove_shared_memory(port)
+
+
+def remove_shared_memory(port: int) -> None:
+    """Remove the /dev/shm buffers DeepSpeed's CPU communication backend leaves behind for this port.
+
+    DeepSpeed names them ``deepspeed_allreduce_buffer_<n>_<addr>_<port>_<k>`` and never unlinks them;
+    each is tens of MB, so a test suite would otherwise fill the machine's memory.
+    """
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _run(fn: Callable[..., Any], world_size: int, port: int, args: tuple, timeout: float, env: dict | None):
     with tempfile.TemporaryDirectory() as outdir:
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, free_port(), outdir, fn, args, dict(env or {})),
+            args=(world_size, port, outdir, fn, args, dict(env or {})),
             nprocs=world_size,
             join=False,
             start_method="spawn",
