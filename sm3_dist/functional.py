@@ -399,6 +399,11 @@ def _fused_sm3(
 _FINITE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+def native_available() -> bool:
+    """Whether the one-pass native CPU kernel is built (or builds now) and enabled."""
+    return _native.load() is not None
+
+
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
     """Index of the first tensor holding an inf or NaN, ``None`` if all are finite.
 

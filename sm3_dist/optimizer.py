@@ -73,7 +73,8 @@ class SM3(Optimizer):
         maximize: maximize the objective instead of minimizing it.
         foreach: batch the elementwise work across tensors with ``torch._foreach_*`` ops.
         fused: run each tensor's update through one ``torch.compile``-d kernel.
-            With neither set, the foreach kernel is used for CPU/CUDA fp32 tensors, as ``torch.optim`` does.
+            With neither set: on CPU the one-pass native fused kernel where it builds (bitwise equal to the
+            per-tensor kernel), else the per-tensor loop; on CUDA the foreach kernel, as ``torch.optim`` does.
         momentum_dtype: ``torch.float32`` (default) or ``torch.bfloat16``: the dtype the momentum buffer is
             stored in (computed in fp32, rounded to nearest even when stored). Accumulators are always fp32.
         ema_keeps_max: with ``beta > 0``, keep ``mu_d = max(mu_d, new maxima)`` as the PyTorch ports do
@@ -430,7 +431,9 @@ class SM3(Optimizer):
         if fused:
             return False, True
         if foreach is None and fused is None:
-            foreach = all(p.device.type in ("cpu", "cuda") for p in params)
+            if all(p.device.type == "cpu" for p in params) and functional.native_available():
+                return False, True  # the one-pass native kernel: bitwise the eager kernel, and the fastest on CPU
+            foreach = all(p.device.type == "cuda" for p in params)
         return bool(foreach), False
 
     # ------------------------------------------------------------------ checkpoints
