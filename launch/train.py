@@ -369,6 +369,8 @@ def optimizer_config(args: argparse.Namespace, deepspeed_config: dict | None) ->
         extra = {k: v for k, v in (section.get("params") or {}).items() if k not in fixed and v != "auto"}
         if extra:
             config["deepspeed_params"] = extra
+    if deepspeed_config is not None and deepspeed_config.get("gradient_clipping", "auto") != "auto":
+        config["gradient_clipping"] = deepspeed_config["gradient_clipping"]
     return config
 
 
@@ -686,11 +688,31 @@ class Trainer:
         self.engine = self.model = engine
         self.raw_model = engine.module
         self.state_optimizer = engine.basic_optimizer
+        self._release_deepspeed_shm()
         if args.optimizer == "sm3":
             from sm3_dist.integrations.deepspeed import check_engine
 
             check_engine(engine)
         self._schedule(engine.basic_optimizer)
+
+    def _release_deepspeed_shm(self) -> None:
+        """Unlink this rank's DeepSpeed CPU all-reduce buffer from ``/dev/shm`` once every rank has mapped it.
+
+        DeepSpeed's CPU communication (``DS_ACCELERATOR=cpu``, all ranks on one host)
+        creates a 66 MB ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
+        per rank and never removes it: every run, and every killed one, would leave
+        them behind and fill the host's shared memory. The mappings stay valid after
+        the unlink.
+        """
+        import torch.distributed as dist
+
+        if self.device.type != "cpu":
+            return
+        dist.barrier()  # every rank has opened every other rank's buffer in deepspeed.initialize
+        addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+        path = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{self.rank}"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
     # ------------------------------------------------------------------ steps
 
