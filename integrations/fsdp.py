@@ -39,10 +39,18 @@ functions take its place::
     dcp.save(state, checkpoint_id=path)
 
     # later, at any world size, with the model and the optimizer built the same way:
-    state = {"model": get_model_state_dict(model), "optim": fsdp1_optim_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
-    fsdp1_load_optim_state_dict(model, optimizer, state["optim"])
+    model_sd, optim_sd = get_model_state_dict(model), fsdp1_optim_state_dict(model, optimizer)
+    dcp.load({"model": model_sd}, checkpoint_id=path)
+    dcp.load({"optim": optim_sd}, checkpoint_id=path)
+    set_model_state_dict(model, model_sd)
+    fsdp1_load_optim_state_dict(model, optimizer, optim_sd)
+
+Load the two entries in two ``dcp.load`` calls: a rank that holds no element
+of a parameter leaves it out of its ``SHARDED_STATE_DICT`` (it has no local
+shard), and a ``dcp.load`` request that lacks a saved key is read in DCP's
+pre-2.4 key format, in which ``param_groups`` flatten differently ("Missing
+key in checkpoint state_dict: optim.param_groups"). A request with the
+optimizer entry alone has every key it asks for.
 
 :func:`fsdp1_optim_state_dict` (a collective: every rank calls it) returns the
 same consolidated state on every rank, in the format of a single-process
@@ -58,8 +66,11 @@ has exactly one holder; the sum runs on the buffer's bits as ``int32``, so
 every value, ``-0.0`` included, arrives bit for bit). Nothing is lost or
 rounded. A parameter without state yet gets the state SM3 starts from
 (zeros, step 0), so on a freshly built optimizer the result is the template
-``dcp.load`` fills in. Model state can be saved either way FSDP1 offers
-(``SHARDED_STATE_DICT``, the helpers' default, or ``FULL_STATE_DICT``).
+``dcp.load`` fills in. While it exists, every rank holds the full momentum
+(as FSDP's ``FULL_STATE_DICT`` holds full parameters); the accumulators are
+``O(sum of dims)``. ``dcp.save`` writes such replicated tensors once. Model
+state can be saved either way FSDP1 offers (``SHARDED_STATE_DICT``, the
+helpers' default, or ``FULL_STATE_DICT``).
 
 :func:`fsdp1_load_optim_state_dict` checks the whole dict first (parameter
 names, shapes, momentum dtype), raising ``ValueError`` naming the parameter
@@ -463,9 +474,10 @@ def fsdp1_load_optim_state_dict(model: nn.Module, optimizer: SM3, state_dict: Ma
     for gi, (saved, members) in enumerate(zip(saved_groups, groups)):
         mine = [slot.fqn for _, slots in members for slot in slots]
         theirs = list(saved.get("params", ()))
-        if any(not isinstance(name, str) for name in theirs):
+        unnamed = [name for name in theirs if not isinstance(name, str)]
+        if unnamed:
             raise ValueError(
-                f"{who}: param group {gi} lists parameters by {type(theirs[0]).__name__}, not by name; a "
+                f"{who}: param group {gi} lists parameters by {type(unnamed[0]).__name__}, not by name; a "
                 "single-process optimizer's state_dict() is keyed by position: take its state with "
                 "torch.distributed.checkpoint.state_dict.get_optimizer_state_dict(module, optimizer) instead"
             )
