@@ -308,7 +308,8 @@ def _param_groups(model: nn.Module, optimizer: SM3, who: str) -> list[list[tuple
     for unit in _read_model(model, who):
         flat = unit.flat
         group = flat.group if flat.sharded else None
-        held = [i for i, p in enumerate(flat.params) if p.stop > p.start]
+        # the resolver numbers the pieces of a flat parameter among the parameters its shard holds
+        held = {i: j for j, i in enumerate(i for i, p in enumerate(flat.params) if p.stop > p.start)}
         for i, (p, tensor_id) in enumerate(zip(flat.params, unit.tensor_ids)):
             fqn = clean_tensor_name(f"{unit.prefix}.{p.fqn}" if unit.prefix else p.fqn)
             piece: Piece | None = flat_range_piece(p.shape, p.start, p.stop, tensor_id=tensor_id)
@@ -316,7 +317,7 @@ def _param_groups(model: nn.Module, optimizer: SM3, who: str) -> list[list[tuple
                 tensor, offset, key_index = p.param, 0, None
             else:  # the flat parameter holds the pieces of its parameters that lie in this rank's shard
                 tensor, offset = flat.flat_param, p.offset
-                key_index = held.index(i) if i in held and len(held) > 1 else None
+                key_index = held[i] if i in held and len(held) > 1 else None
                 piece = piece if i in held else None
             slot = _Slot(fqn, p.shape, tensor, piece, p.start, p.stop, offset, key_index, group, unit.plan, tensor_id)
             slots.setdefault(id(tensor), []).append(slot)
@@ -481,15 +482,17 @@ def fsdp1_load_optim_state_dict(model: nn.Module, optimizer: SM3, state_dict: Ma
                 "single-process optimizer's state_dict() is keyed by position: take its state with "
                 "torch.distributed.checkpoint.state_dict.get_optimizer_state_dict(module, optimizer) instead"
             )
+        mine_set, theirs_set = set(mine), set(theirs)
         for name in mine:
-            if name not in theirs:
+            if name not in theirs_set:
                 raise ValueError(f"{who}: {name} is not in the checkpoint's param group {gi}: another model?")
         for name in theirs:
-            if name not in mine:
+            if name not in mine_set:
                 raise ValueError(f"{who}: the checkpoint's param group {gi} holds {name}, which the optimizer has not")
         names.extend(mine)
+    known = set(names)
     for name in saved_state:
-        if name not in names:
+        if name not in known:
             raise ValueError(f"{who}: the checkpoint holds state for {name}, which the optimizer has not")
     missing = [name for name in names if name not in saved_state]
     if missing and len(missing) < len(names):

@@ -40,6 +40,7 @@ CONFIGS = [
     (True, dict(momentum=0.9, beta=0.0, momentum_dtype=torch.bfloat16)),
 ]
 STAGES = [(2, range(0, 3)), (3, range(3, 6)), (2, range(6, 8))]
+FORMATS = ("dcp", "torch.save")
 
 
 def _set_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
@@ -70,6 +71,7 @@ def _save(model: nn.Module, consolidated: dict, path: str, fmt: str) -> None:
         return
     model_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     if dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save({"model": model_sd, "optim": consolidated}, path + ".pt")
     dist.barrier()
 
@@ -101,25 +103,28 @@ def _full_params(model: nn.Module) -> dict[str, torch.Tensor]:
         return {name.replace(PREFIX, ""): p.detach().clone() for name, p in model.named_parameters()}
 
 
-def _stage(rank: int, world_size: int, path: str, fmt: str, steps: range) -> list[tuple]:
-    """Load the checkpoint written after step ``steps.start`` (if any), train ``steps``, save; per config."""
-    results = []
-    for index, (orig, hyper) in enumerate(CONFIGS):
-        # a resumed stage must not depend on its own initialization
-        model = wrap(make_model(seed=0 if steps.start == 0 else 100 + steps.start), use_orig_params=orig)
-        opt = SM3(model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(model))
-        shapes = _grad_shapes(make_model())
-        if steps.start:
-            loaded = _load(model, opt, os.path.join(path, f"{index}-{steps.start}"), fmt)
-            _assert_state_equal(fsdp1_optim_state_dict(model, opt), loaded, f"config {index}: reconsolidated")
-        for step in steps:
-            _set_grads(model, global_grads(shapes, step))
-            opt.step()
-        consolidated = fsdp1_optim_state_dict(model, opt)
-        _save(model, consolidated, os.path.join(path, f"{index}-{steps.stop}"), fmt)
-        pieces = [(name, shape, start, stop) for _, _, name, shape, start, stop, _ in flat_pieces(model)]
-        results.append((_full_params(model), consolidated, pieces))
-    return results
+def _stage(rank: int, world_size: int, path: str, steps: range) -> dict[str, list[tuple]]:
+    """Per format and config: load the checkpoint written after step ``steps.start`` (if any), train, save."""
+    return {fmt: [_run(index, fmt, path, steps) for index in range(len(CONFIGS))] for fmt in FORMATS}
+
+
+def _run(index: int, fmt: str, path: str, steps: range) -> tuple:
+    orig, hyper = CONFIGS[index]
+    path = os.path.join(path, fmt.replace(".", "_"))
+    # a resumed stage must not depend on its own initialization
+    model = wrap(make_model(seed=0 if steps.start == 0 else 100 + steps.start), use_orig_params=orig)
+    opt = SM3(model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(model))
+    shapes = _grad_shapes(make_model())
+    if steps.start:
+        loaded = _load(model, opt, os.path.join(path, f"{index}-{steps.start}"), fmt)
+        _assert_state_equal(fsdp1_optim_state_dict(model, opt), loaded, f"{fmt}, config {index}: reconsolidated")
+    for step in steps:
+        _set_grads(model, global_grads(shapes, step))
+        opt.step()
+    consolidated = fsdp1_optim_state_dict(model, opt)
+    _save(model, consolidated, os.path.join(path, f"{index}-{steps.stop}"), fmt)
+    pieces = [(name, shape, start, stop) for _, _, name, shape, start, stop, _ in flat_pieces(model)]
+    return _full_params(model), consolidated, pieces
 
 
 def _reference(hyper: dict, stops: list[int]) -> dict[int, tuple[dict, dict]]:
@@ -163,37 +168,36 @@ def _cuts_mid_row(pieces: list[tuple]) -> bool:
     return False
 
 
-@pytest.mark.parametrize("fmt", ["dcp", "torch.save"])
-def test_reshards_and_continues_identically(tmp_path, fmt):
+def test_reshards_and_continues_identically(tmp_path):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
     path = str(tmp_path)
     stops = [steps.stop for _, steps in STAGES]
     want = [_reference(hyper, stops) for _, hyper in CONFIGS]
     for world, steps in STAGES:
-        per_rank = run_distributed(_stage, world, path, fmt, steps)
+        per_rank = run_distributed(_stage, world, path, steps)
         if world == 3:  # the case that makes DCP's loads need two calls (see the module docstring of fsdp)
-            pieces = [p for results in per_rank for _, _, rows in results for p in rows]
+            pieces = [p for per_fmt in per_rank for _, _, rows in per_fmt["dcp"] for p in rows]
             assert any(start == stop for *_, start, stop in pieces), "every rank holds part of every parameter"
-        for rank, results in enumerate(per_rank):
-            for index, (params, consolidated, pieces) in enumerate(results):
-                what = f"{fmt}, config {index}, world {world} after step {steps.stop}, rank {rank}"
-                want_params, want_state = want[index][steps.stop]
-                assert params.keys() == want_params.keys()
-                for name, value in want_params.items():
-                    assert torch.equal(params[name], value), f"{what}: parameter {name} differs"
-                _assert_state_equal(consolidated, want_state, what)
-                assert all(int(s[STEP_KEY]) == steps.stop for s in consolidated["state"].values())
-                assert _cuts_mid_row(pieces), f"{what}: no shard boundary cuts a weight mid-row"
-    if fmt == "torch.save":
-        # the last checkpoint also resumes a single-process SM3 through DCP's FQN-keyed helper
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-        for index, (_, hyper) in enumerate(CONFIGS):
-            saved = torch.load(os.path.join(path, f"{index}-{stops[-1]}.pt"), weights_only=True)
-            model = make_model(seed=1)
-            model.load_state_dict(saved["model"])
-            opt = SM3(model.parameters(), lr=LR, **hyper)
-            set_optimizer_state_dict(model, opt, saved["optim"])
-            _assert_state_equal(get_optimizer_state_dict(model, opt), want[index][stops[-1]][1], "single process")
+        for rank, per_fmt in enumerate(per_rank):
+            for fmt, results in per_fmt.items():
+                for index, (params, consolidated, pieces) in enumerate(results):
+                    what = f"{fmt}, config {index}, world {world} after step {steps.stop}, rank {rank}"
+                    want_params, want_state = want[index][steps.stop]
+                    assert params.keys() == want_params.keys()
+                    for name, value in want_params.items():
+                        assert torch.equal(params[name], value), f"{what}: parameter {name} differs"
+                    _assert_state_equal(consolidated, want_state, what)
+                    assert all(int(s[STEP_KEY]) == steps.stop for s in consolidated["state"].values())
+                    assert _cuts_mid_row(pieces), f"{what}: no shard boundary cuts a weight mid-row"
+    # the last torch.save checkpoint also resumes a single-process SM3 through DCP's FQN-keyed helper
+    for index, (_, hyper) in enumerate(CONFIGS):
+        saved = torch.load(os.path.join(path, "torch_save", f"{index}-{stops[-1]}.pt"), weights_only=True)
+        model = make_model(seed=1)
+        model.load_state_dict(saved["model"])
+        opt = SM3(model.parameters(), lr=LR, **hyper)
+        set_optimizer_state_dict(model, opt, saved["optim"])
+        _assert_state_equal(get_optimizer_state_dict(model, opt), want[index][stops[-1]][1], "single process")
 
 
 class OtherBlock(TinyBlock):
