@@ -29,7 +29,9 @@ ends bitwise where an uninterrupted run ends. A corrupted, truncated or foreign
 checkpoint is refused before anything is loaded (exit code 2; ``auto`` falls
 back to an older one and says so). ``--pg-timeout`` bounds every collective, so
 a dead or hung rank stops the job with an error naming the timeout instead of
-hanging it. Each ``train`` record carries the optimizer's ``skipped_steps``
+hanging it; a watchdog (``--step-timeout``) ends a rank whose step, evaluation
+or checkpoint makes no progress, for waits that no process-group timeout
+covers (DeepSpeed's CPU shared-memory all-reduce spins without one). Each ``train`` record carries the optimizer's ``skipped_steps``
 (steps skipped together for a non-finite gradient).
 """
 
@@ -62,6 +64,8 @@ META_FILE = checkpoint.MANIFEST_FILE
 TRAINER_FILE = "trainer.pt"
 DONE_FILE = checkpoint.DONE_FILE
 DEFAULT_PG_TIMEOUT_S = 600.0
+STARTUP_TIMEOUT_S = 1800.0
+"""The watchdog's allowance for startup (imports, DeepSpeed's op builds, loading a checkpoint), if above ``--step-timeout``."""
 
 __all__ = ["OPTIMIZERS", "SETUPS", "UsageError", "build_parser", "main"]
 
@@ -120,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the newest in --checkpoint-dir that verifies (older ones if newer are damaged), if any")  # fmt: skip
     p.add_argument("--pg-timeout", type=float, default=DEFAULT_PG_TIMEOUT_S, metavar="SECONDS",
                    help="process-group timeout: a collective that a dead or hung rank never joins fails after this")  # fmt: skip
+    p.add_argument("--step-timeout", type=float, default=None, metavar="SECONDS",
+                   help="watchdog: end a rank whose training step, evaluation or checkpoint makes no progress for "
+                   "this long (default 2 x --pg-timeout)")  # fmt: skip
     p.add_argument("--final-weights", default=None, metavar="FILE",
                    help="at the end, write the full model state dict (torch.save, from rank 0) to FILE")  # fmt: skip
     p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
@@ -214,6 +221,10 @@ def validate(args: argparse.Namespace, env: dict[str, str] | None = None) -> Pla
         raise UsageError(f"--data {args.data!r} is not a file")
     if not (args.pg_timeout > 0 and math.isfinite(args.pg_timeout)):
         raise UsageError(f"--pg-timeout must be a positive number of seconds, got {args.pg_timeout}")
+    if args.step_timeout is None:
+        args.step_timeout = 2.0 * args.pg_timeout
+    if not (args.step_timeout > 0 and math.isfinite(args.step_timeout)):
+        raise UsageError(f"--step-timeout must be a positive number of seconds, got {args.step_timeout}")
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if not 0.0 <= args.momentum < 1.0:
@@ -547,6 +558,70 @@ def _make_optimizer(name: str, params, args: argparse.Namespace, *, sharded: boo
     raise AssertionError(name)
 
 
+class Watchdog:
+    """Ends this process when the job makes no progress for ``timeout`` seconds after a :meth:`beat`.
+
+    A daemon thread waits for the deadline; when it passes, it prints which phase
+    stalled and the stack of every thread, then exits the process (code 3), so the
+    launcher stops the other ranks. Process-group collectives fail on their own
+    after ``--pg-timeout``; this covers waits without a timeout. If native code
+    holds the GIL, ``faulthandler``'s C-level timer ends the process 10 s later.
+    """
+
+    def __init__(self, timeout: float, rank: int) -> None:
+        import threading
+
+        self.timeout = timeout
+        self.rank = rank
+        self._label = ""
+        self._allowed = timeout
+        self._deadline: float | None = None
+        self._cond = threading.Condition()
+        threading.Thread(target=self._watch, name="sm3-dist-watchdog", daemon=True).start()
+
+    def beat(self, label: str, timeout: float | None = None) -> None:
+        """Progress: ``label`` (what runs now) has ``timeout`` seconds (default: the watchdog's) to the next beat."""
+        import faulthandler
+
+        timeout = self.timeout if timeout is None else timeout
+        with self._cond:
+            self._label = label
+            self._allowed = timeout
+            self._deadline = time.monotonic() + timeout
+            self._cond.notify()
+        faulthandler.dump_traceback_later(timeout + 10.0, exit=True)
+
+    def stop(self) -> None:
+        import faulthandler
+
+        with self._cond:
+            self._deadline = None
+            self._cond.notify()
+        faulthandler.cancel_dump_traceback_later()
+
+    def _watch(self) -> None:
+        import faulthandler
+
+        with self._cond:
+            while True:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                print(
+                    f"sm3-dist train: rank {self.rank}: {self._label} made no progress for {self._allowed:g} s "
+                    f"(--step-timeout {self.timeout:g} s): another rank died or hung, or a collective waits "
+                    "without a timeout. Stacks of this rank follow; it exits with code 3.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                os._exit(3)
+
+
 class Trainer:
     """One rank of a run: builds the process group, model, optimizer and schedule; trains, evaluates, saves."""
 
@@ -572,6 +647,8 @@ class Trainer:
         elif not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.pg_timeout))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.watchdog = Watchdog(args.step_timeout, self.rank)
+        self.watchdog.beat("startup", timeout=max(args.step_timeout, STARTUP_TIMEOUT_S))
         self.out = Path(args.out)
         self.checkpoint_dir = Path(args.checkpoint_dir)
         self.expected = expected_checkpoint(args, self.world, plan.deepspeed_config, dict(os.environ))
@@ -940,6 +1017,7 @@ class Trainer:
         loss = eval_loss = eval_polyak = float("nan")
         measured_tokens, measured_time = 0, 0.0
         for step in range(self.start_step + 1, args.steps + 1):
+            self.watchdog.beat(f"step {step}")
             t0 = time.perf_counter()
             lr = self._lr()
             with self._collectives(step, "training step"):
@@ -962,6 +1040,7 @@ class Trainer:
             if step % args.log_every == 0 or step == args.steps:
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tps:.0f}")
             if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+                self.watchdog.beat(f"evaluation at step {step}")
                 with self._collectives(step, "evaluation"):
                     eval_loss = self.evaluate()
                     eval_polyak = self.evaluate_polyak()
@@ -970,11 +1049,13 @@ class Trainer:
                     extra = f", Polyak {eval_polyak:.4f}" if eval_polyak is not None else ""
                     bar.write(f"step {step}: train loss {loss:.4f}, held-out loss {eval_loss:.4f}{extra}")
             if args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps):
+                self.watchdog.beat(f"checkpoint of step {step}")
                 with self._collectives(step, "checkpoint"):
                     saved = self.save(step)
                 if self.rank == 0:
                     bar.write(f"step {step}: checkpoint {saved}")
         bar.close()
+        self.watchdog.beat("the end of the run")
         if args.final_weights:
             with self._collectives(args.steps, "final weights"):
                 self.save_final_weights(Path(args.final_weights))
@@ -1018,7 +1099,7 @@ class Trainer:
                 why = f"a collective did not complete within the process-group timeout ({timeout}): another rank hung or died"
             else:
                 why = f"a collective lost its connection to another rank, which died or was killed ({timeout})"
-            raise RuntimeError(f"rank {self.rank}, {what} of step {step}: {why}. Cause: {e}") from e
+            raise RuntimeError(f"rank {self.rank}, step {step} ({what}): {why}. Cause: {e}") from e
 
     def _print_summary(self, s: dict) -> None:
         lines = [
@@ -1036,6 +1117,7 @@ class Trainer:
     def close(self) -> None:
         import torch.distributed as dist
 
+        self.watchdog.stop()
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

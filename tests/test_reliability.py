@@ -346,3 +346,97 @@ def test_fault_spec_is_checked():
         checkpoint._faults("kill@staged")
     with pytest.raises(ValueError, match="unknown action 'boom'"):
         checkpoint._faults("boom@step:1")
+
+
+# ---------------------------------------------------------------------------------------------- dead and hung ranks
+
+
+PG_TIMEOUT = 5.0
+STEP_TIMEOUT = 10.0
+MARGIN = 30.0
+"""Seconds allowed after a timeout for the error, the launcher stopping the other rank, and exiting."""
+
+HANGS = [
+    # (setup, fault, the step metrics.jsonl shows when the hang begins, timeout that must end it, message)
+    ("sharded", "hang@step:4:1", 3, PG_TIMEOUT,
+     "rank 0, step 4 (training step): a collective did not complete within the process-group timeout "
+     "(--pg-timeout 5 s): another rank hung or died"),
+    ("fsdp2", "hang@staged:4:1", 4, PG_TIMEOUT,
+     "rank 0, step 4 (checkpoint): a collective did not complete within the process-group timeout (--pg-timeout 5 s)"),
+    # DeepSpeed's CPU all-reduce spins on shared memory with no timeout: the watchdog ends it
+    ("deepspeed", "hang@step:4:1", 3, STEP_TIMEOUT,
+     "step 4 made no progress for 10 s (--step-timeout 10 s): another rank died or hung"),
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("setup", "fault", "shown", "limit", "message"), HANGS, ids=[f"{h[0]}-{h[1]}" for h in HANGS])
+def test_hung_rank_stops_the_job_within_the_timeout(setup, fault, shown, limit, message, tmp_path):
+    out = tmp_path / "run"
+    args = [*SMALL, "--setup", setup, "--steps", "8", "--eval-every", "0", "--checkpoint-every", "4", "--out", str(out),
+            "--pg-timeout", str(PG_TIMEOUT), "--step-timeout", str(STEP_TIMEOUT)]  # fmt: skip
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            _cmd(*args), cwd=ROOT, env=_job_env(fault), stdout=subprocess.DEVNULL, stderr=stderr,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while _last_step(out) < shown and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert _last_step(out) >= shown, log.read_text()[-4000:]
+        hung_at = time.monotonic()
+        try:
+            rc = proc.wait(timeout=limit + MARGIN)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the job still runs {limit + MARGIN:g} s after the hang began") from None
+        elapsed = time.monotonic() - hung_at
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    err = log.read_text()
+    assert rc != 0, err[-4000:]
+    assert limit - 1.0 <= elapsed <= limit + MARGIN, (elapsed, err[-4000:])
+    assert message in err, err[-6000:]
+    assert _last_step(out) == shown
+
+
+# ---------------------------------------------------------------------------------------------- soak report
+
+
+@pytest.mark.slow
+def test_soak_writes_its_report(tmp_path):
+    cmd = [sys.executable, "-m", "sm3_dist.launch.soak", "--steps", "50", "--warmup-steps", "10", "--window", "25",
+           "--checkpoint-every", "25", "--sample-every", "0.05", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode in (0, 3), proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "soak.json").read_text())
+    assert result["steps_logged"] == 50
+    assert [w["steps"] for w in result["step_time_windows"]] == [[1, 25], [26, 50]]
+    assert all(w["n"] == 25 and 0 < w["p50_ms"] <= w["p90_ms"] <= w["p99_ms"] <= w["max_ms"]
+               for w in result["step_time_windows"])  # fmt: skip
+    assert [m["rank"] for m in result["memory"]] == [0, 1]
+    for m in result["memory"]:
+        assert m["samples"] >= 2
+        assert 50 < m["rss_start_mib"] < 4096 and 50 < m["rss_end_mib"] < 4096
+    assert proc.returncode == (0 if result["memory_flat"] and result["step_time_stable"] else 3)
+    assert "RSS (MiB)" in proc.stdout and "step time (ms)" in proc.stdout and "steps   26-50" in proc.stdout
+    steps = [s["step"] for s in result["samples"]]
+    assert steps == sorted(steps) and steps[-1] >= 40
+
+
+def test_soak_report_verdicts():
+    from sm3_dist.launch.soak import report
+
+    mib = 1024 * 1024
+    samples = [{"t": i, "step": i * 10, "rss": [400 * mib, (400 + (i > 5) * i) * mib]} for i in range(1, 11)]
+    times = {s: 0.010 if s <= 50 else 0.030 for s in range(1, 101)}
+    result = report(samples, times, steps=100, warmup_steps=20, window=50, rss_tolerance=0.05,
+                    rss_tolerance_mib=4.0, time_tolerance=1.5)  # fmt: skip
+    flat = [m["flat"] for m in result["memory"]]
+    assert flat == [True, False] and not result["memory_flat"]
+    assert result["memory"][1]["growth_after_warmup_mib"] == 10.0
+    assert result["memory"][0]["slope_mib_per_1000_steps"] == 0.0
+    assert result["p50_ratio_to_first_window"] == pytest.approx([1.0, 3.0]) and not result["step_time_stable"]
