@@ -23,7 +23,9 @@ is the local gradient bit for bit:
   be ``torch.equal`` to single-process SM3.
 
 All runs of one world size share one spawned session: one process group,
-engines built one after another (:data:`RUNS`); the tests read its results.
+engines built one after another (:data:`RUNS`); the tests read its results
+(under pytest-xdist, whichever worker needs a session first runs it and the
+other loads it: :func:`shared_result`).
 Non-finite gradients are injected with a step pre-hook on the base optimizer,
 i.e. into one rank's flat gradient partition after DeepSpeed's reduction and
 its own overflow check, right where SM3 reads it.
@@ -31,6 +33,7 @@ its own overflow check, right where SM3 reads it.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import re
@@ -405,13 +408,44 @@ def _session(rank: int, world: int, runs: list[Run]) -> dict[str, dict]:
     return out
 
 
-_SESSIONS: dict[int, list[dict]] = {}
+def shared_root(tmp_path_factory):
+    """The temporary root every pytest-xdist worker of this run sees (the base temp without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") is not None else base
 
 
-def _results(world: int, name: str) -> list[dict]:
-    if world not in _SESSIONS:
-        _SESSIONS[world] = run_distributed(_session, world, RUNS[world], env=ENV, timeout=600)
-    results = [session[name] for session in _SESSIONS[world]]
+def shared_result(tmp_path_factory, key: str, compute):
+    """``compute()`` once per pytest run, also under pytest-xdist: the first worker computes and saves the result
+    in :func:`shared_root`, the others wait on a file lock and load it."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return compute()
+    path = shared_root(tmp_path_factory) / f"{key}.pt"
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            torch.save(compute(), path)
+        return torch.load(path, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory):
+    """The session of a world size, run on first use."""
+    cache: dict[int, list[dict]] = {}
+
+    def get(world: int) -> list[dict]:
+        if world not in cache:
+            cache[world] = shared_result(
+                tmp_path_factory,
+                f"deepspeed-world{world}",
+                lambda: run_distributed(_session, world, RUNS[world], env=ENV, timeout=600),
+            )
+        return cache[world]
+
+    return get
+
+
+def _results(sessions, world: int, name: str) -> list[dict]:
+    results = [session[name] for session in sessions(world)]
     for rank, result in enumerate(results):
         assert "error" not in result, f"run {name!r} at world size {world}, rank {rank}:\n{result['error']}"
     return results
@@ -454,8 +488,8 @@ CASES = [
 @pytest.mark.parametrize(
     ("stage", "world", "run", "kind"), CASES, ids=[f"{r}-zero{s}-world{w}" for s, w, r, _ in CASES]
 )
-def test_matches_single_process(stage, world, run, kind):
-    results = _results(world, f"{run}-zero{stage}")
+def test_matches_single_process(sessions, stage, world, run, kind):
+    results = _results(sessions, world, f"{run}-zero{stage}")
     model, _ = _reference(kind)
     expected = {n: p.detach() for n, p in model.named_parameters()}
     exact = world == 2 or kind == "exact"
@@ -474,9 +508,9 @@ STRADDLE = [(s, w) for w in (2, 3) for s in (1, 2, 3)]
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("stage", "world"), STRADDLE, ids=[f"zero{s}-world{w}" for s, w in STRADDLE])
-def test_partition_cuts_a_weight_mid_row(stage, world):
+def test_partition_cuts_a_weight_mid_row(sessions, stage, world):
     """The exactness above is only meaningful if some partition boundary splits a row of a weight."""
-    results = _results(world, f"fp32-zero{stage}")
+    results = _results(sessions, world, f"fp32-zero{stage}")
     straddles = [
         piece for result in results for tensor in result["state"] for piece in tensor["pieces"] if piece["mid_row"]
     ]
@@ -488,11 +522,11 @@ WALK = [(s, 2, "fp32", "net") for s in (1, 2, 3)] + [(s, 3, "exact", "exact") fo
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("stage", "world", "run", "kind"), WALK, ids=[f"zero{s}-world{w}" for s, w, _, _ in WALK])
-def test_state_is_local_momentum_plus_touched_accumulators(stage, world, run, kind):
+def test_state_is_local_momentum_plus_touched_accumulators(sessions, stage, world, run, kind):
     """Walk the base optimizer's state on every rank: momentum for the partition, accumulators for touched ranges."""
     from sm3_dist import MOMENTUM_KEY, STEP_KEY, accumulator_key
 
-    results = _results(world, f"{run}-zero{stage}")
+    results = _results(sessions, world, f"{run}-zero{stage}")
     _, ref = _reference(kind)
     ref_params = [p for g in ref.param_groups for p in g["params"]]
     shapes = [tuple(p.shape) or (1,) for p in ref_params]
@@ -527,10 +561,10 @@ def test_state_is_local_momentum_plus_touched_accumulators(stage, world, run, ki
 
 
 @pytest.mark.slow
-def test_zero2_round_robin_gradients_matches():
+def test_zero2_round_robin_gradients_matches(sessions):
     """DeepSpeed 0.19's own _hp_mapping is wrong here (parameter order, buffer in round-robin order): SM3 follows
     the buffer, warns, and stays exact."""
-    results = _results(2, "round-robin")
+    results = _results(sessions, 2, "round-robin")
     model, _ = _reference()
     for result in results:
         for name, p in model.named_parameters():
@@ -544,14 +578,14 @@ BF16_CASES = [(s, w) for w in (2, 3) for s in range(4)]
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("stage", "world"), BF16_CASES, ids=[f"zero{s}-world{w}" for s, w in BF16_CASES])
-def test_bf16_momentum_is_bitwise_single_process_and_two_bytes_per_element(stage, world):
+def test_bf16_momentum_is_bitwise_single_process_and_two_bytes_per_element(sessions, stage, world):
     """``"momentum_dtype": "bfloat16"`` in the JSON config: torch.equal to single-process SM3 with bf16 momentum
     (world 2: :class:`Net`; world 3: :class:`ExactNet`), and 2 bytes per local element plus 4 per touched
     accumulator entry on every rank."""
     from sm3_dist import MOMENTUM_KEY, STEP_KEY
 
     kind = "net" if world == 2 else "exact"
-    results = _results(world, f"bf16m-zero{stage}")
+    results = _results(sessions, world, f"bf16m-zero{stage}")
     model, _ = _reference(kind, momentum_dtype=torch.bfloat16)
     fp32_model, _ = _reference(kind)
     differs = False
@@ -580,14 +614,14 @@ def test_bf16_momentum_is_bitwise_single_process_and_two_bytes_per_element(stage
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
-def test_nonfinite_in_one_rank_partition_skips_on_every_rank(world):
+def test_nonfinite_in_one_rank_partition_skips_on_every_rank(sessions, world):
     """An inf (step 2, last rank) and a NaN (step 4, rank 0) in one rank's gradient partition: every rank's
     parameters, fp32 partition and SM3 state stay bitwise unchanged, SM3's ``skipped_steps`` is 2 everywhere, and
     training goes on equal to single-process SM3 that never saw those batches. A NaN in rank 1's input (step 5)
     is caught by DeepSpeed's own overflow check (fp32 ZeRO-2's global-norm check) before SM3 is called: counted
     once, by DeepSpeed."""
     kind = "net" if world == 2 else "exact"
-    results = _results(world, "nonfinite")
+    results = _results(sessions, world, "nonfinite")
     model, _ = _reference(kind, steps=8, skip=(*NONFINITE_PLAN, DEEPSPEED_SKIP_STEP))
     for rank, result in enumerate(results):
         assert result["unchanged"] == {2: True, 4: True, DEEPSPEED_SKIP_STEP: True}, f"rank {rank}"
@@ -599,8 +633,8 @@ def test_nonfinite_in_one_rank_partition_skips_on_every_rank(world):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
-def test_nonfinite_raise_names_the_model_parameter(world):
-    results = _results(world, "raise")
+def test_nonfinite_raise_names_the_model_parameter(sessions, world):
+    results = _results(sessions, world, "raise")
     for rank, result in enumerate(results):
         assert result["message"] is not None, f"rank {rank} did not raise"
         assert result["unchanged"], f"rank {rank}: state changed before the error"
@@ -618,12 +652,12 @@ POISON = [("zero0", "sm3"), ("zero2", "deepspeed"), ("zero3", "deepspeed"), ("ze
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("run", "skipper"), POISON, ids=[r for r, _ in POISON])
-def test_nonfinite_input_is_skipped_once_by_deepspeed_or_by_sm3(run, skipper):
+def test_nonfinite_input_is_skipped_once_by_deepspeed_or_by_sm3(sessions, run, skipper):
     """A NaN in one rank's input. Where DeepSpeed checks the gradients itself (fp32 ZeRO-2/3: the global norm), it
     skips the step before SM3 is called and SM3 counts nothing; where it does not (stage 0 fp32,
     ``compute_grad_norm: false``), SM3 skips on every rank. Either way once, state bitwise unchanged, and the run
     goes on equal to single-process SM3 without that batch."""
-    results = _results(2, f"poison-{run}")
+    results = _results(sessions, 2, f"poison-{run}")
     model, _ = _reference(steps=5, skip=(POISON_STEP,))
     for rank, result in enumerate(results):
         assert result["unchanged"] is True, f"rank {rank}"
@@ -636,12 +670,12 @@ def test_nonfinite_input_is_skipped_once_by_deepspeed_or_by_sm3(run, skipper):
 
 
 @pytest.mark.slow
-def test_unrecoverable_partition_raises_naming_version_and_stage():
+def test_unrecoverable_partition_raises_naming_version_and_stage(sessions):
     for how, reason in [
         ("no_metadata", "no ZeRO partition metadata"),
         ("moved", "do not share one flat buffer"),
     ]:
-        for result in _results(2, f"corrupt:{how}"):
+        for result in _results(sessions, 2, f"corrupt:{how}"):
             message = result["message"]
             assert message is not None, f"{how}: SM3 stepped on a partition it could not map"
             assert f"DeepSpeed {deepspeed.__version__}, ZeRO stage 2" in message

@@ -11,7 +11,8 @@ the resumed run must be ``torch.equal`` to the uninterrupted one.
 
 Everything at world size 2 runs in one spawned session (which also saves the
 checkpoints the universal tests convert); the universal checkpoints are
-converted in the test process and loaded in one spawned session at world size 3.
+converted in the test process and loaded in one spawned session at world size 3
+(each once per pytest run, also under pytest-xdist: ``shared_result``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,19 @@ import pytest
 import torch
 
 from tests.spawn import run_distributed
-from tests.test_deepspeed import ENV, HYPER, ExactNet, Net, _batch, _config, _full_params, _reference, loss_of
+from tests.test_deepspeed import (
+    ENV,
+    HYPER,
+    ExactNet,
+    Net,
+    _batch,
+    _config,
+    _full_params,
+    _reference,
+    loss_of,
+    shared_result,
+    shared_root,
+)
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -297,16 +310,24 @@ def _pick(sessions, name):
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deepspeed-features")
-    return str(root), run_distributed(_session, 2, str(root), env=ENV, timeout=600)
+    root = shared_root(tmp_path_factory) / "deepspeed-features"
+
+    def compute():
+        root.mkdir(exist_ok=True)
+        return run_distributed(_session, 2, str(root), env=ENV, timeout=600)
+
+    return str(root), shared_result(tmp_path_factory, "deepspeed-features-world2", compute)
 
 
 @pytest.fixture(scope="module")
-def world3(world2):
+def world3(world2, tmp_path_factory):
+    return shared_result(tmp_path_factory, "deepspeed-features-world3", lambda: _convert_and_resume(*world2))
+
+
+def _convert_and_resume(root, sessions):
     """Convert the world-size-2 checkpoints (and a copy with the accumulators removed), load them at 3 ranks."""
     from sm3_dist.integrations.deepspeed import UNIVERSAL_KEY, to_universal
 
-    root, sessions = world2
     for name in UNIVERSAL:
         _pick(sessions, f"universal-{name}")
         folder = os.path.join(root, f"universal-{name}")
