@@ -109,17 +109,18 @@ def _exact_batch(step: int) -> tuple[torch.Tensor, ...]:
     )
 
 
-def loss_of(model, kind: str, step: int, poison: bool = False) -> torch.Tensor:
-    """The loss of batch ``step``; ``poison`` puts a NaN into the input (every gradient of the rank turns NaN)."""
+def loss_of(model, kind: str, step: int, poison: bool = False, dtype=torch.float32) -> torch.Tensor:
+    """The loss of batch ``step`` (inputs in ``dtype``); ``poison`` puts a NaN into the input (every gradient of
+    the rank turns NaN)."""
     if kind == "net":
         x, y = _batch(step)
         if poison:
             x[0, 0] = float("nan")
-        return ((model(x) - y) ** 2).mean()
+        return ((model(x.to(dtype)) - y.to(dtype)) ** 2).mean()
     inputs = list(_exact_batch(step))
     if poison:
         inputs[0][0, 0] = float("nan")
-    return model(*inputs)
+    return model(*(t.to(dtype) for t in inputs))
 
 
 def _config(stage: int, params: dict | None = None, **extra) -> dict:

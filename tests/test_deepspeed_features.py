@@ -35,7 +35,6 @@ from tests.test_deepspeed import (
     _batch,
     _config,
     _full_params,
-    _reference,
     loss_of,
     shared_result,
     shared_root,
@@ -101,25 +100,30 @@ def _checkpoint(stage, path):
 
 # ---------------------------------------------------------------------- universal checkpoints (issue 8)
 
+BF16_ENGINE = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
 UNIVERSAL = {
-    "zero1": (1, {}),
-    "zero2": (2, {}),
-    "zero3": (3, {}),
-    "bf16m-zero2": (2, {"momentum_dtype": "bfloat16"}),
+    "zero1": (1, {}, {}),
+    "zero2": (2, {}, {}),
+    "zero3": (3, {}, {}),
+    "bf16m-zero2": (2, {"momentum_dtype": "bfloat16"}, {}),
+    "bf16-zero1": (1, {}, BF16_ENGINE),
 }
-"""Universal-checkpoint cases: name -> (ZeRO stage, SM3 params)."""
+"""Universal-checkpoint cases: name -> (ZeRO stage, SM3 params, engine config). ``bf16-zero1`` is DeepSpeed's
+``BF16_Optimizer`` (``bf16_zero_pp_rank_*`` files): :class:`ExactNet`'s gradients are exact in bf16, so its fp32
+master weights follow single-process fp32 SM3 and the engine's bf16 weights are those rounded."""
 UNIVERSAL_HALF, UNIVERSAL_STEPS = 3, 6
 
 
 def _exact_steps(engine, start, stop):
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     for step in range(start, stop):
-        engine.backward(loss_of(engine, "exact", step))
+        engine.backward(loss_of(engine, "exact", step, dtype=dtype))
         engine.step()
 
 
-def _universal_source(stage, params, path):
+def _universal_source(stage, params, extra, path):
     """Save at step 3 of 6 at world size 2, then go on uninterrupted."""
-    engine, _ = _engine(stage, {}, ExactNet, params)
+    engine, _ = _engine(stage, extra, ExactNet, params)
     _exact_steps(engine, 0, UNIVERSAL_HALF)
     engine.save_checkpoint(path, tag="half")
     _exact_steps(engine, UNIVERSAL_HALF, UNIVERSAL_STEPS)
@@ -128,9 +132,9 @@ def _universal_source(stage, params, path):
     return out
 
 
-def _universal_resume(stage, params, path):
+def _universal_resume(stage, params, extra, path):
     """Load the converted checkpoint (``latest_universal``) at this world size and finish the run."""
-    engine, _ = _engine(stage, {"checkpoint": {"load_universal": True}}, ExactNet, params)
+    engine, _ = _engine(stage, {**extra, "checkpoint": {"load_universal": True}}, ExactNet, params)
     engine.load_checkpoint(path)
     try:
         _exact_steps(engine, UNIVERSAL_HALF, UNIVERSAL_STEPS)
@@ -271,9 +275,9 @@ def _world2_runs(root):
     runs["scheduler"] = lambda: _train(2, {"scheduler": SCHEDULER})
     for stage in range(4):
         runs[f"checkpoint-zero{stage}"] = lambda s=stage: _checkpoint(s, os.path.join(root, f"checkpoint-zero{s}"))
-    for name, (stage, params) in UNIVERSAL.items():
+    for name, (stage, params, extra) in UNIVERSAL.items():
         path = os.path.join(root, f"universal-{name}")
-        runs[f"universal-{name}"] = lambda s=stage, p=params, d=path: _universal_source(s, p, d)
+        runs[f"universal-{name}"] = lambda s=stage, p=params, e=extra, d=path: _universal_source(s, p, e, d)
     runs["accelerate"] = _accelerate_offload
     for name in LAUNCH_JSONS:
         runs[f"json-{name}"] = lambda n=name: _launch_json(n)
@@ -282,11 +286,11 @@ def _world2_runs(root):
 
 def _world3_runs(root):
     runs = {}
-    for name, (stage, params) in UNIVERSAL.items():
+    for name, (stage, params, extra) in UNIVERSAL.items():
         path = os.path.join(root, f"universal-{name}")
-        runs[f"universal-{name}"] = lambda s=stage, p=params, d=path: _universal_resume(s, p, d)
-    runs["no-accumulators"] = lambda: _universal_resume(2, {}, os.path.join(root, "no-accumulators"))
-    runs["momentum-dtype"] = lambda: _universal_resume(2, {}, os.path.join(root, "universal-bf16m-zero2"))
+        runs[f"universal-{name}"] = lambda s=stage, p=params, e=extra, d=path: _universal_resume(s, p, e, d)
+    runs["no-accumulators"] = lambda: _universal_resume(2, {}, {}, os.path.join(root, "no-accumulators"))
+    runs["momentum-dtype"] = lambda: _universal_resume(2, {}, {}, os.path.join(root, "universal-bf16m-zero2"))
     return runs
 
 
@@ -350,6 +354,24 @@ def _compare(results, expected, exact=True, atol=0.0):
                 assert torch.equal(value, expected[name]), f"rank {rank}: {name}"
             else:
                 torch.testing.assert_close(value, expected[name], rtol=0, atol=atol)
+
+
+def _exact_reference(momentum_dtype, weight_dtype):
+    """Single-process SM3 on :class:`ExactNet` from the initial weights rounded to ``weight_dtype`` (DeepSpeed's
+    fp32 master weights start from the low-precision model's)."""
+    from sm3_dist import SM3
+
+    torch.manual_seed(0)
+    model = ExactNet()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(weight_dtype).float())
+    opt = SM3(model.parameters(), **HYPER, momentum_dtype=momentum_dtype)
+    for step in range(UNIVERSAL_STEPS):
+        opt.zero_grad()
+        loss_of(model, "exact", step).backward()
+        opt.step()
+    return model
 
 
 def _reference_loop(gas=1, dtype=torch.float32, clip=0.0, schedule=None):
@@ -446,9 +468,10 @@ def test_checkpoint_round_trip_resumes_identically(world2, stage):
 def test_universal_checkpoint_resumes_at_another_world_size(world2, world3, name):
     """Saved at 2 ranks, converted with ``to_universal``, loaded at 3: bitwise the uninterrupted 2-rank run and
     single-process SM3 (the accumulators, momentum, its dtype and the step count all carried over)."""
-    _, params = UNIVERSAL[name]
+    _, params, extra = UNIVERSAL[name]
     momentum_dtype = torch.bfloat16 if params else torch.float32
-    model, _ = _reference("exact", steps=UNIVERSAL_STEPS, momentum_dtype=momentum_dtype)
+    weight_dtype = torch.bfloat16 if extra else torch.float32
+    model = _exact_reference(momentum_dtype, weight_dtype)
     straight = _pick(world2[1], f"universal-{name}")
     resumed = _pick(world3, f"universal-{name}")
     assert len(resumed) == 3
@@ -457,7 +480,8 @@ def test_universal_checkpoint_resumes_at_another_world_size(world2, world3, name
         assert result["steps"] == [float(UNIVERSAL_STEPS)]
     for result in [*straight, *resumed]:
         for n, p in model.named_parameters():
-            assert torch.equal(result["params"][n], p.detach()), n
+            assert result["params"][n].dtype == weight_dtype
+            assert torch.equal(result["params"][n], p.detach().to(weight_dtype)), n
 
 
 @pytest.mark.slow
