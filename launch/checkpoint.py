@@ -33,7 +33,8 @@ makes a run fail on purpose, for the reliability tests only: a comma-separated
 list of ``ACTION@POINT:STEP[:RANK]`` (rank 0 if omitted). ``ACTION`` is
 ``kill`` (SIGKILL to the whole process group: start the job in its own
 session), ``hang`` (sleep forever), ``exit`` (``os._exit(17)``) or ``nan``
-(fill this rank's gradients with NaN; point ``grad`` only). ``POINT`` is
+(fill this rank's gradients with NaN; point ``grad`` only, which DeepSpeed
+runs skip: their engine reduces gradients inside backward). ``POINT`` is
 ``step`` (start of a training step), ``grad`` (after backward, before the
 optimizer step), ``staged`` (every rank has written, no manifest yet),
 ``manifest`` (manifest and marker written, not renamed) or ``renamed`` (renamed,

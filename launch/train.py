@@ -30,9 +30,10 @@ checkpoint is refused before anything is loaded (exit code 2; ``auto`` falls
 back to an older one and says so). ``--pg-timeout`` bounds every collective, so
 a dead or hung rank stops the job with an error naming the timeout instead of
 hanging it; a watchdog (``--step-timeout``) ends a rank whose step, evaluation
-or checkpoint makes no progress, for waits that no process-group timeout
-covers (DeepSpeed's CPU shared-memory all-reduce spins without one). Each ``train`` record carries the optimizer's ``skipped_steps``
-(steps skipped together for a non-finite gradient).
+or checkpoint makes no progress, for waits that no process-group timeout covers
+(DeepSpeed's CPU shared-memory all-reduce spins without one). Each ``train``
+record carries the optimizer's ``skipped_steps`` (steps skipped together for a
+non-finite gradient).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ TRAINER_FILE = "trainer.pt"
 DONE_FILE = checkpoint.DONE_FILE
 DEFAULT_PG_TIMEOUT_S = 600.0
 STARTUP_TIMEOUT_S = 1800.0
-"""The watchdog's allowance for startup (imports, DeepSpeed's op builds, loading a checkpoint), if above ``--step-timeout``."""
+"""The watchdog's allowance for startup (imports, DeepSpeed's op builds, loading a checkpoint), if above
+``--step-timeout``."""
 
 __all__ = ["OPTIMIZERS", "SETUPS", "UsageError", "build_parser", "main"]
 
@@ -1096,7 +1098,8 @@ class Trainer:
                 raise
             timeout = f"--pg-timeout {self.args.pg_timeout:g} s"
             if kind == "timeout":
-                why = f"a collective did not complete within the process-group timeout ({timeout}): another rank hung or died"
+                why = f"a collective did not complete within the process-group timeout ({timeout})"
+                why += ": another rank hung or died"
             else:
                 why = f"a collective lost its connection to another rank, which died or was killed ({timeout})"
             raise RuntimeError(f"rank {self.rank}, step {step} ({what}): {why}. Cause: {e}") from e

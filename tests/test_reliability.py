@@ -361,8 +361,6 @@ HANGS = [
     ("sharded", "hang@step:4:1", 3, PG_TIMEOUT,
      "rank 0, step 4 (training step): a collective did not complete within the process-group timeout "
      "(--pg-timeout 5 s): another rank hung or died"),
-    ("fsdp2", "hang@staged:4:1", 4, PG_TIMEOUT,
-     "rank 0, step 4 (checkpoint): a collective did not complete within the process-group timeout (--pg-timeout 5 s)"),
     # DeepSpeed's CPU all-reduce spins on shared memory with no timeout: the watchdog ends it
     ("deepspeed", "hang@step:4:1", 3, STEP_TIMEOUT,
      "step 4 made no progress for 10 s (--step-timeout 10 s): another rank died or hung"),
