@@ -278,6 +278,8 @@ def _world2_runs(root):
     for name, (stage, params, extra) in UNIVERSAL.items():
         path = os.path.join(root, f"universal-{name}")
         runs[f"universal-{name}"] = lambda s=stage, p=params, e=extra, d=path: _universal_source(s, p, e, d)
+    rr = {"zero_optimization": {"round_robin_gradients": True}}
+    runs["universal-round-robin"] = lambda: _universal_source(2, {}, rr, os.path.join(root, "universal-round-robin"))
     runs["accelerate"] = _accelerate_offload
     for name in LAUNCH_JSONS:
         runs[f"json-{name}"] = lambda n=name: _launch_json(n)
@@ -535,6 +537,10 @@ def test_to_universal_refuses_what_it_cannot_convert(world2, tmp_path):
         ValueError, match=r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: the optimizer state was not saved"
     ):
         to_universal(str(foreign), str(tmp_path / "out"))
+    # round-robin gradients: DeepSpeed 0.19's partition map is wrong, its universal checkpoint would be too
+    _pick(world2[1], "universal-round-robin")
+    with pytest.raises(ValueError, match=r"disagrees with SM3's layout .* round_robin_gradients"):
+        to_universal(os.path.join(root, "universal-round-robin", "half"), str(tmp_path / "out"))
 
 
 @pytest.mark.slow
