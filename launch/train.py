@@ -571,6 +571,7 @@ class Watchdog:
     """
 
     def __init__(self, timeout: float, rank: int) -> None:
+        import atexit
         import threading
 
         self.timeout = timeout
@@ -578,8 +579,11 @@ class Watchdog:
         self._label = ""
         self._allowed = timeout
         self._deadline: float | None = None
+        self._stopped = False
         self._cond = threading.Condition()
-        threading.Thread(target=self._watch, name="sm3-dist-watchdog", daemon=True).start()
+        self._thread = threading.Thread(target=self._watch, name="sm3-dist-watchdog", daemon=True)
+        self._thread.start()
+        atexit.register(self.stop)
 
     def beat(self, label: str, timeout: float | None = None) -> None:
         """Progress: ``label`` (what runs now) has ``timeout`` seconds (default: the watchdog's) to the next beat."""
@@ -594,18 +598,20 @@ class Watchdog:
         faulthandler.dump_traceback_later(timeout + 10.0, exit=True)
 
     def stop(self) -> None:
+        """End the watch and its thread (a daemon thread still waiting at interpreter exit can abort it)."""
         import faulthandler
 
         with self._cond:
-            self._deadline = None
+            self._stopped = True
             self._cond.notify()
+        self._thread.join()
         faulthandler.cancel_dump_traceback_later()
 
     def _watch(self) -> None:
         import faulthandler
 
         with self._cond:
-            while True:
+            while not self._stopped:
                 if self._deadline is None:
                     self._cond.wait()
                     continue
