@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--checkpoint-every", type=int, default=500, help="0: no checkpoints during the soak")
-    p.add_argument("--warmup-steps", type=int, default=200, help="RSS is expected flat from this step on")
+    p.add_argument("--warmup-steps", type=int, default=500, help="RSS is expected flat from this step on")
     p.add_argument("--window", type=int, default=500, help="steps per step-time window")
     p.add_argument("--sample-every", type=float, default=0.25, help="seconds between RSS samples")
     p.add_argument("--rss-tolerance", type=float, default=0.05, help="allowed RSS growth after warm-up (fraction)")
