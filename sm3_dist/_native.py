@@ -42,8 +42,9 @@ MOMENTUM_NONE = 0
 FLAG_WD = 1
 FLAG_BETA = 2
 FLAG_EPS = 4
-META_FIELDS = 11
-"""Per block: w, g, m, rowmin, colacc, rowmax, colmax pointers; rows; cols; param dtype; momentum kind."""
+META_FIELDS = 12
+"""Per block: w, g, m, rowmin, colacc, rowmax, colmax pointers; rows; cols; param dtype; momentum kind; and
+whether rowmax/colmax keep the max of their old values and the new maxima (else they are overwritten)."""
 
 _SOURCE = r"""
 #include <cstdint>
@@ -160,7 +161,7 @@ struct Block {
   const float* colacc;
   float* rowmax;
   float* colmax;
-  int64_t rows, cols, pdtype, mkind;
+  int64_t rows, cols, pdtype, mkind, keep_max;
 };
 
 template <class V>
@@ -246,6 +247,25 @@ TileFn pick_momentum(int64_t mkind, int64_t flags) {
   return pick_flags<PT, float, false>(flags);
 }
 
+// out[j] = max over k < n of parts[k * len + j] (and of out[j] itself with keep_max). The values are
+// maxima of nu or accumulators (+0..+inf or NaN), for which max_nu is a NaN-propagating max.
+void combine_partials(const float* parts, int64_t n, int64_t len, float* out, bool keep_max) {
+  typedef SM3_VEC V;
+  int64_t j = 0;
+  for (; j + V::W <= len; j += V::W) {
+    typename V::F r = V::ld(parts + j);
+    for (int64_t k = 1; k < n; ++k) r = V::max_nu(r, V::ld(parts + k * len + j));
+    if (keep_max) r = V::max_nu(V::ld(out + j), r);
+    V::st(out + j, r);
+  }
+  for (; j < len; ++j) {
+    float r = parts[j];
+    for (int64_t k = 1; k < n; ++k) r = VS::max_nu(r, parts[k * len + j]);
+    if (keep_max) r = VS::max_nu(out[j], r);
+    out[j] = r;
+  }
+}
+
 struct Tile {
   int32_t block;
   int32_t rc, cc;
@@ -260,7 +280,7 @@ struct Plan {
 
 }  // namespace
 
-extern "C" int sm3_native_abi() { return 2; }
+extern "C" int sm3_native_abi() { return 3; }
 
 namespace {
 // exponent bits all ones: inf or NaN. A max-reduction of the masked exponents, which vectorizes.
@@ -289,7 +309,9 @@ extern "C" int64_t sm3_native_first_nonfinite(const int64_t* ptrs, const int64_t
   const int64_t nspans = int64_t(spans.size());
   std::atomic<int64_t> cursor(0);
   auto work = [&]() {
-    for (int64_t t; (t = cursor.fetch_add(1, std::memory_order_relaxed)) < nspans;) {
+    // last span first: the step that follows starts with the first tensors, whose gradients are then in cache
+    for (int64_t k; (k = cursor.fetch_add(1, std::memory_order_relaxed)) < nspans;) {
+      const int64_t t = nspans - 1 - k;
       const Span& s = spans[t];
       const int64_t len = s.end - s.begin;
       if (kinds[s.tensor] == 0)
@@ -315,7 +337,7 @@ extern "C" int64_t sm3_native_first_nonfinite(const int64_t* ptrs, const int64_t
   return -1;
 }
 
-// meta: nblocks x 11 int64 (see META_FIELDS); hyper: lr, momentum, 1 - momentum, beta, 1 - beta, eps, weight_decay, sign
+// meta: nblocks x 12 int64 (see META_FIELDS); hyper: lr, momentum, 1 - momentum, beta, 1 - beta, eps, weight_decay, sign
 extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const double* hyper, int64_t flags,
                                int64_t num_threads, int64_t tile_elems) {
   Hyper hs{float(hyper[0]), float(hyper[1]), float(hyper[2]), float(hyper[3]),
@@ -325,7 +347,7 @@ extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const doubl
   std::vector<Tile> tiles;
   int64_t scratch = 0, total = 0;
   for (int64_t k = 0; k < nblocks; ++k) {
-    const int64_t* f = meta + k * 11;
+    const int64_t* f = meta + k * 12;
     Block& b = blocks[k];
     b.w = reinterpret_cast<void*>(f[0]);
     b.g = reinterpret_cast<const void*>(f[1]);
@@ -338,6 +360,7 @@ extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const doubl
     b.cols = f[8];
     b.pdtype = f[9];
     b.mkind = f[10];
+    b.keep_max = f[11];
     if (b.rows <= 0 || b.cols <= 0) return 1;
     total += b.rows * b.cols;
     Plan& p = plans[k];
@@ -351,8 +374,7 @@ extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const doubl
     }
     p.nrc = (b.rows + p.rb - 1) / p.rb;
     p.ncc = (b.cols + p.cb - 1) / p.cb;
-    if (p.ncc > 1) scratch += p.ncc * b.rows;
-    if (p.nrc > 1) scratch += p.nrc * b.cols;
+    scratch += p.ncc * b.rows + p.nrc * b.cols;
     for (int64_t rc = 0; rc < p.nrc; ++rc)
       for (int64_t cc = 0; cc < p.ncc; ++cc) tiles.push_back(Tile{int32_t(k), int32_t(rc), int32_t(cc)});
   }
@@ -361,8 +383,11 @@ extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const doubl
   for (int64_t k = 0; k < nblocks; ++k) {
     Plan& p = plans[k];
     const Block& b = blocks[k];
-    if (p.ncc > 1) { p.rowpart = next; next += p.ncc * b.rows; } else { p.rowpart = b.rowmax; }
-    if (p.nrc > 1) { p.colpart = next; next += p.nrc * b.cols; } else { p.colpart = b.colmax; }
+    // partial maxima go to scratch: rowmax/colmax may be the accumulators rowmin/colacc themselves
+    p.rowpart = next;
+    next += p.ncc * b.rows;
+    p.colpart = next;
+    next += p.nrc * b.cols;
   }
   const int64_t ntiles = int64_t(tiles.size());
   std::atomic<int64_t> cursor(0);
@@ -373,8 +398,7 @@ extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const doubl
       const Plan& p = plans[tl.block];
       int64_t r0 = tl.rc * p.rb, r1 = std::min(b.rows, r0 + p.rb);
       int64_t c0 = tl.cc * p.cb, c1 = std::min(b.cols, c0 + p.cb);
-      p.fn(b, hs, r0, r1, c0, c1, p.rowpart + (p.ncc > 1 ? tl.cc * b.rows : 0),
-           p.colpart + (p.nrc > 1 ? tl.rc * b.cols : 0));
+      p.fn(b, hs, r0, r1, c0, c1, p.rowpart + tl.cc * b.rows, p.colpart + tl.rc * b.cols);
     }
   };
   // waking a thread team costs more than a small step: one thread per tile's worth of elements at most
@@ -389,24 +413,12 @@ extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const doubl
 #else
   work();
 #endif
-  // combine the partial maxima of blocks cut into several tiles (max is exact: any order gives the same bits)
+  // every accumulator has been read: write the maxima, combining the partials of blocks cut into tiles
   for (int64_t k = 0; k < nblocks; ++k) {
     const Plan& p = plans[k];
     const Block& b = blocks[k];
-    if (p.ncc > 1) {
-      for (int64_t i = 0; i < b.rows; ++i) {
-        float r = p.rowpart[i];
-        for (int64_t cc = 1; cc < p.ncc; ++cc) r = VS::max_nan(r, p.rowpart[cc * b.rows + i]);
-        b.rowmax[i] = r;
-      }
-    }
-    if (p.nrc > 1) {
-      for (int64_t j = 0; j < b.cols; ++j) {
-        float r = p.colpart[j];
-        for (int64_t rc = 1; rc < p.nrc; ++rc) r = VS::max_nan(r, p.colpart[rc * b.cols + j]);
-        b.colmax[j] = r;
-      }
-    }
+    combine_partials(p.rowpart, p.ncc, b.rows, b.rowmax, b.keep_max != 0);
+    combine_partials(p.colpart, p.nrc, b.cols, b.colmax, b.keep_max != 0);
   }
   return 0;
 }
@@ -481,7 +493,7 @@ def load() -> ctypes.CDLL | None:
                 if cxx is None:
                     raise RuntimeError("no C++ compiler found (set CXX)")
                 lib = ctypes.CDLL(str(_build(cxx)))
-                if lib.sm3_native_abi() != 2:
+                if lib.sm3_native_abi() != 3:
                     raise RuntimeError("stale library")
                 lib.sm3_native_first_nonfinite.restype = ctypes.c_int64
                 lib.sm3_native_first_nonfinite.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3

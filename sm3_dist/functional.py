@@ -21,9 +21,10 @@ rank-0 or rank-1 tensor this is one accumulator per element (diagonal AdaGrad).
    &w \leftarrow w - \text{lr} \cdot u
    \end{aligned}
 
-The maxima are *returned*, not written: a caller holding a whole tensor assigns
-them to the accumulators, a caller holding a shard combines them with the other
-shards' by an exact ``all_reduce(MAX)`` first. Everything here runs on the
+The maxima are *returned* (or written where the caller says, ``maxima_out``): a
+caller holding a whole tensor assigns them to the accumulators, a caller holding
+a shard combines them with the other shards' by an exact ``all_reduce(MAX)``
+first. Everything here runs on the
 tensors it is given and never communicates, so a sharded step computes exactly
 what a single-process step computes for the same elements.
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import ctypes
 import types
+from array import array
 from collections.abc import Callable, Sequence
 
 import torch
@@ -52,7 +54,7 @@ from torch import Tensor
 
 from sm3_dist import _native
 
-__all__ = ["first_nonfinite", "sm3", "sm3_sparse_rows_"]
+__all__ = ["NativeBatch", "first_nonfinite", "sm3", "sm3_sparse_rows_", "store_maxima"]
 
 
 def _min_over_covers(accumulators: Sequence[Tensor], shape: torch.Size) -> Tensor:
@@ -237,15 +239,122 @@ _POS_INF: dict[torch.device, Tensor] = {}
 
 def _native_eligible(p: Tensor, g: Tensor, m: Tensor | None, accs: Sequence[Tensor]) -> bool:
     return (
-        p.device.type == "cpu"
-        and p.numel() > 0
+        p.is_cpu
+        and g.is_cpu
         and p.dtype in _NATIVE_DTYPES
         and g.dtype == p.dtype
-        and g.device.type == "cpu"
         and p.is_contiguous()
         and g.is_contiguous()
-        and (m is None or (m.dtype in _NATIVE_DTYPES and m.is_contiguous() and m.device.type == "cpu"))
-        and all(a.dtype == torch.float32 and a.is_contiguous() and a.device.type == "cpu" for a in accs)
+        and p.numel() > 0
+        and (m is None or (m.is_cpu and m.dtype in _NATIVE_DTYPES and m.is_contiguous()))
+        and all(a.is_cpu and a.dtype == torch.float32 and a.is_contiguous() for a in accs)
+    )
+
+
+def _native_geometry(p: Tensor, accs: Sequence[Tensor]) -> tuple[int, int, Tensor, Tensor]:
+    """A block as the kernel sees it: ``rows, cols``, the row minima ``min_(d < last) mu_d`` and ``mu_last``."""
+    if p.ndim <= 1:
+        inf = _POS_INF.get(p.device)
+        if inf is None:
+            inf = _POS_INF[p.device] = torch.full((1,), float("inf"), dtype=torch.float32)
+        return 1, p.numel(), inf, accs[0]
+    if p.ndim == 2:
+        return p.shape[0], p.shape[1], accs[0], accs[1]
+    rowmin = _min_over_covers(accs[:-1], p.shape[:-1]).reshape(-1)
+    return rowmin.numel(), p.shape[-1], rowmin, accs[-1]
+
+
+def _native_run(lib, meta: array, nblocks: int, lr, momentum, beta, eps, weight_decay, maximize) -> None:
+    """One call of the native kernel on ``nblocks`` blocks described by ``meta``."""
+    hyper = (ctypes.c_double * 8)(
+        float(lr), momentum, 1.0 - momentum, beta, 1.0 - beta, eps, weight_decay, -1.0 if maximize else 1.0
+    )
+    flags = (
+        (_native.FLAG_WD if weight_decay != 0.0 else 0)
+        | (_native.FLAG_BETA if beta > 0.0 else 0)
+        | (_native.FLAG_EPS if eps > 0.0 else 0)
+    )
+    status = lib.sm3_native_step(
+        meta.buffer_info()[0], nblocks, ctypes.addressof(hyper), flags, torch.get_num_threads(), _NATIVE_TILE_ELEMS
+    )
+    if status != 0:
+        raise RuntimeError(f"native SM3 kernel failed with status {status}")
+
+
+class NativeBatch:
+    """Repeated native steps of one fixed list of whole dense CPU blocks, maxima written into their accumulators.
+
+    What stays the same from step to step (shapes, dtypes, the kernel's
+    argument array) is prepared once; each :meth:`step` re-reads the data
+    pointers and checks what could have changed (a parameter's ``.data``
+    swapped, a gradient's dtype or layout) before calling the kernel, and
+    returns ``False`` without touching anything when the batch no longer fits.
+    It computes exactly what :func:`sm3` with ``fused=True`` and
+    ``maxima_out=accumulators`` computes.
+    """
+
+    def __init__(self, lib, params, momentum_buffers, accumulators, keep_max: bool) -> None:
+        self._lib = lib
+        self._params = list(params)
+        self._buffers = list(momentum_buffers)
+        self._accumulators = [list(accs) for accs in accumulators]
+        self._dtypes = [p.dtype for p in params]
+        sink = torch.empty(1, dtype=torch.float32)  # the row maximum of rank-1 blocks
+        self._keep = [sink]  # tensors whose pointers the argument array holds
+        meta = []
+        for p, m, accs in zip(self._params, self._buffers, self._accumulators):
+            rows, cols, rowmin, _ = _native_geometry(p, accs)
+            self._keep.append(rowmin)
+            meta += [0, 0, 0, rowmin.data_ptr(), 0, 0 if p.ndim == 2 else sink.data_ptr(), 0, rows, cols]
+            meta += [_NATIVE_DTYPES[p.dtype], _NATIVE_MOMENTUM[None if m is None else m.dtype], int(keep_max)]
+        self._meta = array("q", meta)
+        self._rank2 = [i for i, p in enumerate(self._params) if p.ndim == 2]
+
+    @classmethod
+    def build(cls, params, momentum_buffers, accumulators, keep_max: bool = False) -> NativeBatch | None:
+        """A batch for these blocks, or ``None`` when the native kernel is off or cannot take them all."""
+        lib = _native.load() if params and all(p.is_cpu for p in params) else None
+        if lib is None:
+            return None
+        for p, m, accs in zip(params, momentum_buffers, accumulators):
+            if p.ndim > 2 or not _native_eligible(p, p, m, accs):
+                return None
+        return cls(lib, params, momentum_buffers, accumulators, keep_max)
+
+    def holds(self, params, momentum_buffers, accumulators) -> bool:
+        """Whether this batch was built for exactly these tensors (the same objects, in the same order)."""
+        return (
+            len(params) == len(self._params)
+            and all(a is b for a, b in zip(params, self._params))
+            and all(a is b for a, b in zip(momentum_buffers, self._buffers))
+            and all(a is b for accs, mine in zip(accumulators, self._accumulators) for a, b in zip(accs, mine))
+        )
+
+    def step(self, grads: Sequence[Tensor], *, lr, momentum, beta, eps, weight_decay, maximize) -> bool:
+        params, dtypes = self._params, self._dtypes
+        if len(grads) != len(params) or not all(
+            g.dtype == d and p.dtype == d and g.is_contiguous() and p.is_contiguous() and g.shape == p.shape
+            for g, p, d in zip(grads, params, dtypes)
+        ):
+            return False
+        meta = self._meta
+        meta[0::12] = array("q", [p.data_ptr() for p in params])
+        meta[1::12] = array("q", [g.data_ptr() for g in grads])
+        meta[2::12] = array("q", [0 if m is None else m.data_ptr() for m in self._buffers])
+        colacc = array("q", [accs[-1].data_ptr() for accs in self._accumulators])
+        meta[4::12] = colacc
+        meta[6::12] = colacc
+        for i in self._rank2:
+            meta[12 * i + 3] = meta[12 * i + 5] = self._accumulators[i][0].data_ptr()
+        _native_run(self._lib, meta, len(params), lr, momentum, beta, eps, weight_decay, maximize)
+        return True
+
+
+def _native_outputs(outs: Sequence[Tensor], accs: Sequence[Tensor]) -> bool:
+    """Whether the kernel can write a block's maxima into ``outs`` itself."""
+    return len(outs) == len(accs) and all(
+        o.is_cpu and o.dtype == torch.float32 and o.is_contiguous() and o.numel() == a.numel()
+        for o, a in zip(outs, accs)
     )
 
 
@@ -262,70 +371,65 @@ def _native_sm3(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    maxima_out: Sequence[Sequence[Tensor]] | None = None,
+    keep_max: bool = False,
 ) -> list[tuple[Tensor, ...] | None]:
     """The blocks the one-pass C++ kernel takes (CPU, contiguous, fp32/bf16); ``None`` for the others.
 
     Each block is viewed as ``rows x cols`` (its last dimension against the
     others, whose ``min_d mu_d`` is formed here for rank > 2); the kernel
     returns the row and column maxima, from which the maxima per dimension
-    follow by exact max reductions.
+    follow by exact max reductions. Blocks of rank <= 2 whose ``maxima_out``
+    the kernel wrote itself (after reading every accumulator) get ``()``.
     """
     results: list[tuple[Tensor, ...] | None] = [None] * len(params)
     taken = []
     for i, (p, g, m, accs) in enumerate(zip(params, grads, momentum_buffers, accumulators)):
         if not _native_eligible(p, g, m, accs):
             continue
-        if p.ndim <= 1:
-            inf = _POS_INF.get(p.device)
-            if inf is None:
-                inf = _POS_INF[p.device] = torch.full((1,), float("inf"), dtype=torch.float32)
-            rows, cols, rowmin, colacc = 1, p.numel(), inf, accs[0]
-        elif p.ndim == 2:
-            rows, cols, rowmin, colacc = p.shape[0], p.shape[1], accs[0], accs[1]
-        else:
-            rowmin = _min_over_covers(accs[:-1], p.shape[:-1]).reshape(-1)
-            rows, cols, colacc = rowmin.numel(), p.shape[-1], accs[-1]
-        taken.append((i, rows, cols, rowmin, colacc))
+        direct = None
+        if maxima_out is not None and p.ndim <= 2 and _native_outputs(maxima_out[i], accs):
+            direct = maxima_out[i]
+        taken.append((i, *_native_geometry(p, accs), direct))
     if not taken:
         return results
-    out = torch.empty(sum(r + c for _, r, c, _, _ in taken), dtype=torch.float32)
+    # the new row and column maxima of the blocks not written in place, side by side in one buffer
+    lengths = [n for _, rows, cols, _, _, direct in taken if direct is None for n in (rows, cols)]
+    out = torch.empty(sum(lengths), dtype=torch.float32)
+    out_ptr = out.data_ptr()
+    sink = torch.empty(1, dtype=torch.float32)  # the row maximum of a rank-1 block written in place
     meta = []
-    maxima_views = []
     offset = 0
-    for i, rows, cols, rowmin, colacc in taken:
-        rowmax, colmax = out[offset : offset + rows], out[offset + rows : offset + rows + cols]
-        offset += rows + cols
-        maxima_views.append((i, rowmax, colmax))
+    for i, rows, cols, rowmin, colacc, direct in taken:
         p, g, m = params[i], grads[i], momentum_buffers[i]
+        if direct is None:
+            rowmax, colmax, mode = out_ptr + 4 * offset, out_ptr + 4 * (offset + rows), 0
+            offset += rows + cols
+        else:
+            rowmax = direct[0].data_ptr() if len(direct) == 2 else sink.data_ptr()
+            colmax, mode = direct[-1].data_ptr(), int(keep_max)
+            results[i] = ()
         meta += [
             p.data_ptr(),
             g.data_ptr(),
             0 if m is None else m.data_ptr(),
             rowmin.data_ptr(),
             colacc.data_ptr(),
-            rowmax.data_ptr(),
-            colmax.data_ptr(),
+            rowmax,
+            colmax,
             rows,
             cols,
             _NATIVE_DTYPES[p.dtype],
             _NATIVE_MOMENTUM[None if m is None else m.dtype],
+            mode,
         ]
-    meta_t = torch.tensor(meta, dtype=torch.int64)
-    lr_value = float(lr)
-    hyper = (ctypes.c_double * 8)(
-        lr_value, momentum, 1.0 - momentum, beta, 1.0 - beta, eps, weight_decay, -1.0 if maximize else 1.0
-    )
-    flags = (
-        (_native.FLAG_WD if weight_decay != 0.0 else 0)
-        | (_native.FLAG_BETA if beta > 0.0 else 0)
-        | (_native.FLAG_EPS if eps > 0.0 else 0)
-    )
-    status = lib.sm3_native_step(
-        meta_t.data_ptr(), len(taken), ctypes.addressof(hyper), flags, torch.get_num_threads(), _NATIVE_TILE_ELEMS
-    )
-    if status != 0:
-        raise RuntimeError(f"native SM3 kernel failed with status {status}")
-    for i, rowmax, colmax in maxima_views:
+    meta_t = array("q", meta)
+    _native_run(lib, meta_t, len(taken), lr, momentum, beta, eps, weight_decay, maximize)
+    views = iter(out.split(lengths))
+    for i, *_, direct in taken:
+        if direct is not None:
+            continue
+        rowmax, colmax = next(views), next(views)
         shape = params[i].shape
         if len(shape) <= 1:
             results[i] = (colmax,)
@@ -370,6 +474,8 @@ def _fused_sm3(
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor | None],
     accumulators: Sequence[Sequence[Tensor]],
+    maxima_out: Sequence[Sequence[Tensor]] | None = None,
+    keep_max: bool = False,
     **hyper,
 ) -> list[tuple[Tensor, ...]]:
     """The fused step: CPU blocks through the one-pass native kernel, the rest through :func:`torch.compile`.
@@ -381,7 +487,9 @@ def _fused_sm3(
     results: list[tuple[Tensor, ...] | None] = [None] * len(params)
     lib = _native.load() if any(p.device.type == "cpu" for p in params) else None
     if lib is not None:
-        results = _native_sm3(lib, params, grads, momentum_buffers, accumulators, **hyper)
+        results = _native_sm3(
+            lib, params, grads, momentum_buffers, accumulators, maxima_out=maxima_out, keep_max=keep_max, **hyper
+        )
     rest = [i for i, r in enumerate(results) if r is None]
     if rest:
         compiled = _compiled_sm3(
@@ -451,7 +559,9 @@ def sm3(
     maximize: bool,
     foreach: bool = False,
     fused: bool = False,
-) -> list[tuple[Tensor, ...]]:
+    maxima_out: Sequence[Sequence[Tensor]] | None = None,
+    keep_max: bool = False,
+) -> list[tuple[Tensor, ...]] | None:
     """One SM3 step on a list of dense blocks; returns each block's maxima per dimension.
 
     ``params[i]``, ``grads[i]`` and ``momentum_buffers[i]`` (``None`` when
@@ -461,6 +571,12 @@ def sm3(
     in place (computed in fp32, written back in their own dtypes); the returned
     ``maxima[i][d]`` are the new values of that slice of ``mu_d`` as far as this
     block can see them.
+
+    With ``maxima_out`` the maxima are written into ``maxima_out[i][d]`` instead
+    (their elementwise max with the old values under ``keep_max``) and ``None``
+    is returned. ``maxima_out[i]`` may be ``accumulators[i]`` itself: every
+    accumulator is read before any maximum is written. The outputs of one block
+    must not overlap another block's accumulators or outputs.
     """
     if foreach and fused:
         raise ValueError("foreach and fused cannot both be True")
@@ -471,12 +587,43 @@ def sm3(
             raise ValueError(
                 f"accumulators[{i}] have lengths {[a.numel() for a in accs]}, expected {list(g.shape or (1,))}"
             )
+    if maxima_out is not None and len(maxima_out) != len(params):
+        raise ValueError(f"maxima_out has {len(maxima_out)} entries for {len(params)} blocks")
     hyper = dict(lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay, maximize=maximize)
     if fused:
-        return _fused_sm3(params, grads, momentum_buffers, accumulators, **hyper)
-    if foreach:
-        return _foreach_sm3(params, grads, momentum_buffers, accumulators, **hyper)
-    return _single_tensor_sm3(params, grads, momentum_buffers, accumulators, **hyper)
+        maxima = _fused_sm3(
+            params, grads, momentum_buffers, accumulators, maxima_out=maxima_out, keep_max=keep_max, **hyper
+        )
+    elif foreach:
+        maxima = _foreach_sm3(params, grads, momentum_buffers, accumulators, **hyper)
+    else:
+        maxima = _single_tensor_sm3(params, grads, momentum_buffers, accumulators, **hyper)
+    if maxima_out is None:
+        return maxima
+    # blocks the native kernel wrote itself come back as ()
+    store_maxima(
+        [o for outs, new in zip(maxima_out, maxima) if new for o in outs],
+        [m for new in maxima if new for m in new],
+        keep_max,
+    )
+    return None
+
+
+def store_maxima(accumulators: list[Tensor], maxima: list[Tensor], keep_max: bool = False) -> None:
+    """``accumulators[k] <- maxima[k]`` (their elementwise max under ``keep_max``), batched where it can be."""
+    if not accumulators:
+        return
+    if all(type(t) is Tensor for t in accumulators) and len({t.device for t in accumulators}) == 1:
+        if keep_max:
+            torch._foreach_maximum_(accumulators, maxima)
+        else:
+            torch._foreach_copy_(accumulators, maxima)
+        return
+    for acc, value in zip(accumulators, maxima):
+        if keep_max:
+            torch.maximum(acc, value, out=acc)
+        else:
+            acc.copy_(value)
 
 
 def sm3_sparse_rows_(

@@ -132,6 +132,11 @@ class SM3(Optimizer):
         self.nonfinite = nonfinite
         self._shard_resolver = shard_resolver
         self._specs: dict[Tensor, ShardSpec] = {}
+        self._checked: dict[Tensor, float] = {}
+        """The momentum each parameter's state was last checked against (checked again after a load)."""
+        self._native_batches: dict[int, functional.NativeBatch] = {}
+        self._dense_plans: dict[int, tuple[list[Tensor], float, list[tuple[Tensor, dict, tuple[str, ...]]]]] = {}
+        """Per param group: its list, momentum and (param, state, accumulator keys), for the dense fast path."""
         self._reducers: dict[Any, MaxReducer] = {}
         # (stored accumulator, its region of a reducer's buffer) awaiting the reduced maxima
         self._pending: list[tuple[Tensor, Tensor]] = []
@@ -165,6 +170,9 @@ class SM3(Optimizer):
 
     def _assign_plans(self) -> None:
         """Give every reduced tensor a slot in its group's buffer, identically on every rank."""
+        self._checked.clear()
+        self._dense_plans.clear()
+        self._native_batches.clear()
         auto: dict[Any, list[tuple[Tensor, ShardSpec]]] = {}
         declared: dict[Any, tuple[tuple[int, ...], ...]] = {}
         for gi, group in enumerate(self.param_groups):
@@ -208,6 +216,7 @@ class SM3(Optimizer):
             for d, (lo, hi) in enumerate(piece.ranges):
                 acc = torch.zeros(hi - lo, dtype=torch.float32, device=local.device)
                 state[accumulator_key(d, j if several else None)] = wrap(acc, d)
+        self._checked[p] = momentum
 
     def _check_state(self, p: Tensor, spec: ShardSpec, momentum: float, name: str) -> None:
         state = self.state[p]
@@ -232,6 +241,7 @@ class SM3(Optimizer):
                     f"{name}: momentum buffer is {buf.dtype} but the optimizer was built with "
                     f"momentum_dtype={self.momentum_dtype}"
                 )
+        self._checked[p] = momentum
 
     # ------------------------------------------------------------------ step
 
@@ -308,36 +318,67 @@ class SM3(Optimizer):
 
     def _step_group(self, gi: int, group: dict[str, Any]) -> None:
         momentum = group["momentum"]
-        params, grads, bufs, accs, targets = [], [], [], [], []
+        dense = self._dense_inputs(gi, group, momentum)
+        if dense is not None:
+            params, grads, bufs, accs, steps = dense
+            _increment(steps)
+            if params and not self._native_batch_step(gi, group, params, grads, bufs, accs):
+                self._kernel(group, params, grads, bufs, accs, maxima_out=accs)
+            return
+        params, grads, bufs, accs, targets, steps = [], [], [], [], [], []
         finalize: list[tuple[list[Tensor], list[Tensor]]] = []  # (stored accumulators, new maxima) of local pieces
+        plan: list[tuple[Tensor, dict, tuple[str, ...]]] | None = []  # the group as whole dense tensors, if it is
         for pi, p in enumerate(group["params"]):
-            name = self._name(gi, pi, p)
             spec = self._specs[p]
             state = self.state[p]
             if not state:
                 self._init_state(p, spec, momentum)
-            else:
-                self._check_state(p, spec, momentum, name)
+            elif self._checked.get(p) != momentum:
+                self._check_state(p, spec, momentum, self._name(gi, pi, p))
+            if plan is not None:
+                entry = _dense_entry(p, spec, state)
+                if entry is None:
+                    plan = None
+                else:
+                    plan.append(entry)
             if p.grad is None:
                 continue
             grad = to_local(p.grad)
             local = to_local(p)
             if grad.shape != local.shape:
-                raise ValueError(f"{name}: gradient of shape {tuple(grad.shape)} does not match the parameter")
+                raise ValueError(
+                    f"{self._name(gi, pi, p)}: gradient of shape {tuple(grad.shape)} does not match the parameter"
+                )
             if grad.is_complex():
-                raise TypeError(f"{name}: complex gradients are not supported")
-            state[STEP_KEY] += 1
+                raise TypeError(f"{self._name(gi, pi, p)}: complex gradients are not supported")
+            steps.append(state[STEP_KEY])
             buf = to_local(state.get(MOMENTUM_KEY))
-            several = len(spec.layout.pieces) > 1
+            if (buf is None) != (momentum == 0.0):  # state replaced behind the optimizer's back
+                self._check_state(p, spec, momentum, self._name(gi, pi, p))
+            pieces = spec.layout.pieces
+            several = len(pieces) > 1
             if grad.is_sparse:
-                self._sparse_step(local, grad, buf, spec, state, group, name)
+                plan = None
+                self._sparse_step(local, grad, buf, spec, state, group, self._name(gi, pi, p))
                 continue
             if not local.is_contiguous() or not grad.is_contiguous():
-                raise UnsupportedLayoutError(f"{name}: SM3 needs contiguous local parameters and gradients")
+                raise UnsupportedLayoutError(
+                    f"{self._name(gi, pi, p)}: SM3 needs contiguous local parameters and gradients"
+                )
+            reducer = self._reducers.get(_group_key(spec.group)) if spec.group is not None else None
+            if reducer is None and not several and pieces[0].is_full and len(pieces[0].blocks) == 1:
+                # the whole parameter as one block (the single-process case): no views to cut
+                stored = [to_local(state[accumulator_key(d)]) for d in range(pieces[0].ndim)]
+                if pieces[0].blocks[0].lengths == tuple(local.shape):
+                    params.append(local)
+                    grads.append(grad)
+                    bufs.append(buf)
+                    accs.append(stored)
+                    targets.append(("assign", stored, None))
+                    continue
             flat_p, flat_g = local.view(-1), grad.view(-1)
             flat_m = buf.view(-1) if buf is not None else None
-            reducer = self._reducers.get(_group_key(spec.group)) if spec.group is not None else None
-            for j, piece in enumerate(spec.layout.pieces):
+            for j, piece in enumerate(pieces):
                 stored = [to_local(state[accumulator_key(d, j if several else None)]) for d in range(piece.ndim)]
                 if reducer is not None:
                     slots = [reducer.slot(piece.tensor_id, d) for d in range(piece.ndim)]
@@ -368,44 +409,100 @@ class SM3(Optimizer):
                         targets.append(("assign", stored, None))
                     else:
                         targets.append(("max", target, [s - o for s, o in zip(block.starts, origin)]))
+        _increment(steps)
+        if plan is not None and len(plan) == len(group["params"]):
+            self._dense_plans[gi] = (group["params"], momentum, plan)
         if not params:
             self._finalize_local(finalize)
             return
+        maxima = self._kernel(group, params, grads, bufs, accs)
+        assigned: list[Tensor] = []
+        values: list[Tensor] = []
+        for (mode, dest, starts), block_maxima in zip(targets, maxima):
+            if mode == "assign":
+                assigned += dest
+                values += block_maxima
+            else:
+                for buf_d, start, new in zip(dest, starts, block_maxima):
+                    region = buf_d[start : start + new.numel()]
+                    torch.maximum(region, new, out=region)
+        functional.store_maxima(assigned, values, self.ema_keeps_max)
+        self._finalize_local(finalize)
+
+    def _dense_inputs(self, gi: int, group: dict[str, Any], momentum: float) -> tuple[list, ...] | None:
+        """The kernel's inputs for a group of whole, plain, dense parameters whose state was checked.
+
+        The group's (parameter, state, accumulator keys) are kept from the step
+        that checked them; each step then only reads the gradients and the state
+        tensors. ``None`` sends the step through the general path (sharded or
+        sparse parameters, a new parameter, state loaded or replaced since).
+        """
+        cached = self._dense_plans.get(gi)
+        if cached is None or cached[0] is not group["params"] or cached[1] != momentum:
+            return None
+        entries = cached[2]
+        if len(entries) != len(group["params"]):
+            return None
+        params, grads, bufs, accs, steps = [], [], [], [], []
+        for p, state, keys in entries:
+            g = p.grad
+            if g is None:
+                continue
+            buf = state.get(MOMENTUM_KEY)
+            if type(g) is not Tensor or g.is_sparse or (buf is None) != (momentum == 0.0):
+                return None
+            if not p.is_contiguous() or not g.is_contiguous():
+                return None
+            params.append(p)
+            grads.append(g)
+            bufs.append(buf)
+            accs.append([state[k] for k in keys])
+            steps.append(state[STEP_KEY])
+        return params, grads, bufs, accs, steps
+
+    def _native_batch_step(self, gi: int, group: dict[str, Any], params, grads, bufs, accs) -> bool:
+        """The dense fast path through a :class:`~sm3_dist.functional.NativeBatch` kept per group, if it fits."""
+        if not self._kernel_choice(group, params)[1]:
+            return False
+        batch = self._native_batches.get(gi)
+        if batch is None or not batch.holds(params, bufs, accs):
+            batch = functional.NativeBatch.build(params, bufs, accs, keep_max=self.ema_keeps_max)
+            if batch is None:
+                return False
+            self._native_batches[gi] = batch
+        return batch.step(
+            grads,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            beta=group["beta"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
+
+    def _kernel(self, group: dict[str, Any], params, grads, bufs, accs, maxima_out=None) -> list[tuple[Tensor, ...]]:
         foreach, fused = self._kernel_choice(group, params)
-        maxima = functional.sm3(
+        return functional.sm3(
             params,
             grads,
             bufs,
             accs,
             lr=group["lr"],
-            momentum=momentum,
+            momentum=group["momentum"],
             beta=group["beta"],
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
             foreach=foreach,
             fused=fused,
+            maxima_out=maxima_out,
+            keep_max=self.ema_keeps_max,
         )
-        for (mode, dest, starts), block_maxima in zip(targets, maxima):
-            if mode == "assign":
-                for acc, new in zip(dest, block_maxima):
-                    if self.ema_keeps_max:
-                        torch.maximum(acc, new, out=acc)
-                    else:
-                        acc.copy_(new)
-            else:
-                for buf_d, start, new in zip(dest, starts, block_maxima):
-                    region = buf_d[start : start + new.numel()]
-                    torch.maximum(region, new, out=region)
-        self._finalize_local(finalize)
 
     def _finalize_local(self, finalize: list[tuple[list[Tensor], list[Tensor]]]) -> None:
-        for stored, new in finalize:
-            for acc, value in zip(stored, new):
-                if self.ema_keeps_max:
-                    torch.maximum(acc, value, out=acc)
-                else:
-                    acc.copy_(value)
+        functional.store_maxima(
+            [a for stored, _ in finalize for a in stored], [v for _, new in finalize for v in new], self.ema_keeps_max
+        )
 
     def _sparse_step(self, local, grad, buf, spec, state, group, name) -> None:
         if spec.group is not None or len(spec.layout.pieces) != 1 or not spec.layout.pieces[0].is_full:
@@ -463,6 +560,9 @@ class SM3(Optimizer):
                     f"the checkpoint's momentum is {buf.dtype} but this optimizer has momentum_dtype="
                     f"{self.momentum_dtype}"
                 )
+        self._checked.clear()
+        self._dense_plans.clear()
+        self._native_batches.clear()
         super().load_state_dict(state_dict)
         for pid, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(pid, {}).items():
@@ -470,6 +570,27 @@ class SM3(Optimizer):
                     # a copy, so training on does not write into the caller's dict; the step count stays on CPU
                     device = value.device if key == STEP_KEY else to_local(p).device
                     self.state[p][key] = value.to(device=device, copy=True)
+
+
+def _dense_entry(p: Tensor, spec: ShardSpec, state: dict) -> tuple[Tensor, dict, tuple[str, ...]] | None:
+    """``(param, state, accumulator keys)`` of a whole plain tensor stepped as one block; else ``None``."""
+    pieces = spec.layout.pieces
+    if type(p) not in (Tensor, torch.nn.Parameter) or spec.group is not None or len(pieces) != 1:
+        return None
+    piece = pieces[0]
+    if not piece.is_full or len(piece.blocks) != 1 or piece.blocks[0].lengths != tuple(p.shape):
+        return None
+    return p, state, tuple(accumulator_key(d) for d in range(piece.ndim))
+
+
+def _increment(steps: list[Tensor]) -> None:
+    """Count one step in every step tensor (one batched add for the usual plain CPU scalars)."""
+    if all(type(t) is Tensor for t in steps):
+        if steps:
+            torch._foreach_add_(steps, 1.0)
+    else:
+        for t in steps:
+            t += 1
 
 
 def _check_hyperparameters(**values: Any) -> None:

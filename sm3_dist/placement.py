@@ -139,12 +139,17 @@ def default_spec(param: Tensor, name: str) -> ShardSpec:
     return local_spec(param)
 
 
+_DTENSOR_TYPE: list[type] = []
+
+
 def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+    if not _DTENSOR_TYPE:  # imported on first use: the optimizer step asks this of every tensor
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - torch without distributed
+            return False
+        _DTENSOR_TYPE.append(DTensor)
+    return isinstance(t, _DTENSOR_TYPE[0])
 
 
 def to_local(t: Tensor | None) -> Tensor | None:
