@@ -692,7 +692,6 @@ class Trainer:
             from sm3_dist.averaging import polyak
 
             self.ema = polyak(self.raw_model, decay=args.polyak)
-        self._count_skipped_steps()
         self.start_step = 0
         if plan.resume is not None:
             self._load(plan.resume)
@@ -865,19 +864,6 @@ class Trainer:
         for p in self.raw_model.parameters():
             if p.grad is not None:
                 to_local(p.grad).fill_(float("nan"))
-
-    def _count_skipped_steps(self) -> None:
-        """Start the optimizer's skipped-step counter at 0 in every param group.
-
-        SM3 adds the key on its first skipped step; a fresh optimizer lacks it, and
-        ``dcp.load`` fills only the keys its template has, so without it a resumed
-        run would restart the count from 0.
-        """
-        if hasattr(self.state_optimizer, "skipped_steps"):
-            from sm3_dist.optimizer import SKIPPED_KEY
-
-            for group in self.state_optimizer.param_groups:
-                group.setdefault(SKIPPED_KEY, 0)
 
     def skipped_steps(self) -> int | None:
         """The optimizer's count of steps skipped for a non-finite gradient (``None`` if it keeps none)."""

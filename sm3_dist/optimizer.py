@@ -126,6 +126,9 @@ class SM3(Optimizer):
             foreach=foreach,
             fused=fused,
         )
+        # a counter, not a hyperparameter: in every group from the start, so that a checkpoint template made
+        # from a fresh optimizer (dcp.load fills only the keys it has) carries it
+        defaults[SKIPPED_KEY] = 0
         super().__init__(params, defaults)
         self.momentum_dtype = momentum_dtype
         self.ema_keeps_max = ema_keeps_max
@@ -134,9 +137,8 @@ class SM3(Optimizer):
         self._specs: dict[Tensor, ShardSpec] = {}
         self._checked: dict[Tensor, float] = {}
         """The momentum each parameter's state was last checked against (checked again after a load)."""
-        self._native_batches: dict[int, functional.NativeBatch] = {}
-        self._dense_plans: dict[int, tuple[list[Tensor], float, list[tuple[Tensor, dict, tuple[str, ...]]]]] = {}
-        """Per param group: its list, momentum and (param, state, accumulator keys), for the dense fast path."""
+        self._dense: dict[int, _DenseGroup] = {}
+        """Param groups (by index) of whole, plain, dense parameters: what their fast path reuses."""
         self._reducers: dict[Any, MaxReducer] = {}
         # (stored accumulator, its region of a reducer's buffer) awaiting the reduced maxima
         self._pending: list[tuple[Tensor, Tensor]] = []
@@ -171,8 +173,7 @@ class SM3(Optimizer):
     def _assign_plans(self) -> None:
         """Give every reduced tensor a slot in its group's buffer, identically on every rank."""
         self._checked.clear()
-        self._dense_plans.clear()
-        self._native_batches.clear()
+        self._dense.clear()
         auto: dict[Any, list[tuple[Tensor, ShardSpec]]] = {}
         declared: dict[Any, tuple[tuple[int, ...], ...]] = {}
         for gi, group in enumerate(self.param_groups):
@@ -318,11 +319,12 @@ class SM3(Optimizer):
 
     def _step_group(self, gi: int, group: dict[str, Any]) -> None:
         momentum = group["momentum"]
-        dense = self._dense_inputs(gi, group, momentum)
-        if dense is not None:
-            params, grads, bufs, accs, steps = dense
-            _increment(steps)
-            if params and not self._native_batch_step(gi, group, params, grads, bufs, accs):
+        dense = self._dense.get(gi)
+        inputs = dense.inputs(group, momentum) if dense is not None else None
+        if inputs is not None:
+            params, grads, bufs, accs = inputs
+            dense.count_step(params)
+            if params and not self._native_batch_step(dense, group, params, grads, bufs, accs):
                 self._kernel(group, params, grads, bufs, accs, maxima_out=accs)
             return
         params, grads, bufs, accs, targets, steps = [], [], [], [], [], []
@@ -411,7 +413,7 @@ class SM3(Optimizer):
                         targets.append(("max", target, [s - o for s, o in zip(block.starts, origin)]))
         _increment(steps)
         if plan is not None and len(plan) == len(group["params"]):
-            self._dense_plans[gi] = (group["params"], momentum, plan)
+            self._dense[gi] = _DenseGroup(group["params"], momentum, plan)
         if not params:
             self._finalize_local(finalize)
             return
@@ -429,47 +431,15 @@ class SM3(Optimizer):
         functional.store_maxima(assigned, values, self.ema_keeps_max)
         self._finalize_local(finalize)
 
-    def _dense_inputs(self, gi: int, group: dict[str, Any], momentum: float) -> tuple[list, ...] | None:
-        """The kernel's inputs for a group of whole, plain, dense parameters whose state was checked.
-
-        The group's (parameter, state, accumulator keys) are kept from the step
-        that checked them; each step then only reads the gradients and the state
-        tensors. ``None`` sends the step through the general path (sharded or
-        sparse parameters, a new parameter, state loaded or replaced since).
-        """
-        cached = self._dense_plans.get(gi)
-        if cached is None or cached[0] is not group["params"] or cached[1] != momentum:
-            return None
-        entries = cached[2]
-        if len(entries) != len(group["params"]):
-            return None
-        params, grads, bufs, accs, steps = [], [], [], [], []
-        for p, state, keys in entries:
-            g = p.grad
-            if g is None:
-                continue
-            buf = state.get(MOMENTUM_KEY)
-            if type(g) is not Tensor or g.is_sparse or (buf is None) != (momentum == 0.0):
-                return None
-            if not p.is_contiguous() or not g.is_contiguous():
-                return None
-            params.append(p)
-            grads.append(g)
-            bufs.append(buf)
-            accs.append([state[k] for k in keys])
-            steps.append(state[STEP_KEY])
-        return params, grads, bufs, accs, steps
-
-    def _native_batch_step(self, gi: int, group: dict[str, Any], params, grads, bufs, accs) -> bool:
-        """The dense fast path through a :class:`~sm3_dist.functional.NativeBatch` kept per group, if it fits."""
+    def _native_batch_step(self, dense: _DenseGroup, group: dict[str, Any], params, grads, bufs, accs) -> bool:
+        """The dense fast path through the group's :class:`~sm3_dist.functional.NativeBatch`, if it fits."""
         if not self._kernel_choice(group, params)[1]:
             return False
-        batch = self._native_batches.get(gi)
+        batch = dense.batch
         if batch is None or not batch.holds(params, bufs, accs):
-            batch = functional.NativeBatch.build(params, bufs, accs, keep_max=self.ema_keeps_max)
+            batch = dense.batch = functional.NativeBatch.build(params, bufs, accs, keep_max=self.ema_keeps_max)
             if batch is None:
                 return False
-            self._native_batches[gi] = batch
         return batch.step(
             grads,
             lr=group["lr"],
@@ -561,8 +531,7 @@ class SM3(Optimizer):
                     f"{self.momentum_dtype}"
                 )
         self._checked.clear()
-        self._dense_plans.clear()
-        self._native_batches.clear()
+        self._dense.clear()
         super().load_state_dict(state_dict)
         for pid, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(pid, {}).items():
@@ -570,6 +539,54 @@ class SM3(Optimizer):
                     # a copy, so training on does not write into the caller's dict; the step count stays on CPU
                     device = value.device if key == STEP_KEY else to_local(p).device
                     self.state[p][key] = value.to(device=device, copy=True)
+
+
+class _DenseGroup:
+    """A param group of whole, plain, dense parameters whose state was checked, as the fast path reuses it.
+
+    It keeps each parameter's ``(param, state, accumulator keys)`` and the
+    group's native batch; each step reads only the gradients and the state
+    tensors, and :meth:`inputs` answers ``None`` (the general path then runs and
+    checks everything) when something it cannot see through has changed.
+    The step counts of the group live in one tensor, every state's ``"step"``
+    a 0-d view of its element, so that counting a step is one addition.
+    """
+
+    def __init__(self, params: list[Tensor], momentum: float, entries: list[tuple[Tensor, dict, tuple[str, ...]]]):
+        self.params = params
+        self.momentum = momentum
+        self.entries = entries
+        self.batch: functional.NativeBatch | None = None
+        self.counts = torch.tensor([float(state[STEP_KEY]) for _, state, _ in entries], dtype=torch.float32)
+        self.count_views = list(self.counts.unbind())
+        for (_, state, _), view in zip(entries, self.count_views):
+            state[STEP_KEY] = view
+
+    def inputs(self, group: dict[str, Any], momentum: float) -> tuple[list, list, list, list] | None:
+        if group["params"] is not self.params or len(self.params) != len(self.entries) or momentum != self.momentum:
+            return None
+        params, grads, bufs, accs = [], [], [], []
+        for (p, state, keys), count in zip(self.entries, self.count_views):
+            g = p.grad
+            if g is None:
+                continue
+            buf = state.get(MOMENTUM_KEY)
+            if type(g) is not Tensor or g.is_sparse or g.shape != p.shape or (buf is None) != (momentum == 0.0):
+                return None
+            if state[STEP_KEY] is not count:
+                return None
+            params.append(p)
+            grads.append(g)
+            bufs.append(buf)
+            accs.append([state[k] for k in keys])
+        return params, grads, bufs, accs
+
+    def count_step(self, stepped: list[Tensor]) -> None:
+        if len(stepped) == len(self.entries):
+            self.counts.add_(1.0)
+        elif stepped:
+            ids = {id(p) for p in stepped}
+            torch._foreach_add_([c for (p, _, _), c in zip(self.entries, self.count_views) if id(p) in ids], 1.0)
 
 
 def _dense_entry(p: Tensor, spec: ShardSpec, state: dict) -> tuple[Tensor, dict, tuple[str, ...]] | None:
