@@ -33,9 +33,12 @@ def _blocks(seed=0, shapes=SHAPES):
 
 def _clone(blocks):
     params, grads, bufs, accs = blocks
-    return [p.clone() for p in params], [g.clone() for g in grads], [b.clone() for b in bufs], [
-        [a.clone() for a in acc] for acc in accs
-    ]
+    return (
+        [p.clone() for p in params],
+        [g.clone() for g in grads],
+        [b.clone() for b in bufs],
+        [[a.clone() for a in acc] for acc in accs],
+    )
 
 
 def _assert_same(a, b):
