@@ -440,15 +440,7 @@ class SM3(Optimizer):
             batch = dense.batch = functional.NativeBatch.build(params, bufs, accs, keep_max=self.ema_keeps_max)
             if batch is None:
                 return False
-        return batch.step(
-            grads,
-            lr=group["lr"],
-            momentum=group["momentum"],
-            beta=group["beta"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-        )
+        return batch.step(grads, **_update_rule(group))
 
     def _kernel(self, group: dict[str, Any], params, grads, bufs, accs, maxima_out=None) -> list[tuple[Tensor, ...]]:
         foreach, fused = self._kernel_choice(group, params)
@@ -457,12 +449,7 @@ class SM3(Optimizer):
             grads,
             bufs,
             accs,
-            lr=group["lr"],
-            momentum=group["momentum"],
-            beta=group["beta"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
+            **_update_rule(group),
             foreach=foreach,
             fused=fused,
             maxima_out=maxima_out,
@@ -484,12 +471,7 @@ class SM3(Optimizer):
             grad,
             buf,
             [to_local(state[accumulator_key(d)]) for d in range(spec.layout.pieces[0].ndim)],
-            lr=group["lr"],
-            momentum=group["momentum"],
-            beta=group["beta"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
+            **_update_rule(group),
         )
 
     @staticmethod
@@ -587,6 +569,11 @@ class _DenseGroup:
         elif stepped:
             ids = {id(p) for p in stepped}
             torch._foreach_add_([c for (p, _, _), c in zip(self.entries, self.count_views) if id(p) in ids], 1.0)
+
+
+def _update_rule(group: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters of a param group that the update rule in :mod:`sm3_dist.functional` takes."""
+    return {key: group[key] for key in ("lr", "momentum", "beta", "eps", "weight_decay", "maximize")}
 
 
 def _dense_entry(p: Tensor, spec: ShardSpec, state: dict) -> tuple[Tensor, dict, tuple[str, ...]] | None:
