@@ -164,8 +164,46 @@ def _foreach_sm3(
     for i in range(len(params)):
         if i not in batched:
             results[i] = _single_block(params[i], grads[i], momentum_buffers[i], accumulators[i], **hyper)
-    if not batch:
-        return results  # type: ignore[return-value]
+    for chunk in _chunks(batch, params):
+        _foreach_batch(chunk, params, grads, momentum_buffers, accumulators, results, **hyper)
+    return results  # type: ignore[return-value]
+
+
+_CPU_CHUNK_ELEMS = 1 << 18
+
+
+def _chunks(batch: list[int], params: Sequence[Tensor]) -> list[list[int]]:
+    """On CPU, consecutive runs of blocks of at most ~1 MiB of fp32 each (one block alone if larger), so that
+    each ``_foreach`` op works on what the previous one left in cache; elsewhere one run of all of them."""
+    if not batch or not params[batch[0]].is_cpu:
+        return [batch] if batch else []
+    chunks: list[list[int]] = []
+    size = _CPU_CHUNK_ELEMS
+    for i in batch:
+        n = params[i].numel()
+        if size + n > _CPU_CHUNK_ELEMS:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += n
+    return chunks
+
+
+def _foreach_batch(
+    batch: list[int],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    accumulators: Sequence[Sequence[Tensor]],
+    results: list,
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    beta: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
     ps = [params[i] for i in batch]
     gs = [grads[i] for i in batch]
     if maximize:
@@ -195,7 +233,6 @@ def _foreach_sm3(
     else:
         torch._foreach_mul_(updates, lr)
     torch._foreach_sub_(ps, updates)
-    return results  # type: ignore[return-value]
 
 
 _COMPILED: dict[tuple, Callable[..., tuple[Tensor, ...]]] = {}
