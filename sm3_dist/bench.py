@@ -29,7 +29,7 @@ from torch import Tensor
 
 from sm3_dist.optimizer import SM3
 
-__all__ = ["PRESETS", "Row", "gpt_shapes", "main", "run"]
+__all__ = ["PRESETS", "Row", "gpt_shapes", "main", "plot", "run"]
 
 PRESETS = {"gpt": (16384, 512, 6), "small": (4096, 256, 4), "tiny": (256, 32, 1)}
 """Parameter sets as ``(vocab, width, blocks)``."""
@@ -261,6 +261,36 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path: str) -> None:
+    """Each optimizer's step time (median, bar; interquartile range, whisker) against the time its bytes take at
+    the measured copy bandwidth (tick), from :func:`run`'s result or its ``--json`` file."""
+    from sm3_dist.memory import _axes_grid
+
+    rows = result["rows"][::-1]
+    plt, fig, (ax,) = _axes_grid(1)
+    fig.set_size_inches(9, 0.32 * len(rows) + 1.6)
+    ys = range(len(rows))
+    colors = ["tab:blue" if r["name"].startswith("sm3") else "tab:gray" for r in rows]
+    ax.barh(ys, [r["median_ms"] for r in rows], xerr=[r["iqr_ms"] / 2 for r in rows], color=colors, alpha=0.8)
+    ax.scatter([r["bound_ms"] for r in rows], ys, marker="|", s=200, color="black", label="bandwidth bound", zorder=3)
+    adam = next((r["median_ms"] for r in rows if r["name"] == "adam fused"), None)
+    if adam is not None:
+        ax.axvline(adam, color="tab:red", lw=1, ls="--", label="Adam(fused=True)")
+    ax.set_yticks(list(ys), [r["name"] for r in rows], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per optimizer step (median; log scale)")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(
+        f"{result['parameters'] / 1e6:.1f}M parameters on {result['device']}, {result['threads']} threads, "
+        f"copy {result['bandwidth_gb_s']:.1f} GB/s",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--distributed" in argv:
@@ -277,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="only optimizers whose name contains one of these")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
     parser.add_argument("--json", metavar="PATH", help="also write the results (with every sample) as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the step times against their bounds (matplotlib)")
     parser.add_argument("--distributed", action="store_true", help="run sm3_dist.bench_distributed instead")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
@@ -308,4 +339,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    if args.plot:
+        plot(result, args.plot)
     return 0 if all(math.isfinite(r["median_ms"]) for r in result["rows"]) else 1

@@ -64,15 +64,13 @@ def test_bench_prints_every_row_with_sane_numbers(tiny_run, capsys):
     assert moved == sorted(moved, reverse=True)
 
 
-def test_bench_only_filter_and_bad_params(capsys):
-    assert (
-        bench.main(
-            ["--params", "8,4,1", "--rounds", "1", "--steps", "1", "--warmup", "0", "--only", "adagrad", "--quiet"]
-        )
-        == 0
-    )
+def test_bench_only_filter_plot_and_bad_params(capsys, tmp_path):
+    png = tmp_path / "step-time.png"
+    argv = ["--params", "8,4,1", "--rounds", "1", "--steps", "1", "--warmup", "0", "--quiet"]
+    assert bench.main([*argv, "--only", "adagrad", "adam fused", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "| adagrad |" in out and "| adam fused |" not in out
+    assert "| adagrad |" in out and "| adam fused |" in out and "| adam foreach |" not in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     with pytest.raises(SystemExit):
         bench.main(["--params", "huge"])
 
