@@ -47,6 +47,7 @@ import os
 import resource
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -583,7 +584,6 @@ class Watchdog:
 
     def __init__(self, timeout: float, rank: int) -> None:
         import atexit
-        import threading
 
         self.timeout = timeout
         self.rank = rank
@@ -1001,6 +1001,9 @@ class Trainer:
             record = {"kind": "resume", "step": self.start_step, "from": str(self.plan.resume)}
             record["skipped"] = [{"path": path, "reason": reason} for path, reason in self.plan.skipped]
         self._write({**record, "pids": pids})
+        # a thread lock: tqdm's default also makes a multiprocessing lock, a named semaphore that a rank ending
+        # with os._exit would leave behind ("resource_tracker: ... leaked semaphore objects")
+        tqdm.set_lock(threading.RLock())
         bar = tqdm(
             total=args.steps,
             initial=self.start_step,
