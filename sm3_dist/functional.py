@@ -301,6 +301,13 @@ def _native_geometry(p: Tensor, accs: Sequence[Tensor]) -> tuple[int, int, Tenso
     return rowmin.numel(), p.shape[-1], rowmin, accs[-1]
 
 
+def _block_meta(p, g, m, rowmin: int, colacc: int, rowmax: int, colmax: int, rows: int, cols: int, keep_max: int):
+    """One block's :data:`~sm3_dist._native.META_FIELDS` entries of the kernel's argument array."""
+    momentum_ptr = 0 if m is None else m.data_ptr()
+    kinds = [_NATIVE_DTYPES[p.dtype], _NATIVE_MOMENTUM[None if m is None else m.dtype], int(keep_max)]
+    return [p.data_ptr(), g.data_ptr(), momentum_ptr, rowmin, colacc, rowmax, colmax, rows, cols, *kinds]
+
+
 def _native_run(lib, meta: array, nblocks: int, lr, momentum, beta, eps, weight_decay, maximize) -> None:
     """One call of the native kernel on ``nblocks`` blocks described by ``meta``."""
     hyper = (ctypes.c_double * 8)(
@@ -336,14 +343,15 @@ class NativeBatch:
         self._buffers = list(momentum_buffers)
         self._accumulators = [list(accs) for accs in accumulators]
         self._dtypes = [p.dtype for p in params]
-        sink = torch.empty(1, dtype=torch.float32)  # the row maximum of rank-1 blocks
-        self._keep = [sink]  # tensors whose pointers the argument array holds
+        self._sink = torch.empty(1, dtype=torch.float32)  # the row maximum of rank-1 blocks
         meta = []
         for p, m, accs in zip(self._params, self._buffers, self._accumulators):
-            rows, cols, rowmin, _ = _native_geometry(p, accs)
-            self._keep.append(rowmin)
-            meta += [0, 0, 0, rowmin.data_ptr(), 0, 0 if p.ndim == 2 else sink.data_ptr(), 0, rows, cols]
-            meta += [_NATIVE_DTYPES[p.dtype], _NATIVE_MOMENTUM[None if m is None else m.dtype], int(keep_max)]
+            # the maxima go into the accumulators themselves; the pointers are read again every step
+            rows, cols, rowmin, colacc = _native_geometry(p, accs)
+            rowmax = rowmin.data_ptr() if p.ndim == 2 else self._sink.data_ptr()
+            meta += _block_meta(
+                p, p, m, rowmin.data_ptr(), colacc.data_ptr(), rowmax, colacc.data_ptr(), rows, cols, keep_max
+            )
         self._meta = array("q", meta)
         self._rank2 = [i for i, p in enumerate(self._params) if p.ndim == 2]
 
@@ -374,15 +382,15 @@ class NativeBatch:
             for g, p, d in zip(grads, params, dtypes)
         ):
             return False
-        meta = self._meta
-        meta[0::12] = array("q", [p.data_ptr() for p in params])
-        meta[1::12] = array("q", [g.data_ptr() for g in grads])
-        meta[2::12] = array("q", [0 if m is None else m.data_ptr() for m in self._buffers])
+        meta, n = self._meta, _native.META_FIELDS
+        meta[0::n] = array("q", [p.data_ptr() for p in params])
+        meta[1::n] = array("q", [g.data_ptr() for g in grads])
+        meta[2::n] = array("q", [0 if m is None else m.data_ptr() for m in self._buffers])
         colacc = array("q", [accs[-1].data_ptr() for accs in self._accumulators])
-        meta[4::12] = colacc
-        meta[6::12] = colacc
+        meta[4::n] = colacc
+        meta[6::n] = colacc
         for i in self._rank2:
-            meta[12 * i + 3] = meta[12 * i + 5] = self._accumulators[i][0].data_ptr()
+            meta[n * i + 3] = meta[n * i + 5] = self._accumulators[i][0].data_ptr()
         _native_run(self._lib, meta, len(params), lr, momentum, beta, eps, weight_decay, maximize)
         return True
 
@@ -446,20 +454,7 @@ def _native_sm3(
             rowmax = direct[0].data_ptr() if len(direct) == 2 else sink.data_ptr()
             colmax, mode = direct[-1].data_ptr(), int(keep_max)
             results[i] = ()
-        meta += [
-            p.data_ptr(),
-            g.data_ptr(),
-            0 if m is None else m.data_ptr(),
-            rowmin.data_ptr(),
-            colacc.data_ptr(),
-            rowmax,
-            colmax,
-            rows,
-            cols,
-            _NATIVE_DTYPES[p.dtype],
-            _NATIVE_MOMENTUM[None if m is None else m.dtype],
-            mode,
-        ]
+        meta += _block_meta(p, g, m, rowmin.data_ptr(), colacc.data_ptr(), rowmax, colmax, rows, cols, mode)
     meta_t = array("q", meta)
     _native_run(lib, meta_t, len(taken), lr, momentum, beta, eps, weight_decay, maximize)
     views = iter(out.split(lengths))

@@ -320,7 +320,6 @@ def test_accelerate_fsdp2_trains_on_gpu(tmp_path):
     _assert_trained(tmp_path, 6, png=False)
 
 
-@pytest.mark.skipif(not (LAUNCH / "deepspeed" / "zero2.json").is_file(), reason="launch/deepspeed/zero2.json absent")
 def test_deepspeed_config_batch_and_lr_are_used_unless_given():
     path = str(LAUNCH / "deepspeed" / "zero2.json")
     config = json.loads(Path(path).read_text())
