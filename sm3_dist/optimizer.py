@@ -367,17 +367,16 @@ class SM3(Optimizer):
                 raise UnsupportedLayoutError(
                     f"{self._name(gi, pi, p)}: SM3 needs contiguous local parameters and gradients"
                 )
-            reducer = self._reducers.get(_group_key(spec.group)) if spec.group is not None else None
-            if reducer is None and not several and pieces[0].is_full and len(pieces[0].blocks) == 1:
+            if _whole_block(spec, local.shape):
                 # the whole parameter as one block (the single-process case): no views to cut
                 stored = [to_local(state[accumulator_key(d)]) for d in range(pieces[0].ndim)]
-                if pieces[0].blocks[0].lengths == tuple(local.shape):
-                    params.append(local)
-                    grads.append(grad)
-                    bufs.append(buf)
-                    accs.append(stored)
-                    targets.append(("assign", stored, None))
-                    continue
+                params.append(local)
+                grads.append(grad)
+                bufs.append(buf)
+                accs.append(stored)
+                targets.append(("assign", stored, None))
+                continue
+            reducer = self._reducers.get(_group_key(spec.group)) if spec.group is not None else None
             flat_p, flat_g = local.view(-1), grad.view(-1)
             flat_m = buf.view(-1) if buf is not None else None
             for j, piece in enumerate(pieces):
@@ -568,7 +567,7 @@ class _DenseGroup:
             self.counts.add_(1.0)
         elif stepped:
             ids = {id(p) for p in stepped}
-            torch._foreach_add_([c for (p, _, _), c in zip(self.entries, self.count_views) if id(p) in ids], 1.0)
+            _increment([c for (p, _, _), c in zip(self.entries, self.count_views) if id(p) in ids])
 
 
 def _update_rule(group: dict[str, Any]) -> dict[str, Any]:
@@ -578,13 +577,18 @@ def _update_rule(group: dict[str, Any]) -> dict[str, Any]:
 
 def _dense_entry(p: Tensor, spec: ShardSpec, state: dict) -> tuple[Tensor, dict, tuple[str, ...]] | None:
     """``(param, state, accumulator keys)`` of a whole plain tensor stepped as one block; else ``None``."""
+    if type(p) not in (Tensor, torch.nn.Parameter) or not _whole_block(spec, p.shape):
+        return None
+    return p, state, tuple(accumulator_key(d) for d in range(spec.layout.pieces[0].ndim))
+
+
+def _whole_block(spec: ShardSpec, local_shape: torch.Size) -> bool:
+    """Whether this rank holds the whole parameter, unreduced, as one block of its local shape."""
     pieces = spec.layout.pieces
-    if type(p) not in (Tensor, torch.nn.Parameter) or spec.group is not None or len(pieces) != 1:
-        return None
+    if spec.group is not None or len(pieces) != 1:
+        return False
     piece = pieces[0]
-    if not piece.is_full or len(piece.blocks) != 1 or piece.blocks[0].lengths != tuple(p.shape):
-        return None
-    return p, state, tuple(accumulator_key(d) for d in range(piece.ndim))
+    return piece.is_full and len(piece.blocks) == 1 and piece.blocks[0].lengths == tuple(local_shape)
 
 
 def _increment(steps: list[Tensor]) -> None:
