@@ -511,21 +511,10 @@ def _spawn(plan: Plan) -> int:
 
 
 def _spawned(rank: int, plan: Plan, base: dict[str, str]) -> None:
+    from sm3_dist.comm import end_process
+
     os.environ.update(base, RANK=str(rank), LOCAL_RANK=str(rank))
-    _exit_rank(_run(plan))
-
-
-def _exit_rank(rc: int) -> None:
-    """End a rank's process now, skipping interpreter finalization.
-
-    gloo's worker threads release the last collective's tensors on their own,
-    and a release that needs the GIL after finalization has begun aborts the
-    process ("terminate called without an active exception", SIGABRT), seen in
-    about 1 run of 10. Everything the job writes is closed by then.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
+    end_process(_run(plan))
 
 
 # ---------------------------------------------------------------------------------------------- one rank
@@ -1200,5 +1189,7 @@ def _run(plan: Plan) -> int:
 if __name__ == "__main__":
     code = main()
     if _launched(dict(os.environ)):
-        _exit_rank(code)
+        from sm3_dist.comm import end_process
+
+        end_process(code)
     sys.exit(code)

@@ -72,6 +72,7 @@ def _median_ms(seconds: list[float]) -> float:
 def _worker(rank: int, world_size: int, port: int, config: dict[str, Any], out_dir: str) -> None:
     import torch.distributed as dist
 
+    from sm3_dist.comm import end_process
     from sm3_dist.optimizer import MOMENTUM_KEY, STEP_KEY
     from sm3_dist.sharded import ShardedSM3
 
@@ -132,6 +133,7 @@ def _worker(rank: int, world_size: int, port: int, config: dict[str, Any], out_d
             json.dump(result, f)
     finally:
         dist.destroy_process_group()
+    end_process(0)
 
 
 def _spawn(world_size: int, config: dict[str, Any]) -> list[dict[str, Any]]:

@@ -709,6 +709,7 @@ def _sharded_sm3_worker(rank: int, world: int, init_file: str, shapes: list, opt
     import torch.distributed as dist
 
     from sm3_dist import ShardedSM3
+    from sm3_dist.comm import end_process
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -723,6 +724,7 @@ def _sharded_sm3_worker(rank: int, world: int, init_file: str, shapes: list, opt
             json.dump(measured, f)
     finally:
         dist.destroy_process_group()
+    end_process(0)
 
 
 def measure_sharded_sm3(config: GPT2Config, world: int, optimizers: Sequence[str]) -> list[dict[str, int]]:

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sm3_dist.comm import end_process
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -55,6 +57,7 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, ar
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    end_process(0)
 
 
 def run_distributed(
