@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,40 @@ def test_resume_of_another_setup_is_refused(tmp_path, capsys):
 def test_cli_exit_code_and_message():
     proc = _sm3_dist("--optimizer", "lamb", expect=2)
     assert "unknown optimizer 'lamb': choose from sm3, adamw, adagrad, adafactor" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- packaging
+
+
+def test_wheel_builds_quietly_and_the_cli_runs_from_the_repository_root(tmp_path):
+    """The project's own configuration gives no setuptools warnings; installed, ``python -m sm3_dist.cli train``
+    works in the repository root, where the source folder ``sm3_dist/`` comes first on ``sys.path``."""
+    tree = tmp_path / "tree"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            (tree / name).write_bytes((ROOT / name).read_bytes())
+    env = {k: v for k, v in _env().items() if k != "PYTHONDONTWRITEBYTECODE"}
+    cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."]
+    build = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=300)
+    log = build.stdout + build.stderr
+    assert build.returncode == 0, log[-4000:]
+    for mark in ("Warning:", "deprecated", "would be ignored", "absent from the `packages`"):
+        assert mark not in log, log[-6000:]
+    (wheel,) = tmp_path.glob("sm3_dist-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(site)
+        names = z.namelist()
+    assert "sm3_dist/launch/deepspeed/zero2.json" in names and "sm3_dist/launch/accelerate/ddp_cpu.yaml" in names
+    assert not any(n.startswith("sm3_dist/launch/") and n.endswith("__init__.py") and n.count("/") > 2 for n in names)
+    # -S: no site-packages .pth files, so the editable install of this checkout is out of the picture
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *deps])
+    run = subprocess.run([sys.executable, "-S", "-m", "sm3_dist.cli", "train", "--help"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0 and "usage: sm3-dist train" in run.stdout, run.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------- configs
