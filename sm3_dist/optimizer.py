@@ -154,6 +154,54 @@ class SM3(Optimizer):
                 _check_hyperparameters(**{key: param_group[key]})
         super().add_param_group(param_group)
 
+    # ------------------------------------------------------------------ copying and pickling
+
+    _CACHES = ("_specs", "_checked", "_dense", "_reducers", "_pending")
+    """What the optimizer derives from its parameters and rebuilds on the next step; never copied."""
+    _HOOKS = (
+        "_optimizer_step_pre_hooks",
+        "_optimizer_step_post_hooks",
+        "_optimizer_state_dict_pre_hooks",
+        "_optimizer_state_dict_post_hooks",
+        "_optimizer_load_state_dict_pre_hooks",
+        "_optimizer_load_state_dict_post_hooks",
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy``, ``pickle`` and ``torch.save`` of the optimizer keep.
+
+        ``torch.optim.Optimizer`` keeps only ``defaults``, ``state`` and ``param_groups``; SM3 also keeps
+        its own settings (``momentum_dtype``, ``ema_keeps_max``, ``nonfinite``, the ``shard_resolver``,
+        which must then be picklable itself) and drops what it derives from the parameters (layouts,
+        reducers, the dense fast path), which the copy rebuilds on its first step. Hooks are not kept, as
+        in ``torch.optim``. A pending all-reduce of accumulator maxima is finished first, so the copy
+        holds the reduced accumulators.
+        """
+        if getattr(self, "_pending", None) or getattr(self, "_reducers", None):
+            self._wait_for_maxima()
+        skip = set(self._CACHES) | set(self._HOOKS)
+        return {key: value for key, value in self.__dict__.items() if key not in skip}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # also what Optimizer.load_state_dict calls with just "state" and "param_groups": caches that exist
+        # are kept there (load_state_dict resets what it must); a fresh copy gets empty ones
+        super().__setstate__(state)
+        self.__dict__.setdefault("_specs", {})
+        self.__dict__.setdefault("_checked", {})
+        self.__dict__.setdefault("_dense", {})
+        self.__dict__.setdefault("_reducers", {})
+        self.__dict__.setdefault("_pending", [])
+        self.__dict__.setdefault("momentum_dtype", torch.float32)
+        self.__dict__.setdefault("ema_keeps_max", False)
+        self.__dict__.setdefault("nonfinite", "skip")
+        self.__dict__.setdefault("_shard_resolver", None)
+        # a param group saved before a flag existed (maximize, foreach, fused, ...) gets this optimizer's
+        # default; "differentiable" is torch's own default, which SM3 does not take
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key != "differentiable":
+                    group.setdefault(key, value)
+
     # ------------------------------------------------------------------ layouts and state
 
     def _spec(self, p: Tensor, name: str) -> ShardSpec:
@@ -604,8 +652,17 @@ def _increment(steps: list[Tensor]) -> None:
 def _check_hyperparameters(**values: Any) -> None:
     for name, value in values.items():
         if isinstance(value, Tensor):
+            if name != "lr":
+                raise ValueError(f"Invalid {name}: a tensor ({name} must be a Python number; only lr may be a tensor)")
+            # any 1-element shape ((), (1,), (1, 1), ...) is usable: every kernel reads it as a scalar
             if value.numel() != 1:
-                raise ValueError(f"{name} as a tensor must have one element, got shape {tuple(value.shape)}")
+                raise ValueError(
+                    f"Tensor {name} must be 1-element (a scalar of any shape), got shape {tuple(value.shape)}"
+                )
+            if not value.is_floating_point():
+                raise ValueError(f"Tensor {name} must be a real floating-point tensor, got dtype {value.dtype}")
+            if value.is_meta:
+                raise ValueError(f"Tensor {name} is on the meta device and holds no value")
             value = value.item()
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise ValueError(f"Invalid {name}: {value!r} (a finite number is required)")
