@@ -341,6 +341,58 @@ class ShardedSM3(Optimizer):
             dict, {p: self._inner.state[v] for p, v in zip(self._params, self._views) if self._inner.state.get(v)}
         )
 
+    # ------------------------------------------------------------------ copying and pickling
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy``, ``pickle`` and ``torch.save`` of the optimizer keep.
+
+        The param groups (parameters and hyperparameters), the SM3 settings and this rank's state, per
+        parameter. The flat views, the partition and the inner :class:`sm3_dist.SM3` are rebuilt from the
+        copy's own parameters, so that its views alias its parameters (``copy.deepcopy`` clones each
+        ``nn.Parameter``). A process group cannot be pickled: a copy of an optimizer over the default group
+        rebuilds on the default group and must land on the same rank of a group of the same size; one
+        over another group cannot be copied (save its ``state_dict()`` instead). Hooks are not kept, as in
+        ``torch.optim``.
+        """
+        if self.world_size > 1 and self.process_group is not dist.group.WORLD:
+            raise TypeError(
+                "a ShardedSM3 over a process group other than the default one cannot be copied or pickled (a "
+                "process group cannot be); save and load its state_dict() instead"
+            )
+        import inspect
+
+        inner = self._inner
+        inner._wait_for_maxima()
+        accepted = inspect.signature(SM3).parameters
+        settings = {key: value for key, value in self.defaults.items() if key in accepted}
+        settings.update(
+            momentum_dtype=inner.momentum_dtype, ema_keeps_max=inner.ema_keeps_max, nonfinite=inner.nonfinite
+        )
+        return {
+            "param_groups": self.param_groups,
+            "sm3_settings": settings,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "local_state": [dict(inner.state[v]) if inner.state.get(v) else None for v in self._views],
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "local_state" not in state:  # not from __getstate__: the base class's protocol
+            super().__setstate__(state)
+            return
+        groups = [dict(group) for group in state["param_groups"]]
+        ShardedSM3.__init__(self, groups, None, **state["sm3_settings"])
+        if (self.world_size, self.rank) != (state["world_size"], state["rank"]):
+            raise ValueError(
+                f"this ShardedSM3 was saved as rank {state['rank']} of {state['world_size']} and is restored as rank "
+                f"{self.rank} of {self.world_size} of the default process group: its state is a different shard; "
+                "load a state_dict() instead"
+            )
+        for view, saved in zip(self._views, state["local_state"]):
+            if saved:
+                self._inner.state[view] = saved
+        self._refresh_state()
+
     # ------------------------------------------------------------------ checkpoints
 
     def _pack_groups(self) -> list[dict[str, Any]]:
