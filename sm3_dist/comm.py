@@ -18,13 +18,23 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["MaxReducer", "all_gather_flat", "all_reduce_", "any_rank_true", "end_process", "world_size"]
+__all__ = [
+    "MaxReducer",
+    "all_gather_flat",
+    "all_gather_object",
+    "all_reduce_",
+    "any_rank_true",
+    "barrier",
+    "broadcast_object",
+    "end_process",
+    "world_size",
+]
 
 
 def end_process(rc: int = 0) -> NoReturn:
@@ -125,3 +135,27 @@ def all_reduce_(bucket: Tensor, op: str, group: dist.ProcessGroup | None) -> Ten
     if world_size(group) > 1:
         dist.all_reduce(bucket, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=group)
     return bucket
+
+
+def barrier(group: dist.ProcessGroup | None = None) -> None:
+    """Wait until every rank of ``group`` gets here (nothing to do in a single process)."""
+    if world_size(group) > 1:
+        dist.barrier(group=group)
+
+
+def all_gather_object(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    if world_size(group) == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
+    """Rank ``src``'s ``obj`` (picklable) on every rank; the others pass anything, e.g. None."""
+    if world_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
