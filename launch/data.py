@@ -7,6 +7,17 @@ held out for evaluation, so no held-out paragraph also appears in training.
 ``--data PATH`` reads another UTF-8 (or any binary) file instead; its last
 ``held_out_fraction`` of bytes is held out.
 
+``--data stdlib`` (:data:`STDLIB`) is a larger corpus that needs no download
+either: the ``.py`` files of the running CPython's standard library (the
+directory ``sysconfig.get_paths()["stdlib"]``), about 10 MB on CPython 3.11.
+Left out: test suites (any directory named ``test``, ``tests`` or
+``idle_test``), ``site-packages``/``dist-packages``, ``encodings`` (mostly
+generated codec tables) and ``pydoc_data`` (the default corpus). The files are
+taken in sorted order of their relative POSIX paths, each followed by one
+``\\n``; every ``HOLDOUT_EVERY``-th file (0, 10, 20, ...) is held out, so no
+held-out file is seen in training. The text differs between Python versions:
+results name the version (:attr:`Corpus.name`).
+
 Batches are a pure function of ``(seed, step)``: the global batch of a step is
 the same at any world size and after a resume, and rank ``r`` of ``w`` takes
 rows ``[r * B / w, (r + 1) * B / w)`` of it.
@@ -14,17 +25,35 @@ rows ``[r * B / w, (r + 1) * B / w)`` of it.
 
 from __future__ import annotations
 
+import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["HOLDOUT_EVERY", "VOCAB_SIZE", "Corpus", "eval_windows", "load_corpus", "train_batch"]
+__all__ = [
+    "HOLDOUT_EVERY",
+    "STDLIB",
+    "VOCAB_SIZE",
+    "Corpus",
+    "eval_windows",
+    "load_corpus",
+    "spread_windows",
+    "stdlib_files",
+    "train_batch",
+]
 
 VOCAB_SIZE = 256
 HOLDOUT_EVERY = 10
-"""With the default corpus, topics 0, 10, 20, ... (sorted by name) are held out."""
+"""With the default corpus, topics 0, 10, 20, ... (sorted by name) are held out; with ``stdlib``, files."""
+STDLIB = "stdlib"
+"""The name ``load_corpus`` (and ``--data``) takes for the standard-library source corpus."""
+STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+"""Directories (at any depth) whose files the stdlib corpus leaves out."""
+STDLIB_SKIP_TOP = frozenset({"encodings", "pydoc_data"})
+"""Top-level packages the stdlib corpus leaves out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +72,43 @@ def _tokens(data: bytes) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
+def stdlib_files(root: str | Path | None = None) -> list[Path]:
+    """The stdlib corpus's files under ``root`` (default: this CPython's stdlib), sorted by relative POSIX path."""
+    base = Path(sysconfig.get_paths()["stdlib"] if root is None else root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"the standard-library directory {str(base)!r} does not exist")
+    found = []
+    for f in base.rglob("*.py"):
+        rel = f.relative_to(base)
+        if STDLIB_SKIP_DIRS.intersection(rel.parts[:-1]) or (len(rel.parts) > 1 and rel.parts[0] in STDLIB_SKIP_TOP):
+            continue
+        if f.is_file():
+            found.append((rel.as_posix(), f))
+    found.sort()
+    return [f for _, f in found]
+
+
+def _stdlib_corpus(root: str | Path | None = None) -> Corpus:
+    files = stdlib_files(root)
+    if len(files) < HOLDOUT_EVERY:
+        raise ValueError(f"the standard library at {root!r} has {len(files)} .py files, fewer than {HOLDOUT_EVERY}")
+    train, held_out = bytearray(), bytearray()
+    for i, f in enumerate(files):
+        part = held_out if i % HOLDOUT_EVERY == 0 else train
+        part += f.read_bytes()
+        part += b"\n"
+    version = f"{sys.implementation.name}{sys.version_info.major}.{sys.version_info.minor}"
+    return Corpus(f"stdlib ({version}, {len(files)} files)", _tokens(bytes(train)), _tokens(bytes(held_out)))
+
+
 def load_corpus(path: str | Path | None = None, *, held_out_fraction: float = 0.1) -> Corpus:
-    """The pydoc topics corpus, or the file at ``path`` split at ``1 - held_out_fraction`` of its bytes."""
+    """The pydoc topics corpus (``None``), the stdlib source (``"stdlib"``), or the file at ``path``.
+
+    A file is split at ``1 - held_out_fraction`` of its bytes (a file that happens to be named
+    ``stdlib`` is read as ``./stdlib``).
+    """
+    if path == STDLIB:
+        return _stdlib_corpus()
     if path is None:
         from pydoc_data.topics import topics
 
@@ -95,3 +159,18 @@ def eval_windows(tokens: Tensor, *, seq_len: int, max_windows: int, rank: int = 
         )
     windows = tokens[: total * span].view(total, span)
     return windows[rank * per_rank : (rank + 1) * per_rank].long()
+
+
+def spread_windows(tokens: Tensor, *, seq_len: int, count: int) -> Tensor:
+    """``(count, seq_len + 1)`` held-out windows at evenly spaced starts over the whole text (int64).
+
+    Unlike :func:`eval_windows` (contiguous windows from the start), these sample
+    every part of the held-out text, so a few windows stand for all of it.
+    """
+    span = seq_len + 1
+    if count <= 0:
+        raise ValueError(f"count must be positive, got {count}")
+    if tokens.numel() < span:
+        raise ValueError(f"the held-out text ({tokens.numel()} tokens) is shorter than one window of {span} tokens")
+    starts = torch.linspace(0, tokens.numel() - span, count).round().long()
+    return tokens[starts[:, None] + torch.arange(span)[None, :]].long()
