@@ -16,6 +16,7 @@ Nothing else in the package calls ``torch.distributed`` collectives.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -33,6 +34,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "end_process",
+    "free_port",
     "world_size",
 ]
 
@@ -48,6 +50,13 @@ def end_process(rc: int = 0) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a process group's rendezvous (``MASTER_PORT``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def world_size(group: dist.ProcessGroup | None) -> int:
