@@ -28,17 +28,8 @@ before anything is loaded, cheap checks first and file hashes last, and raises
 picks the checkpoint for ``--resume``: a named one must pass; with ``auto`` the
 newest that passes is taken and the newer ones are reported as skipped.
 
-**Test-only fault injection.** The environment variable ``SM3_DIST_TEST_FAULT``
-makes a run fail on purpose, for the reliability tests only: a comma-separated
-list of ``ACTION@POINT:STEP[:RANK]`` (rank 0 if omitted). ``ACTION`` is
-``kill`` (SIGKILL to the whole process group: start the job in its own
-session), ``hang`` (sleep forever), ``exit`` (``os._exit(17)``) or ``nan``
-(fill this rank's gradients with NaN; point ``grad`` only, which DeepSpeed
-runs skip: their engine reduces gradients inside backward). ``POINT`` is
-``step`` (start of a training step), ``grad`` (after backward, before the
-optimizer step), ``staged`` (every rank has written, no manifest yet),
-``manifest`` (manifest and marker written, not renamed) or ``renamed`` (renamed,
-older checkpoints not yet removed). Unset, it costs one dictionary lookup.
+The test-only fault points (``staged``, ``manifest``, ``renamed``) of a save are
+:func:`sm3_dist.launch.faults.fault` calls.
 """
 
 from __future__ import annotations
@@ -47,12 +38,15 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sm3_dist.launch.faults import fault
+
+from sm3_dist import comm
 
 __all__ = [
     "DONE_FILE",
@@ -63,7 +57,6 @@ __all__ = [
     "CheckpointWriter",
     "Expected",
     "config_hash",
-    "fault",
     "list_checkpoints",
     "resolve",
     "step_of",
@@ -77,7 +70,6 @@ FORMAT = 1
 """Version of the manifest's layout."""
 STAGING_PREFIX = ".staging."
 REPLACED_PREFIX = ".replaced."
-FAULT_ENV = "SM3_DIST_TEST_FAULT"
 _CHUNK = 1 << 20
 
 
@@ -344,28 +336,24 @@ class CheckpointWriter:
         return self.root / f"{PREFIX}{step:07d}"
 
     def save(self, step: int, write: Callable[[Path], None], expected: Expected) -> Path:
-        import torch.distributed as dist
-
         staging = self.staging(step)
         if self.rank == 0:
             self._clear_leftovers()
             staging.mkdir(parents=True)
-        dist.barrier()
+        comm.barrier()
         write(staging)
-        dist.barrier()
+        comm.barrier()
         fault("staged", step, self.rank)
-        names = [_files_under(staging) if self.rank == 0 else None]
-        dist.broadcast_object_list(names, src=0)
+        names = comm.broadcast_object(_files_under(staging) if self.rank == 0 else None)
         mine = [
             {"path": name, "bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name, sync=True)}
-            for name in names[0][self.rank :: self.world_size]
+            for name in names[self.rank :: self.world_size]
         ]
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, mine)
+        gathered = comm.all_gather_object(mine)
         if self.rank == 0:
             files = sorted((e for part in gathered for e in part), key=lambda e: e["path"])
             self._commit(step, staging, expected.manifest(step, files))
-        dist.barrier()
+        comm.barrier()
         return self.final(step)
 
     def _clear_leftovers(self) -> None:
@@ -405,46 +393,3 @@ class CheckpointWriter:
         older = [d for d in list_checkpoints(self.root) if (step_of(d) or 0) < step]
         for d in older[self.keep - 1 :]:
             shutil.rmtree(d, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------- test-only faults
-
-
-def _faults(spec: str) -> list[tuple[str, str, int, int]]:
-    faults = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        try:
-            action, rest = item.split("@", 1)
-            point, *numbers = rest.split(":")
-            step, rank = int(numbers[0]), int(numbers[1]) if len(numbers) > 1 else 0
-        except (ValueError, IndexError):
-            raise ValueError(f"{FAULT_ENV}: {item!r} is not ACTION@POINT:STEP[:RANK]") from None
-        if action not in ("kill", "hang", "exit", "nan"):
-            raise ValueError(f"{FAULT_ENV}: unknown action {action!r} in {item!r}")
-        faults.append((action, point, step, rank))
-    return faults
-
-
-def fault(point: str, step: int, rank: int) -> bool:
-    """Test-only: act on ``SM3_DIST_TEST_FAULT`` at ``point`` of ``step`` on ``rank``.
-
-    ``kill``, ``hang`` and ``exit`` do not return; ``nan`` returns True (the caller
-    poisons its gradients). Without the variable (every real run) it returns False.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return False
-    for action, at, at_step, at_rank in _faults(spec):
-        if (at, at_step, at_rank) != (point, step, rank):
-            continue
-        print(f"{FAULT_ENV}: {action} at {point} of step {step} on rank {rank}", flush=True)
-        if action == "kill":
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-        elif action == "hang":
-            while True:
-                time.sleep(3600)
-        elif action == "exit":
-            os._exit(17)
-        elif action == "nan":
-            return True
-    return False

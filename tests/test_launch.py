@@ -20,10 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from sm3_dist.launch import train
+from sm3_dist.launch import checkpoint, launcher, train
+from sm3_dist.launch import config as job_config
+from sm3_dist.launch.backends import BACKENDS, Backend
+from sm3_dist.launch.backends.deepspeed import fill_config
 from sm3_dist.launch.data import eval_windows, load_corpus, train_batch
 from sm3_dist.launch.model import SIZES, build_model
 from sm3_dist.launch.plot import plot_runs, read_metrics
+
+from sm3_dist.comm import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -32,10 +37,6 @@ YAMLS = sorted((LAUNCH / "accelerate").glob("*.yaml"))
 JSONS = sorted((LAUNCH / "deepspeed").glob("*.json"))
 SMALL_ANY_LR = ["--batch-size", "8", "--seq-len", "32", "--eval-windows", "4", "--warmup-fraction", "0.34"]
 SMALL = [*SMALL_ANY_LR, "--lr", "0.03", "--no-plot"]
-
-
-def _free_port() -> int:
-    return train.free_port()
 
 
 def _env() -> dict[str, str]:
@@ -58,12 +59,12 @@ def _run(cmd: list[str], *, expect: int = 0, timeout: float = 300) -> subprocess
 
 def _accelerate(config: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    cmd += ["--main_process_port", str(_free_port()), str(SCRIPT), *args]
+    cmd += ["--main_process_port", str(free_port()), str(SCRIPT), *args]
     return _run(cmd, expect=expect)
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
     return _run([*cmd, str(SCRIPT), *args])
 
 
@@ -192,12 +193,44 @@ def test_bad_input_is_refused_before_any_process_group(argv, env, message, monke
     assert not dist.is_initialized()
 
 
+COMPARE_LR = [
+    # (command line, the lr of each run of --compare sm3,adamw)
+    ([], {"sm3": job_config.DEFAULT_LR["sm3"], "adamw": job_config.DEFAULT_LR["adamw"]}),
+    (["--lr=0.05"], {"sm3": 0.05, "adamw": 0.05}),
+    (["--lr", "0.05"], {"sm3": 0.05, "adamw": 0.05}),
+]
+
+
+@pytest.mark.parametrize(("argv", "lrs"), COMPARE_LR, ids=["default", "lr=0.05", "lr 0.05"])
+def test_compare_runs_each_optimizer_as_alone(argv, lrs, tmp_path):
+    args = job_config.build_parser().parse_args(["--compare", "sm3,adamw", "--out", str(tmp_path), *argv])
+    plans = launcher.compare_plans(args, job_config.validate(args, env={}))
+    assert {p.args.optimizer: p.args.lr for p in plans} == lrs
+    assert [p.args.out for p in plans] == [str(tmp_path / "sm3"), str(tmp_path / "adamw")]
+    assert all(p.args.compare is None and p.world_size == 2 and not p.launched for p in plans)
+
+
+def test_every_setup_has_one_backend():
+    setups = {setup for setup, _ in BACKENDS}
+    assert setups == set(job_config.SETUPS)
+    assert {(s, None) for s in job_config.SETUPS} <= set(BACKENDS)
+    for cls in BACKENDS.values():
+        assert issubclass(cls, Backend) and cls._build is not Backend._build, cls
+
+
+def test_stdlib_corpus_needs_no_file(tmp_path):
+    plan = job_config.validate(
+        job_config.build_parser().parse_args(["--data", "stdlib", "--out", str(tmp_path)]), env={}
+    )
+    assert plan.args.data == job_config.STDLIB_CORPUS
+
+
 def test_resume_of_another_setup_is_refused(tmp_path, capsys):
     step = tmp_path / "step_0000004"
     step.mkdir()
     meta = {"step": 4, "setup": "fsdp2", "optimizer": "sm3", "model_size": "tiny", "world_size": 2}
-    (step / train.META_FILE).write_text(json.dumps(meta))
-    (step / train.DONE_FILE).write_text("")
+    (step / checkpoint.MANIFEST_FILE).write_text(json.dumps(meta))
+    (step / checkpoint.DONE_FILE).write_text("")
     assert train.main(["--resume", str(tmp_path)]) == 2
     assert "saved with setup='fsdp2', this run has 'ddp'" in capsys.readouterr().err
 
@@ -214,7 +247,8 @@ def test_wheel_builds_quietly_and_the_cli_runs_from_the_repository_root(tmp_path
     """The project's own configuration gives no setuptools warnings; installed, ``python -m sm3_dist.cli train``
     works in the repository root, where the source folder ``sm3_dist/`` comes first on ``sys.path``."""
     tree = tmp_path / "tree"
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
+    files = subprocess.run(listed, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
         if (ROOT / name).is_file():
             (tree / name).parent.mkdir(parents=True, exist_ok=True)
@@ -232,6 +266,9 @@ def test_wheel_builds_quietly_and_the_cli_runs_from_the_repository_root(tmp_path
         z.extractall(site)
         names = z.namelist()
     assert "sm3_dist/launch/deepspeed/zero2.json" in names and "sm3_dist/launch/accelerate/ddp_cpu.yaml" in names
+    for folder in ("launch", "integrations"):  # every module of the source tree ships
+        for source in (tree / folder).rglob("*.py"):
+            assert f"sm3_dist/{source.relative_to(tree).as_posix()}" in names, source
     assert not any(n.startswith("sm3_dist/launch/") and n.endswith("__init__.py") and n.count("/") > 2 for n in names)
     # -S: no site-packages .pth files, so the editable install of this checkout is out of the picture
     deps = [p for p in sys.path if p.endswith("site-packages")]
@@ -263,9 +300,9 @@ def test_accelerate_config_parses(path):
 @pytest.mark.parametrize("path", JSONS, ids=[p.name for p in JSONS])
 def test_deepspeed_json_fills_for_the_job(path):
     config = json.loads(path.read_text())
-    args = train.build_parser().parse_args(["--setup", "deepspeed", "--deepspeed-config", str(path)])
+    args = job_config.build_parser().parse_args(["--setup", "deepspeed", "--deepspeed-config", str(path)])
     args.lr, args.batch_size = 0.05, 16
-    filled, from_config = train._fill_deepspeed_config(config, args, world_size=2)
+    filled, from_config = fill_config(config, args, world_size=2)
     assert from_config and filled["optimizer"]["type"] == "SM3"
     assert filled["optimizer"]["params"]["lr"] == 0.05
     assert filled["train_batch_size"] == 16 and filled["train_micro_batch_size_per_gpu"] == 8
@@ -274,9 +311,9 @@ def test_deepspeed_json_fills_for_the_job(path):
 
 
 def test_baseline_under_deepspeed_is_a_client_optimizer():
-    args = train.build_parser().parse_args(["--optimizer", "adagrad"])
+    args = job_config.build_parser().parse_args(["--optimizer", "adagrad"])
     args.lr, args.batch_size = 0.01, 16
-    filled, from_config = train._fill_deepspeed_config({"optimizer": {"type": "SM3"}}, args, world_size=2)
+    filled, from_config = fill_config({"optimizer": {"type": "SM3"}}, args, world_size=2)
     assert not from_config and "optimizer" not in filled and filled["zero_allow_untested_optimizer"]
 
 
@@ -292,7 +329,7 @@ def test_accelerate_ddp_trains_and_resumes_exactly(tmp_path):
     _accelerate(config, *common, "--out", str(first), "--checkpoint-every", "3")
     _assert_trained(first, 6)
     checkpoint = first / "checkpoints" / "step_0000003"
-    assert (checkpoint / train.DONE_FILE).exists()
+    assert (checkpoint / checkpoint.DONE_FILE).exists()
     _accelerate(config, *common, "--out", str(second), "--resume", str(checkpoint))
     a, b = _losses(first), _losses(second)
     assert sorted(b) == [4, 5, 6]
@@ -358,9 +395,11 @@ def test_accelerate_fsdp2_trains_on_gpu(tmp_path):
 def test_deepspeed_config_batch_and_lr_are_used_unless_given():
     path = str(LAUNCH / "deepspeed" / "zero2.json")
     config = json.loads(Path(path).read_text())
-    parser = train.build_parser()
-    plan = train.validate(parser.parse_args(["--setup", "deepspeed", "--deepspeed-config", path]), env={})
+    parser = job_config.build_parser()
+    plan = job_config.validate(parser.parse_args(["--setup", "deepspeed", "--deepspeed-config", path]), env={})
     assert plan.args.batch_size == config["train_micro_batch_size_per_gpu"] * 2
     assert plan.args.lr == config["optimizer"]["params"]["lr"]
-    with pytest.raises(train.UsageError, match="disagrees with --batch-size 6"):
-        train.validate(parser.parse_args(["--setup", "deepspeed", "--deepspeed-config", path, "--batch-size", "6"]), {})
+    with pytest.raises(job_config.UsageError, match="disagrees with --batch-size 6"):
+        job_config.validate(
+            parser.parse_args(["--setup", "deepspeed", "--deepspeed-config", path, "--batch-size", "6"]), {}
+        )

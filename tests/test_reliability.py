@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sm3_dist.launch import checkpoint, train
+from sm3_dist.launch import checkpoint, config, faults, train
 
 from tests.test_launch import ROOT, SMALL, _env
 
@@ -51,9 +51,9 @@ def _cmd(*args: str) -> list[str]:
 
 def _job_env(fault: str | None) -> dict[str, str]:
     env = _env()
-    env.pop(checkpoint.FAULT_ENV, None)
+    env.pop(faults.FAULT_ENV, None)
     if fault:
-        env[checkpoint.FAULT_ENV] = fault
+        env[faults.FAULT_ENV] = fault
     return env
 
 
@@ -145,9 +145,8 @@ def test_killed_job_resumes_bitwise_and_falls_back_past_a_corrupted_checkpoint(s
     _run([*args, "--out", str(ref), "--final-weights", str(ref / "final.pt")], fault=nan)
     kept = [checkpoint.step_of(d) for d in checkpoint.list_checkpoints(ref / "checkpoints")]
     assert kept == [10, 8, 6], kept  # --keep-checkpoints 3
-    parser = train.build_parser()
-    plan = train.validate(parser.parse_args([*args, "--out", str(ref)]), env={})
-    expected = train.expected_checkpoint(plan.args, 2, plan.deepspeed_config, {})
+    plan = config.validate(config.build_parser().parse_args([*args, "--out", str(ref)]), env={})
+    expected = config.expected_checkpoint(plan)
     manifest = checkpoint.verify(ref / "checkpoints" / "step_0000010", expected)
     assert manifest["world_size"] == 2 and manifest["setup"] == setup and manifest["step"] == 10
     assert manifest["optimizer_config_sha256"] == checkpoint.config_hash(expected.optimizer_config)
@@ -204,9 +203,8 @@ def test_killed_job_resumes_bitwise_and_falls_back_past_a_corrupted_checkpoint(s
 TINY = ["--model-size", "tiny", "--seq-len", "32", "--steps", "10", "--lr", "0.03", "--warmup-fraction", "0.34"]
 
 
-def _expected(argv: list[str], world: int = 2) -> checkpoint.Expected:
-    plan = train.validate(train.build_parser().parse_args(argv), env={})
-    return train.expected_checkpoint(plan.args, world, plan.deepspeed_config, {})
+def _expected(argv: list[str]) -> checkpoint.Expected:
+    return config.expected_checkpoint(config.validate(config.build_parser().parse_args(argv), env={}))
 
 
 def _fake_checkpoint(root: Path, step: int, expected: checkpoint.Expected) -> Path:
@@ -301,7 +299,7 @@ def test_bad_checkpoint_is_refused_before_anything_is_loaded(saved, damage, argv
 def test_reshardable_checkpoint_loads_at_another_world_size(tmp_path):
     base = [*TINY, "--setup", "sharded", "--out", str(tmp_path / "run")]
     ckpt = _fake_checkpoint(tmp_path / "ckpts", 4, _expected(base))
-    plan = train.validate(train.build_parser().parse_args([*base, "--nproc", "1", "--resume", str(ckpt)]), env={})
+    plan = config.validate(config.build_parser().parse_args([*base, "--nproc", "1", "--resume", str(ckpt)]), env={})
     assert plan.resume == ckpt and plan.skipped == ()
 
 
@@ -316,7 +314,7 @@ def test_resume_auto_falls_back_past_bad_checkpoints_and_says_so(tmp_path, capsy
     base += ["--resume", "auto"]
     _truncate(newest)
     (root / ".staging.step_0000010").mkdir()  # an interrupted save: never a candidate
-    plan = train.validate(train.build_parser().parse_args(base), env={})
+    plan = config.validate(config.build_parser().parse_args(base), env={})
     err = capsys.readouterr().err
     assert plan.resume == middle
     assert [path for path, _ in plan.skipped] == [str(newest), str(foreign)]
@@ -336,16 +334,16 @@ def test_resume_auto_falls_back_past_bad_checkpoints_and_says_so(tmp_path, capsy
 def test_resume_auto_with_nothing_saved_starts_fresh(tmp_path):
     base = [*TINY, "--setup", "sharded", "--out", str(tmp_path), "--resume", "auto"]
     (tmp_path / "checkpoints" / ".staging.step_0000002").mkdir(parents=True)  # killed during its first save
-    plan = train.validate(train.build_parser().parse_args(base), env={})
+    plan = config.validate(config.build_parser().parse_args(base), env={})
     assert plan.resume is None and plan.skipped == ()
 
 
 def test_fault_spec_is_checked():
-    assert checkpoint._faults("kill@staged:6, nan@grad:3:1") == [("kill", "staged", 6, 0), ("nan", "grad", 3, 1)]
+    assert faults.parse("kill@staged:6, nan@grad:3:1") == [("kill", "staged", 6, 0), ("nan", "grad", 3, 1)]
     with pytest.raises(ValueError, match="not ACTION@POINT:STEP"):
-        checkpoint._faults("kill@staged")
+        faults.parse("kill@staged")
     with pytest.raises(ValueError, match="unknown action 'boom'"):
-        checkpoint._faults("boom@step:1")
+        faults.parse("boom@step:1")
 
 
 # ---------------------------------------------------------------------------------------------- dead and hung ranks
