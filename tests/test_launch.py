@@ -328,9 +328,9 @@ def test_accelerate_ddp_trains_and_resumes_exactly(tmp_path):
     common = [*SMALL[:-1], "--steps", "6", "--eval-every", "3", "--polyak", "0.5"]
     _accelerate(config, *common, "--out", str(first), "--checkpoint-every", "3")
     _assert_trained(first, 6)
-    checkpoint = first / "checkpoints" / "step_0000003"
-    assert (checkpoint / checkpoint.DONE_FILE).exists()
-    _accelerate(config, *common, "--out", str(second), "--resume", str(checkpoint))
+    step_3 = first / "checkpoints" / "step_0000003"
+    assert (step_3 / checkpoint.DONE_FILE).exists()
+    _accelerate(config, *common, "--out", str(second), "--resume", str(step_3))
     a, b = _losses(first), _losses(second)
     assert sorted(b) == [4, 5, 6]
     assert all(a[s] == b[s] for s in b), (a, b)

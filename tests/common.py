@@ -1,0 +1,217 @@
+"""The tests' shared harness: processes, kernels, devices, small models and their gradients.
+
+* :func:`run_distributed` - run a function on N CPU processes joined by a gloo
+  process group (a free port, a timeout, each worker's traceback re-raised in
+  the parent); :func:`free_port`; :func:`remove_shared_memory`.
+* :data:`KERNELS` - every SM3 kernel as the constructor flags that select it;
+  :data:`DEVICES` - ``cpu``, and ``cuda`` where a GPU is present.
+* :class:`TinyBlock`, :func:`make_model` - a transformer-like module whose
+  dimensions shard unevenly (some shards empty at 3 and 4 ranks);
+  :func:`global_grads`, :func:`set_grads` - the same seeded gradients on every
+  rank, set on plain or DTensor parameters; :func:`snapshot` - a model's
+  parameters and its optimizer's state, by parameter name.
+
+``run_distributed(fn, world_size, *args)`` calls ``fn(rank, world_size, *args)``
+in each process after ``init_process_group("gloo")`` and returns the list of
+each rank's return value (anything ``torch.save`` can write). ``fn`` must be a
+module-level function (it is pickled by reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import glob
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from sm3_dist.comm import end_process, free_port
+
+__all__ = [
+    "DEVICES",
+    "KERNELS",
+    "TinyBlock",
+    "free_port",
+    "global_grads",
+    "make_model",
+    "remove_shared_memory",
+    "run_distributed",
+    "set_grads",
+    "snapshot",
+]
+
+KERNELS: dict[str, dict[str, bool]] = {
+    "eager": dict(foreach=False, fused=False),
+    "foreach": dict(foreach=True, fused=False),
+    "fused": dict(foreach=False, fused=True),
+}
+"""Every kernel SM3 offers, as the ``SM3``/``functional.sm3`` flags that select it."""
+
+DEVICES: tuple[str, ...] = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+"""The devices tests run on here: CUDA rows only where a GPU is present."""
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, args: tuple, env: dict) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        LOCAL_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    path = os.path.join(outdir, f"rank{rank}.pt")
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
+        result = fn(rank, world_size, *args)
+        torch.save({"ok": True, "value": result}, path)
+    except BaseException:
+        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    end_process(0)
+
+
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, env: dict | None = None
+) -> list[Any]:
+    """Every rank's return value of ``fn(rank, world_size, *args)``; a worker's exception or a hang raises here."""
+    port = free_port()
+    try:
+        return _run(fn, world_size, port, args, timeout, env)
+    finally:
+        remove_shared_memory(port)
+
+
+def remove_shared_memory(port: int) -> None:
+    """Remove the /dev/shm buffers DeepSpeed's CPU communication backend leaves behind for this port.
+
+    DeepSpeed names them ``deepspeed_allreduce_buffer_<n>_<addr>_<port>_<k>`` and never unlinks them;
+    each is tens of MB, so a test suite would otherwise fill the machine's memory.
+    """
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _run(fn: Callable[..., Any], world_size: int, port: int, args: tuple, timeout: float, env: dict | None):
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.start_processes(
+            _worker,
+            args=(world_size, port, outdir, fn, args, dict(env or {})),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        end = time.monotonic() + timeout
+        timed_out = True
+        try:
+            while time.monotonic() < end:
+                if ctx.join(timeout=1.0):
+                    timed_out = False
+                    break
+        except (mp.ProcessRaisedException, mp.ProcessExitedException):
+            timed_out = False
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        if timed_out:
+            raise TimeoutError(f"distributed test did not finish within {timeout:.0f} s (a hung collective?)")
+        results = []
+        errors = []
+        for rank in range(world_size):
+            path = os.path.join(outdir, f"rank{rank}.pt")
+            if not os.path.exists(path):
+                errors.append(f"rank {rank}: exited without a result (exit code {ctx.processes[rank].exitcode})")
+                continue
+            out = torch.load(path, weights_only=False)
+            if out["ok"]:
+                results.append(out["value"])
+            else:
+                errors.append(f"rank {rank} raised:\n{out['error']}")
+        if errors:
+            raise RuntimeError("distributed test failed\n" + "\n".join(errors))
+        return results
+
+
+# ---------------------------------------------------------------------------------------------- models and gradients
+
+
+class TinyBlock(nn.Module):
+    """Transformer-like shapes: dims not divisible by 2, 3 or 4, so shards are uneven and some empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 12)  # 4 ranks: rows 2, 2, 1, 0 -> an empty (0, 12) shard
+        self.qkv = nn.Linear(12, 9)  # FSDP2 shards dims other than 0 evenly only: 12 columns
+        self.mix = nn.Parameter(torch.randn(3, 4, 6) * 0.1)  # rank 3; 4 ranks: an empty (0, 4, 6) shard
+        self.norm = nn.LayerNorm(12)
+        self.head = nn.Linear(12, 4)  # 3 ranks: rows 2, 2, 0
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.emb(idx))  # (batch, time, 12)
+        q = self.qkv(h)
+        mixed = torch.einsum("btc,kjc->btkj", h[..., :6], self.mix)
+        return self.head(h).pow(2).mean() + q.pow(2).mean() + mixed.pow(2).mean()
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    """A :class:`TinyBlock` with weights drawn from ``seed`` (the same on every rank)."""
+    torch.manual_seed(seed)
+    return TinyBlock()
+
+
+def global_grads(
+    named_shapes: Iterable[tuple[str, torch.Size]], step: int, *, seed: int = 7919, zero_slice: bool = True
+) -> dict[str, torch.Tensor]:
+    """The same gradients on every rank, drawn from a generator seeded by ``seed`` and the step.
+
+    With ``zero_slice``, step 0 zeroes the first slice of the last dimension of every
+    matrix: accumulator entries whose ``nu`` stays 0.
+    """
+    gen = torch.Generator().manual_seed(seed * (step + 1))
+    grads = {}
+    for name, shape in named_shapes:
+        g = torch.randn(shape, generator=gen)
+        if zero_slice and step == 0 and g.dim() >= 2:
+            g[..., 0] = 0.0
+        grads[name] = g
+    return grads
+
+
+def set_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
+    """``param.grad = grads[name]`` for every parameter; a DTensor parameter gets its local part."""
+    for name, p in model.named_parameters():
+        g = grads[name].to(device=p.device, dtype=p.dtype)
+        if isinstance(p, DTensor):
+            g = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+        p.grad = g
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Copies of ``model``'s parameters and ``optimizer``'s state, keyed by parameter name."""
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {
+        n: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+        for n, p in model.named_parameters()
+    }
+    return params, state
