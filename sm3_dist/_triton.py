@@ -35,6 +35,7 @@ the eager CPU kernel; ``--bench`` times it against ``torch.optim.Adam(fused=True
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -109,52 +110,52 @@ def _f32_to_bf16(x):
 
 
 @triton.jit
-def _load_kind(addr, offs, mask, KIND: tl.constexpr):
+def _load_kind(addr, base, offs, mask, KIND: tl.constexpr):
     if KIND == 0:
-        x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+        x = tl.load(addr.to(tl.pointer_type(tl.float32)) + base + offs, mask=mask, other=0.0)
     elif KIND == 1:
-        x = _bf16_to_f32(tl.load(addr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0))
+        x = _bf16_to_f32(tl.load(addr.to(tl.pointer_type(tl.uint16)) + base + offs, mask=mask, other=0))
     else:
-        x = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(addr.to(tl.pointer_type(tl.float16)) + base + offs, mask=mask, other=0.0).to(tl.float32)
     return x
 
 
 @triton.jit
-def _load(addr, offs, mask, kind, KIND: tl.constexpr):
+def _load(addr, base, offs, mask, kind, KIND: tl.constexpr):
     """An fp32/bf16/fp16 tensor's elements as fp32: ``KIND`` when all blocks share it, else ``kind`` at run time."""
     if KIND >= 0:
-        x = _load_kind(addr, offs, mask, KIND)
+        x = _load_kind(addr, base, offs, mask, KIND)
     else:
         if kind == 0:
-            x = _load_kind(addr, offs, mask, 0)
+            x = _load_kind(addr, base, offs, mask, 0)
         elif kind == 1:
-            x = _load_kind(addr, offs, mask, 1)
+            x = _load_kind(addr, base, offs, mask, 1)
         else:
-            x = _load_kind(addr, offs, mask, 2)
+            x = _load_kind(addr, base, offs, mask, 2)
     return x
 
 
 @triton.jit
-def _store_kind(addr, offs, x, mask, KIND: tl.constexpr):
+def _store_kind(addr, base, offs, x, mask, KIND: tl.constexpr):
     if KIND == 0:
-        tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, x, mask=mask)
+        tl.store(addr.to(tl.pointer_type(tl.float32)) + base + offs, x, mask=mask)
     elif KIND == 1:
-        tl.store(addr.to(tl.pointer_type(tl.uint16)) + offs, _f32_to_bf16(x), mask=mask)
+        tl.store(addr.to(tl.pointer_type(tl.uint16)) + base + offs, _f32_to_bf16(x), mask=mask)
     else:
-        tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, x.to(tl.float16), mask=mask)
+        tl.store(addr.to(tl.pointer_type(tl.float16)) + base + offs, x.to(tl.float16), mask=mask)
 
 
 @triton.jit
-def _store(addr, offs, x, mask, kind, KIND: tl.constexpr):
+def _store(addr, base, offs, x, mask, kind, KIND: tl.constexpr):
     if KIND >= 0:
-        _store_kind(addr, offs, x, mask, KIND)
+        _store_kind(addr, base, offs, x, mask, KIND)
     else:
         if kind == 0:
-            _store_kind(addr, offs, x, mask, 0)
+            _store_kind(addr, base, offs, x, mask, 0)
         elif kind == 1:
-            _store_kind(addr, offs, x, mask, 1)
+            _store_kind(addr, base, offs, x, mask, 1)
         else:
-            _store_kind(addr, offs, x, mask, 2)
+            _store_kind(addr, base, offs, x, mask, 2)
 
 
 @triton.jit
@@ -170,6 +171,7 @@ def _update(
     w_addr,
     g_addr,
     m_addr,
+    base,
     offs,
     mask,
     mn,
@@ -196,12 +198,12 @@ def _update(
     GS: tl.constexpr,
 ):
     """One tile of the update, op for op as ``_single_block``; writes ``w`` and ``m``, returns ``nu``."""
-    g = _load(g_addr, offs, mask, gkind, GK)
+    g = _load(g_addr, base, offs, mask, gkind, GK)
     if GS:
         g = tl.div_rn(g, gs)
     if MAXIMIZE:
         g = g * -1.0
-    w = _load(w_addr, offs, mask, pkind, PK)
+    w = _load(w_addr, base, offs, mask, pkind, PK)
     if WD:
         g = g + w * wd
     sq = g * g
@@ -219,17 +221,17 @@ def _update(
         u = tl.where(nh > 0, g * tl.div_rn(1.0, tl.sqrt_rn(nh)), 0.0)
     upd = u * lr
     if MK > 0:
-        m = _load(m_addr, offs, mask, MK - 1, MK - 1)
+        m = _load(m_addr, base, offs, mask, MK - 1, MK - 1)
         m = m * mom + u * omm
-        _store(m_addr, offs, m, mask, MK - 1, MK - 1)
+        _store(m_addr, base, offs, m, mask, MK - 1, MK - 1)
         upd = m * lr
-    elif MK < 0:
+    elif MK < 0:  # noqa: SIM102 (a constexpr test, then a run-time one)
         if mkind != 0:
-            m = _load(m_addr, offs, mask, mkind - 1, -1)
+            m = _load(m_addr, base, offs, mask, mkind - 1, -1)
             m = m * mom + u * omm
-            _store(m_addr, offs, m, mask, mkind - 1, -1)
+            _store(m_addr, base, offs, m, mask, mkind - 1, -1)
             upd = m * lr
-    _store(w_addr, offs, w - upd, mask, pkind, PK)
+    _store(w_addr, base, offs, w - upd, mask, pkind, PK)
     return nu
 
 
@@ -260,10 +262,14 @@ def _tile_2d(
     BR: tl.constexpr,
     BC: tl.constexpr,
     RI: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """Rows ``[RI*BR*rt, RI*BR*(rt+1))`` x columns ``[BC*ct, BC*(ct+1))`` of a ``rows x cols`` block."""
     w_addr = tl.load(e + 0)
     m_addr = tl.load(e + 1)
+    if ALIGNED:  # every address 16-byte aligned, every row a multiple of 8 elements: vector loads and stores
+        w_addr = tl.multiple_of(w_addr, 16)
+        m_addr = tl.multiple_of(m_addr, 16)
     rowmin_ptr = tl.load(e + 2).to(tl.pointer_type(tl.float32))
     colacc_ptr = tl.load(e + 3).to(tl.pointer_type(tl.float32))
     rowmax_ptr = tl.load(e + 4).to(tl.pointer_type(tl.int32))
@@ -276,21 +282,30 @@ def _tile_2d(
     mkind = (kinds >> 4) & 15
     rt = t // nct
     ct = t - rt * nct
-    c = ct * BC + tl.arange(0, BC)
-    cmask = c < cols
-    colacc = tl.load(colacc_ptr + c, mask=cmask, other=0.0)
+    c0 = ct * BC
+    j = tl.arange(0, BC)
+    cmask = j < cols - c0
+    colacc = tl.load(colacc_ptr + c0 + j, mask=cmask, other=0.0)
+    cols32 = cols.to(tl.int32)
+    if ALIGNED:
+        cols32 = tl.multiple_of(cols32, 8)
     colbits = tl.zeros([BR, BC], dtype=tl.int32)
+    i = tl.arange(0, BR)
+    offs = i[:, None] * cols32 + j[None, :]
     for it in range(RI):
-        r = (rt * RI + it) * BR + tl.arange(0, BR)
-        rmask = r < rows
-        rowmin = tl.load(rowmin_ptr + r, mask=rmask, other=0.0)
+        r0 = (rt * RI + it) * BR
+        rmask = i < rows - r0
+        rowmin = tl.load(rowmin_ptr + r0 + i, mask=rmask, other=0.0)
         mn = tl.minimum(rowmin[:, None], colacc[None, :], propagate_nan=tl.PropagateNan.ALL)
-        offs = r[:, None] * cols + c[None, :]
+        base = r0 * cols + c0
+        if ALIGNED:
+            base = tl.multiple_of(base, 8)
         mask = rmask[:, None] & cmask[None, :]
         nu = _update(
             w_addr,
             g_addr,
             m_addr,
+            base,
             offs,
             mask,
             mn,
@@ -317,9 +332,9 @@ def _tile_2d(
             GS,
         )
         bits = _nu_bits(nu, mask)
-        tl.atomic_max(rowmax_ptr + r, tl.max(bits, axis=1), mask=rmask, sem="relaxed")
+        tl.atomic_max(rowmax_ptr + r0 + i, tl.max(bits, axis=1), mask=rmask, sem="relaxed")
         colbits = tl.maximum(colbits, bits)
-    tl.atomic_max(colmax_ptr + c, tl.max(colbits, axis=0), mask=cmask, sem="relaxed")
+    tl.atomic_max(colmax_ptr + c0 + j, tl.max(colbits, axis=0), mask=cmask, sem="relaxed")
 
 
 @triton.jit
@@ -348,25 +363,31 @@ def _tile_flat(
     GS: tl.constexpr,
     VB: tl.constexpr,
     VI: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """Elements ``[VI*VB*t, VI*VB*(t+1))`` of a rank-0/1 block: ``nu = mu_0`` plus the square, its own maximum."""
     w_addr = tl.load(e + 0)
     m_addr = tl.load(e + 1)
+    if ALIGNED:
+        w_addr = tl.multiple_of(w_addr, 16)
+        m_addr = tl.multiple_of(m_addr, 16)
     acc_ptr = tl.load(e + 3).to(tl.pointer_type(tl.float32))
     max_ptr = tl.load(e + 5).to(tl.pointer_type(tl.int32))
     n = tl.load(e + 7)
     kinds = tl.load(e + 10)
     pkind = kinds & 15
     mkind = (kinds >> 4) & 15
+    j = tl.arange(0, VB)
     for it in range(VI):
-        offs = (t * VI + it) * VB + tl.arange(0, VB)
-        mask = offs < n
-        mn = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+        base = (t * VI + it) * VB
+        mask = j < n - base
+        mn = tl.load(acc_ptr + base + j, mask=mask, other=0.0)
         nu = _update(
             w_addr,
             g_addr,
             m_addr,
-            offs,
+            base,
+            j,
             mask,
             mn,
             pkind,
@@ -391,7 +412,7 @@ def _tile_flat(
             NUD,
             GS,
         )
-        tl.atomic_max(max_ptr + offs, _nu_bits(nu, mask), mask=mask, sem="relaxed")
+        tl.atomic_max(max_ptr + base + j, _nu_bits(nu, mask), mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -433,6 +454,7 @@ def _sm3_step_kernel(
     BCN: tl.constexpr,
     VB: tl.constexpr,
     VI: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if FI:
@@ -457,24 +479,26 @@ def _sm3_step_kernel(
         t = pid - tl.load(e + 9)
         cls = (tl.load(e + 10) >> 8) & 15
         g_addr = tl.load(gtab + 2 * b)
+        if ALIGNED:
+            g_addr = tl.multiple_of(g_addr, 16)
         gkind = tl.load(gtab + 2 * b + 1)
-        if HAS_WIDE:
+        if HAS_WIDE:  # noqa: SIM102
             if cls == 0:
                 _tile_2d(
                     e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd,
-                    PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, BR, BC, RI,
+                    PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, BR, BC, RI, ALIGNED,
                 )  # fmt: skip
-        if HAS_NARROW:
+        if HAS_NARROW:  # noqa: SIM102
             if cls == 1:
                 _tile_2d(
                     e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd,
-                    PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, BRN, BCN, RI,
+                    PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, BRN, BCN, RI, ALIGNED,
                 )  # fmt: skip
-        if HAS_FLAT:
+        if HAS_FLAT:  # noqa: SIM102
             if cls == 2:
                 _tile_flat(
                     e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd,
-                    PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, VB, VI,
+                    PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, VB, VI, ALIGNED,
                 )  # fmt: skip
 
 
@@ -532,6 +556,24 @@ def _finalize_kernel(tab, prog_entry, fi_ptr, KEEP_MAX: tl.constexpr, FI: tl.con
 
 # ---------------------------------------------------------------------------------------------------------------
 # host side
+
+_ALIGN_HINTS = {"on": os.environ.get("SM3_TRITON_ALIGN", "1") != "0"}
+"""Whether aligned blocks get the kernel variant with alignment hints (off after it failed to compile once)."""
+
+
+def _launch(aligned: bool, grid, *args, **kwargs) -> None:
+    """The update kernel, with alignment hints where the blocks allow; without them if that variant fails to
+    compile (logged once), since the hints only make loads wider."""
+    if aligned:
+        try:
+            _sm3_step_kernel[grid](*args, ALIGNED=True, **kwargs)
+            return
+        except Exception as exc:  # a compiler that rejects the hints: the plain variant computes the same
+            if isinstance(exc, (ValueError, TypeError)) and "must" in str(exc):
+                raise
+            _ALIGN_HINTS["on"] = False
+            logger.warning("sm3_dist: Triton SM3 kernel: aligned variant failed (%s); using the plain one", exc)
+    _sm3_step_kernel[grid](*args, ALIGNED=False, **kwargs)
 
 
 def _upload(values: list[int], device: torch.device, out: Tensor | None = None) -> Tensor:
@@ -658,6 +700,8 @@ class TritonPlan:
             torch.arange(n, dtype=torch.int32), torch.tensor(counts, dtype=torch.int64)
         ).to(device)
         self._classes = classes
+        # vector loads need 16-byte aligned rows: aligned addresses and row lengths a multiple of 8 elements
+        self._rows_aligned = all(p.ndim <= 1 or p.shape[-1] % 8 == 0 for p in self._params)
         self._pptrs = [p.data_ptr() for p in self._params]
         self._mptrs = [0 if m is None else m.data_ptr() for m in self._buffers]
         self._gptrs: list[int] | None = None
@@ -665,6 +709,10 @@ class TritonPlan:
         self._gk = 0
         self._gtab = torch.zeros(2 * n, dtype=torch.int64, device=device)
         self._dummy = torch.zeros(1, dtype=torch.float32, device=device)
+
+    def _aligned(self) -> bool:
+        ptrs = [*self._pptrs, *self._mptrs, *(self._gptrs or [1])]
+        return _ALIGN_HINTS["on"] and self._rows_aligned and all(x % 16 == 0 for x in ptrs)
 
     @staticmethod
     def _narrow_rows() -> int:
@@ -701,6 +749,8 @@ class TritonPlan:
                 return f"params[{i}] is not contiguous"
             if p.ndim > 4:
                 return f"params[{i}] has rank {p.ndim} (at most 4)"
+            if p.ndim >= 2 and p.shape[-1] * max(_WIDE["BR"], _WIDE["BR"] * _WIDE["BC"] // _NARROW_BC) >= 2**31:
+                return f"params[{i}] has rows of {p.shape[-1]} elements (tile offsets are 32-bit)"
             if m is not None and (
                 m.device != device or m.dtype not in _MKIND or m.shape != p.shape or not m.is_contiguous()
             ):
@@ -808,7 +858,10 @@ class TritonPlan:
         if self._nprog:
             dummy = self._dummy
             momentum, beta = float(rule.momentum), float(rule.beta)
-            _sm3_step_kernel[(self._nprog,)](
+            aligned = self._aligned()
+            _launch(
+                aligned,
+                (self._nprog,),
                 self._tab,
                 self._gtab,
                 self._prog_block,
@@ -1000,3 +1053,359 @@ def finalize_(
     """``acc <- maxima`` (or ``max(acc, maxima)`` under ``keep_max``) unless ``found_inf`` is set; then
     ``maxima <- 0``. One launch over lists of fp32 tensors; :class:`FinalizePlan` prepares it once."""
     FinalizePlan(accumulators, maxima).run(keep_max=keep_max, found_inf=found_inf, zero_maxima=zero_maxima)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checking a device against the eager CPU kernel, and timing
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equal, NaN payloads apart (NaN at the same places)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.detach().cpu(), b.detach().cpu()
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(nan_a, nan_b):
+        return False
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
+    return torch.equal(a.view(ints)[~nan_a], b.view(ints)[~nan_b])
+
+
+def _check_cases():
+    from sm3_dist.rule import UpdateRule
+
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    mixed = [(1000, 256), (256,), (64, 1024), (1024, 64), (300, 3), (3, 5, 7), (2, 3, 4, 300), (7,), ()]
+    return [
+        ("fp32, momentum 0.9", dict(shapes=mixed, p=f32, m=f32, rule=UpdateRule(momentum=0.9))),
+        (
+            "bf16 params and momentum, weight decay, maximize",
+            dict(shapes=mixed, p=bf16, m=bf16, rule=UpdateRule(momentum=0.9, weight_decay=0.01, maximize=True)),
+        ),
+        ("fp16 params, tiny gradients (subnormal results)", dict(shapes=mixed, p=f16, m=f32, tiny=True)),
+        ("fp32, subnormal gradients and accumulators", dict(shapes=mixed, p=f32, m=None, tiny=True, tiny_acc=True)),
+        (
+            "eps 0, beta 0.9, nu_divisor, grad_scale and lr as tensors",
+            dict(shapes=mixed, p=f32, m=f32, rule=UpdateRule(momentum=0.9, beta=0.9, eps=0.0), tensors=True),
+        ),
+        (
+            "flat ranges straddling rows, keep_max",
+            dict(shapes=mixed, p=f32, m=f32, rule=UpdateRule(momentum=0.5, beta=0.9), cuts=(0.21, 0.6), keep=True),
+        ),
+        ("found_inf set: nothing written", dict(shapes=mixed, p=bf16, m=f32, found_inf=1.0)),
+    ]
+
+
+def _flat_blocks(tensors, accs, outs, cuts):
+    """Each tensor cut into flat ranges at the fractions ``cuts`` of its size (blocks straddle rows)."""
+    from sm3_dist.layout import split_flat_range
+
+    blocks = []  # (tensor index, flat start, view shape, accumulator slices, maxima slices)
+    for k, (t, a, o) in enumerate(zip(tensors, accs, outs)):
+        n = t.numel()
+        bounds = sorted({0, n, *(min(n, max(0, int(f * n))) for f in cuts)}) if n > 1 else [0, n]
+        for lo, hi in itertools.pairwise(bounds):
+            for b in split_flat_range(t.shape, lo, hi):
+                start = lo + b.offset
+                if t.ndim <= 1:
+                    sl = [slice(start, start + b.numel)]
+                    shape = (b.numel,) if t.ndim else ()
+                else:
+                    sl = [slice(s, s + m) for s, m in zip(b.starts, b.lengths)]
+                    shape = b.lengths
+                blocks.append((k, start, shape, [x[s] for x, s in zip(a, sl)], [x[s] for x, s in zip(o, sl)]))
+    return blocks
+
+
+def _run_check_case(spec: dict, device: torch.device, steps: int = 2) -> dict:
+    from sm3_dist import functional
+    from sm3_dist.rule import UpdateRule
+
+    gen = torch.Generator().manual_seed(0)
+    rule = spec.get("rule", UpdateRule())
+    shapes = spec["shapes"]
+    params = [torch.randn(s, generator=gen).to(spec["p"]) for s in shapes]
+    bufs = [None if spec["m"] is None else (0.1 * torch.randn(s, generator=gen)).to(spec["m"]) for s in shapes]
+    lengths = [list(s) if len(s) >= 2 else [math.prod(s)] for s in shapes]
+    accs = [[torch.rand(n, generator=gen) for n in ls] for ls in lengths]
+    if spec.get("tiny_acc"):
+        accs = [[a * 1e-38 for a in aa] for aa in accs]
+    grads = []
+    for _ in range(steps):
+        gs = [torch.randn(s, generator=gen) for s in shapes]
+        if spec.get("tiny"):
+            for g in gs:
+                g.view(-1)[::3] *= 1e-20
+                g.view(-1)[1::3] *= 1e-4
+        grads.append([g.to(spec["p"]) for g in gs])
+    tensors = spec.get("tensors", False)
+    found = spec.get("found_inf")
+    keep = spec.get("keep", False)
+    # on the device: the kernel
+    d_params = [p.to(device) for p in params]
+    d_bufs = [None if m is None else m.to(device) for m in bufs]
+    d_accs = [[a.to(device) for a in aa] for aa in accs]
+    d_outs = [[torch.zeros_like(a) for a in aa] for aa in d_accs]
+    if spec.get("cuts"):
+        cut = _flat_blocks(d_params, d_accs, d_outs, spec["cuts"])
+        b_params = [d_params[k].view(-1)[s : s + math.prod(v)].view(v) for k, s, v, _, _ in cut]
+        b_bufs = [
+            None if d_bufs[k] is None else d_bufs[k].view(-1)[s : s + math.prod(v)].view(v) for k, s, v, _, _ in cut
+        ]
+        b_accs, b_outs = [c[3] for c in cut], [c[4] for c in cut]
+    else:
+        cut = None
+        b_params, b_bufs, b_accs, b_outs = d_params, d_bufs, d_accs, d_outs
+    plan = TritonPlan.build(b_params, b_bufs, b_accs, b_outs)
+    if plan is None:
+        return {"ok": False, "error": f"TritonPlan.build refused: {TritonPlan.reason}"}
+    finalize = FinalizePlan([a for aa in d_accs for a in aa], [o for oo in d_outs for o in oo])
+    flag = None if found is None else torch.full((1,), found, device=device)
+    scale, divisor = 512.0, 0.271
+    for step, gs in enumerate(grads):
+        lr = 0.01 * (step + 1)
+        d_gs = [g.to(device) for g in gs]
+        if cut is not None:
+            d_gs = [d_gs[k].view(-1)[s : s + math.prod(v)].view(v) for k, s, v, _, _ in cut]
+        kw = {}
+        if tensors:
+            kw = dict(
+                nu_divisor=torch.full((1,), divisor, device=device),
+                grad_scale=torch.full((1,), scale, device=device),
+            )
+            lr = torch.full((1,), lr, device=device)
+        plan.step(d_gs, rule, lr=lr, found_inf=flag, **kw)
+        finalize.run(keep_max=keep, found_inf=flag)
+    # on CPU: the eager kernel
+    for step, gs in enumerate(grads):
+        if found:
+            break
+        lr = 0.01 * (step + 1)
+        nud, gsc = (torch.tensor(divisor), torch.tensor(scale)) if tensors else (None, None)
+        if tensors:
+            lr = torch.tensor(lr)
+        for p, g, m, aa in zip(params, gs, bufs, accs):
+            if p.ndim == 0:
+                p, g, m = p.view(1), g.view(1), None if m is None else m.view(1)
+            maxima = functional._single_block(p, g, m, aa, rule, lr, nud, gsc)
+            functional.store_maxima(list(aa), list(maxima), keep)
+    bad = []
+    for k in range(len(shapes)):
+        if not _same_bits(d_params[k], params[k]):
+            bad.append(f"param {k} {tuple(shapes[k])}")
+        if bufs[k] is not None and not _same_bits(d_bufs[k], bufs[k]):
+            bad.append(f"momentum {k}")
+        for d, (x, y) in enumerate(zip(d_accs[k], accs[k])):
+            if not _same_bits(x, y):
+                bad.append(f"accumulator {k}.{d}")
+    return {"ok": not bad, "mismatches": bad}
+
+
+def check(device: str | torch.device = "cuda") -> list[dict]:
+    """The kernels on ``device`` against the eager CPU kernel, bitwise, on a few shapes and settings.
+
+    Returns one dict per case: ``name``, ``ok`` and the ``mismatches`` (what differed) or an ``error``.
+    """
+    device = torch.device(device)
+    results = []
+    for name, spec in _check_cases():
+        try:
+            r = _run_check_case(spec, device)
+        except Exception as exc:  # reported, not raised: the other cases still run
+            r = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        results.append({"name": name, **r})
+    # the non-finite scan: each position of an inf/NaN, in each dtype
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        found_all = True
+        for where in (0, 4095, 4096, 9999):
+            ts = [torch.randn(n, device=device).to(dtype) for n in (10, 10000, 3)]
+            flag = torch.zeros(1, device=device)
+            nonfinite_(ts, flag)
+            clean = float(flag.item()) == 0.0
+            ts[1][where] = float("nan") if where % 2 else float("-inf")
+            nonfinite_(ts, flag)
+            found_all = found_all and clean and float(flag.item()) == 1.0
+        results.append({"name": f"nonfinite_ {str(dtype).removeprefix('torch.')}", "ok": found_all})
+    return results
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn, steps: int, rounds: int, device: torch.device) -> float:
+    """Median over ``rounds`` of the mean time of ``steps`` back-to-back calls, in ms (device synchronized)."""
+    import statistics
+    import time
+
+    samples = []
+    for _ in range(rounds):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        samples.append((time.perf_counter() - t0) * 1e3 / steps)
+    return statistics.median(samples)
+
+
+def _copy_bandwidth(device: torch.device, mib: int = 1024) -> float:
+    """Bytes per second of a large fp32 copy (read and write counted)."""
+    src = torch.ones(mib * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms = _time_ms(lambda: dst.copy_(src), 5, 5, device)
+    return 2 * src.numel() * 4 / (ms / 1e3)
+
+
+def bench(
+    shapes: Sequence[Sequence[int]], *, device: str = "cuda", steps: int = 10, rounds: int = 7, tune: bool = False
+) -> list[dict]:
+    """The plan's step (with the finalize launch) against ``torch.optim.Adam(fused=True)`` on the same parameters.
+
+    fp32 parameters, momentum 0.9 in fp32. Rows: name, ms per step, ratio to Adam, bytes moved, % of the copy
+    bandwidth bound. SM3 moves ``20 * numel`` (reads w, g, m; writes w, m) plus the accumulators and maxima;
+    Adam ``28 * numel``.
+    """
+    from sm3_dist.rule import UpdateRule
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    params = [torch.randn(*s, device=device) for s in shapes]
+    grads = [torch.randn_like(p) for p in params]
+    numel = sum(p.numel() for p in params)
+    sum_dims = sum(sum(p.shape) if p.ndim >= 2 else p.numel() for p in params)
+    bufs = [torch.zeros_like(p) for p in params]
+    accs = [[torch.zeros(n, device=device) for n in (p.shape if p.ndim >= 2 else (p.numel(),))] for p in params]
+    outs = [[torch.zeros_like(a) for a in aa] for aa in accs]
+    plan = TritonPlan.build(params, bufs, accs, outs)
+    if plan is None:
+        raise RuntimeError(f"TritonPlan.build refused the set: {TritonPlan.reason}")
+    finalize = FinalizePlan([a for aa in accs for a in aa], [o for oo in outs for o in oo])
+    scan = NonfinitePlan(grads)
+    flag = torch.zeros(1, device=device)
+    rule = UpdateRule(momentum=0.9)
+
+    def sm3_step():
+        plan.step(grads, rule, lr=1e-4)
+        finalize.run(keep_max=False)
+
+    def sm3_step_skip():  # the default non-finite handling: scan, and skip on the device
+        flag.zero_()
+        scan.run(flag)
+        plan.step(grads, rule, lr=1e-4, found_inf=flag)
+        finalize.run(keep_max=False, found_inf=flag)
+
+    def kernel_only():
+        plan.step(grads, rule, lr=1e-4)
+
+    rows = []
+    bandwidth = _copy_bandwidth(device, 1024 if device.type == "cuda" else 16)
+    sm3_bytes = 20 * numel + 8 * sum_dims
+    if tune:
+        global _NUM_WARPS
+        saved = (dict(_WIDE), _NUM_WARPS)
+        best = None
+        for br, bc, ri, nw in [(8, 256, 8, 8), (16, 256, 4, 8), (8, 256, 16, 8), (4, 512, 8, 4), (8, 128, 8, 4),
+                               (16, 128, 8, 8), (32, 256, 4, 8)]:  # fmt: skip
+            _WIDE.update(BR=br, BC=bc, RI=ri)
+            _NUM_WARPS = nw
+            plan = TritonPlan.build(params, bufs, accs, outs)  # tile geometry is part of the table
+            kernel_only()
+            ms = _time_ms(kernel_only, steps, 3, device)
+            print(f"[tune] BR={br} BC={bc} RI={ri} warps={nw}: {ms:.3f} ms kernel", flush=True)
+            if best is None or ms < best[0]:
+                best = (ms, br, bc, ri, nw)
+        _WIDE.update(BR=best[1], BC=best[2], RI=best[3])
+        _NUM_WARPS = best[4]
+        print(f"[tune] best: BR={best[1]} BC={best[2]} RI={best[3]} warps={best[4]} ({best[0]:.3f} ms)", flush=True)
+        plan = TritonPlan.build(params, bufs, accs, outs)
+        del saved
+    for fn in (sm3_step, sm3_step_skip, kernel_only):
+        fn()
+    syncs = "none" if device.type == "cuda" else "not checked (no CUDA device)"
+    try:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        sm3_step()
+        sm3_step_skip()
+    except RuntimeError as exc:
+        syncs = f"host synchronization: {exc}"
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    adam_params = [p.clone().requires_grad_() for p in params]
+    for p, g in zip(adam_params, grads):
+        p.grad = g
+    adam = torch.optim.Adam(adam_params, lr=1e-4, fused=True)
+    adam.step()
+    timed = [
+        ("adam fused", adam.step, 28 * numel),
+        ("sm3 triton m=0.9, no non-finite check (2 launches)", sm3_step, sm3_bytes),
+        ("sm3 triton m=0.9, non-finite skip (4 launches)", sm3_step_skip, sm3_bytes + 4 * numel),
+        ("sm3 triton update kernel alone", kernel_only, sm3_bytes),
+    ]
+    ms_adam = None
+    for name, fn, moved in timed:
+        ms = _time_ms(fn, steps, rounds, device)
+        ms_adam = ms if ms_adam is None else ms_adam
+        bound = moved / bandwidth * 1e3
+        rows.append(
+            {
+                "name": name,
+                "ms": ms,
+                "vs_adam": ms / ms_adam,
+                "moved_mb": moved / 1e6,
+                "bound_ms": bound,
+                "pct_of_bound": 100 * bound / ms,
+            }
+        )
+    print(
+        f"{numel / 1e6:.1f}M parameters in {len(params)} tensors on "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else device}; "
+        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; host syncs inside an SM3 step: {syncs}"
+    )
+    print("| step | ms/step | vs Adam fused | MB moved | bound ms | % of bound |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['name']} | {r['ms']:.3f} | {r['vs_adam']:.2f}x | {r['moved_mb']:.0f} | {r['bound_ms']:.3f} "
+            f"| {r['pct_of_bound']:.0f}% |"
+        )
+    return rows
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sm3_dist._triton", description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="compare the kernels with the eager CPU kernel")
+    parser.add_argument("--bench", action="store_true", help="time the step against Adam(fused=True)")
+    parser.add_argument("--tune", action="store_true", help="with --bench: try a few tile shapes first")
+    parser.add_argument("--params", default="50257,1024,24", help="VOCAB,WIDTH,BLOCKS of the GPT-like set")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args(argv)
+    if not (args.check or args.bench):
+        parser.error("give --check and/or --bench")
+    status = 0
+    if args.check:
+        results = check(args.device)
+        for r in results:
+            detail = r.get("error") or ", ".join(r.get("mismatches", []))
+            print(f"[check] {'ok  ' if r['ok'] else 'FAIL'} {r['name']}{': ' + detail if detail else ''}", flush=True)
+        status = 0 if all(r["ok"] for r in results) else 1
+    if args.bench:
+        from sm3_dist.bench import gpt_shapes
+
+        vocab, width, blocks = (int(x) for x in args.params.split(","))
+        bench(
+            gpt_shapes(vocab, width, blocks), device=args.device, steps=args.steps, rounds=args.rounds, tune=args.tune
+        )
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -8,6 +8,7 @@ tests/test_triton_kernel.py compares them with :func:`reference`, which runs the
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -60,7 +61,7 @@ CASES: dict[str, dict] = {
         pdtype=["f32", "bf16", "f16", "f32", "bf16", "f16", "f32", "bf16"],
         mdtype=["f32", None, "bf16", None, "f32", "bf16", None, "f32"],
         momentum=0.9,
-    ),  # fmt: skip
+    ),
     "lr tensor": dict(shapes=_RANKS, lr="tensor", momentum=0.9, mdtype="f32"),
     "nu_divisor float": dict(shapes=_RANKS, beta=0.9, nu_divisor=0.271),
     "nu_divisor tensor": dict(shapes=_RANKS, beta=0.9, nu_divisor="tensor", momentum=0.9, mdtype="bf16"),
@@ -73,7 +74,10 @@ CASES: dict[str, dict] = {
     "keep_max whole": dict(shapes=_RANKS, keep_max=True, momentum=0.9, mdtype="f32", beta=0.5),
     "narrow and wide": dict(
         shapes=[(300, 3), (3, 300), (70, 255), (2, 256), (1, 513), (17, 1, 9)], momentum=0.9, mdtype="f32"
-    ),  # fmt: skip
+    ),
+    "aligned rows (vector loads on GPU)": dict(
+        shapes=[(16, 256), (3, 512), (4, 2, 264), (24,), (40, 8)], momentum=0.9, mdtype="bf16", weight_decay=0.01
+    ),
     "nonfinite in state": dict(shapes=[(6, 300), (20,)], nan_accumulator=True),
 }
 CASES = {name: {**_BASE, **spec} for name, spec in CASES.items()}
@@ -90,7 +94,7 @@ NONFINITE_CASES: dict[str, dict] = {
     "flag kept when finite": dict(tensors=[("f32", 100)], bad=[], start=1.0),
     "empty tensors among": dict(
         tensors=[("f32", 0), ("f32", 10), ("bf16", 0), ("f32", 7)], bad=[(3, 6, "nan")], start=0.0
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -187,7 +191,7 @@ def _blocks(case: dict, params, buffers, accs, maxima):
             continue
         n = p.numel()
         bounds = sorted({0, n, *(max(1, min(n - 1, int(f * n))) for f in case["cuts"])})
-        for lo, hi in zip(bounds, bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             for b in split_flat_range(p.shape, lo, hi):
                 start = lo + b.offset
                 if len(p.shape) <= 1:
