@@ -40,6 +40,13 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+_EVAL_LINES = (
+    ("eval_loss", "o", 1.6, "--", "held-out"),
+    ("eval_loss_polyak", "^", 1.0, ":", "held-out (Polyak)"),
+)
+"""Per ``eval`` record key: marker, line width, line style and label of its curve."""
+
+
 def plot_runs(runs: Sequence[tuple[str, str | Path]], out: str | Path, *, title: str | None = None) -> Path:
     """One PNG with the training loss (smoothed) and held-out loss of each ``(label, metrics.jsonl)``."""
     import matplotlib
@@ -57,30 +64,11 @@ def plot_runs(runs: Sequence[tuple[str, str | Path]], out: str | Path, *, title:
             losses = [train[s]["loss"] for s in steps]
             window = max(1, len(steps) // 50)
             ax.plot(steps, _smooth(losses, window), color=color, alpha=0.8, lw=1.2, label=f"{label} train")
-        esteps = sorted(evals)
-        if esteps:
-            ax.plot(
-                esteps,
-                [evals[s]["eval_loss"] for s in esteps],
-                color=color,
-                marker="o",
-                ms=3,
-                lw=1.6,
-                ls="--",
-                label=f"{label} held-out",
-            )
-            polyak = [s for s in esteps if evals[s].get("eval_loss_polyak") is not None]
-            if polyak:
-                ax.plot(
-                    polyak,
-                    [evals[s]["eval_loss_polyak"] for s in polyak],
-                    color=color,
-                    marker="^",
-                    ms=3,
-                    lw=1.0,
-                    ls=":",
-                    label=f"{label} held-out (Polyak)",
-                )
+        for key, marker, lw, ls, suffix in _EVAL_LINES:
+            esteps = sorted(s for s in evals if evals[s].get(key) is not None)
+            if esteps:
+                ax.plot(esteps, [evals[s][key] for s in esteps], color=color, marker=marker, ms=3, lw=lw, ls=ls,
+                        label=f"{label} {suffix}")  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / byte)")
     ax.grid(alpha=0.3)
