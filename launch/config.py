@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sm3_dist.launch import checkpoint
-from sm3_dist.launch.data import VOCAB_SIZE
+from sm3_dist.launch.data import STDLIB, VOCAB_SIZE
 from sm3_dist.launch.model import SIZES
 
 __all__ = [
@@ -51,8 +51,6 @@ DS_OPTIMIZER_TYPES = {"sm3": "SM3", "adamw": "AdamW", "adagrad": "Adagrad", "ada
 """The ``"optimizer": {"type": ...}`` name of each optimizer in a DeepSpeed config."""
 DEFAULT_DEEPSPEED_CONFIG = {"zero_optimization": {"stage": 2}, "zero_force_ds_cpu_optimizer": False}
 """Used by ``--setup deepspeed`` without ``--deepspeed-config``."""
-STDLIB_CORPUS = "stdlib"
-"""``--data stdlib``: the standard library's source (:mod:`sm3_dist.launch.data` reads it), not a file."""
 
 
 class UsageError(Exception):
@@ -82,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed-config", default=None, help="DeepSpeed JSON config for --setup deepspeed")
     p.add_argument("--model-size", default="tiny", help="tiny, small, gpt2 (=124M), medium, large, xl")
     p.add_argument("--data", default=None,
-                   help=f"a text file to train on instead of pydoc_data.topics; {STDLIB_CORPUS}: the Python standard "
+                   help=f"a text file to train on instead of pydoc_data.topics; {STDLIB}: the Python standard "
                    "library's source")  # fmt: skip
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=None,
@@ -344,8 +342,8 @@ def validate(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> 
     _check_numbers(args)
     if args.model_size not in SIZES:
         raise UsageError(f"unknown model size {args.model_size!r}: choose from {', '.join(SIZES)}")
-    if args.data is not None and args.data != STDLIB_CORPUS and not Path(args.data).is_file():
-        raise UsageError(f"--data {args.data!r} is not a file (nor {STDLIB_CORPUS!r})")
+    if args.data is not None and args.data != STDLIB and not Path(args.data).is_file():
+        raise UsageError(f"--data {args.data!r} is not a file (nor {STDLIB!r})")
 
     accelerate = _accelerate_plugin(args, env)
     args.setup = args.setup or "ddp"
