@@ -25,3 +25,8 @@ __version__ = "0.1.0"
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if all(_os.path.isfile(_os.path.join(_root, *f)) for f in (("pyproject.toml",), ("launch", "__init__.py"))):
     __path__.append(_root)
+
+# DeepSpeed learns "SM3" (and a plain SM3 under ZeRO gets its layouts mapped) once it is imported, in either order
+from sm3_dist.integrations import register_on_import as _register_on_import  # noqa: E402
+
+_register_on_import()

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from sm3_dist import functional
 from sm3_dist.comm import MaxReducer, any_rank_true
-from sm3_dist.placement import ShardSpec, SpecResolver, UnsupportedLayoutError, default_spec, to_local
+from sm3_dist.placement import LayoutGuard, ShardSpec, SpecResolver, UnsupportedLayoutError, default_spec, to_local
 
 __all__ = ["MOMENTUM_KEY", "SM3", "STEP_KEY", "accumulator_key"]
 
@@ -133,7 +133,7 @@ class SM3(Optimizer):
         self.momentum_dtype = momentum_dtype
         self.ema_keeps_max = ema_keeps_max
         self.nonfinite = nonfinite
-        self._shard_resolver = shard_resolver
+        self._shard_resolver = LayoutGuard(self, shard_resolver)  # the user's resolver, then the swap rule
         self._specs: dict[Tensor, ShardSpec] = {}
         self._checked: dict[Tensor, float] = {}
         """The momentum each parameter's state was last checked against (checked again after a load)."""

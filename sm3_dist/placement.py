@@ -8,6 +8,8 @@ optimizer a resolver that turns their shard metadata into :class:`ShardSpec`.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +18,15 @@ from torch import Tensor
 
 from sm3_dist.layout import TensorLayout, box_piece, full_piece
 
-__all__ = ["ShardSpec", "SpecResolver", "UnsupportedLayoutError", "dtensor_spec", "local_spec"]
+__all__ = [
+    "LayoutGuard",
+    "ShardSpec",
+    "SpecResolver",
+    "UnsupportedLayoutError",
+    "dtensor_spec",
+    "local_spec",
+    "register_swap_explainer",
+]
 
 
 class UnsupportedLayoutError(ValueError):
@@ -120,7 +130,7 @@ def _flattened_group(mesh: Any, axes: list[int], name: str) -> Any:
 _FLAT_PIECE_MARKERS = {
     "_fsdp_flattened": (
         "FSDP1 (FullyShardedDataParallel) flattened it: its local data is a 1-D piece of its flat parameter. Build "
-        "SM3(..., shard_resolver=sm3_dist.integrations.fsdp.fsdp1_shard_resolver(model))"
+        "SM3(..., shard_resolver=sm3_dist.integrations.fsdp1.fsdp1_shard_resolver(model))"
     ),
 }
 
@@ -137,6 +147,92 @@ def default_spec(param: Tensor, name: str) -> ShardSpec:
         if getattr(param, marker, False):
             raise UnsupportedLayoutError(f"{name}: {advice}")
     return local_spec(param)
+
+
+# ---------------------------------------------------------------------- tensors swapped in by a wrapper
+
+SwapExplainer = Callable[[Tensor], "ShardSpec | None"]
+"""A framework adapter's hook for a tensor a wrapper put into an optimizer's param groups after construction:
+its spec, or ``None`` if the adapter does not know the tensor (it raises if it knows it but cannot map it)."""
+
+_EXPLAINERS: list[SwapExplainer] = []
+_LAZY_EXPLAINERS = {"deepspeed": "sm3_dist.integrations.deepspeed.layouts"}
+"""Framework module -> the adapter module that registers its explainer on import; loaded once the framework
+itself is imported (a tensor a framework swapped in can exist only then)."""
+
+
+def register_swap_explainer(explainer: SwapExplainer) -> None:
+    """Add an adapter's :data:`SwapExplainer` (idempotent)."""
+    if explainer not in _EXPLAINERS:
+        _EXPLAINERS.append(explainer)
+
+
+def explain_swapped(tensor: Tensor) -> ShardSpec | None:
+    """The spec a registered adapter gives a tensor swapped into param groups, or ``None`` if none knows it."""
+    for framework, module in _LAZY_EXPLAINERS.items():
+        if framework in sys.modules:
+            importlib.import_module(module)
+    for explainer in _EXPLAINERS:
+        spec = explainer(tensor)
+        if spec is not None:
+            return spec
+    return None
+
+
+class LayoutGuard:
+    """The ``shard_resolver`` :class:`sm3_dist.SM3` consults: the user's resolver, then the swap rule.
+
+    SM3 never runs on a tensor whose layout it cannot explain. A tensor that a
+    wrapper put into one of the param groups the optimizer was built with
+    (DeepSpeed ZeRO replaces them with flat partitions, its fp16/bf16 wrappers
+    with fp32 copies) is not a parameter the user handed over; treating it as a
+    whole tensor would give a flat partition per-element accumulators (diagonal
+    AdaGrad). Such a tensor is mapped by the framework's adapter
+    (:func:`register_swap_explainer`) or refused with
+    :class:`UnsupportedLayoutError`. DTensors explain themselves; param groups
+    added after construction (``add_param_group``) hold the user's own tensors.
+    """
+
+    def __init__(self, optimizer: Any, resolver: SpecResolver | None) -> None:
+        self.optimizer = optimizer
+        self.resolver = resolver
+        self.built_on = [list(group["params"]) for group in optimizer.param_groups]
+        self._ids: set[int] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_ids": None}  # ids are not those of a copy's tensors
+
+    def __call__(self, tensor: Tensor) -> ShardSpec | None:
+        spec = self.resolver(tensor) if self.resolver is not None else None
+        if spec is not None or _is_dtensor(tensor):
+            return spec
+        if self._ids is None:
+            self._ids = {id(p) for params in self.built_on for p in params}
+        if id(tensor) in self._ids:
+            return None
+        position = next(
+            (
+                (gi, pi)
+                for gi, group in enumerate(self.optimizer.param_groups)
+                for pi, p in enumerate(group["params"])
+                if p is tensor
+            ),
+            None,
+        )
+        if position is None or position[0] >= len(self.built_on):
+            return None  # not in the param groups, or in a group added after construction
+        spec = explain_swapped(tensor)
+        if spec is not None:
+            return spec
+        gi, pi = position
+        raise UnsupportedLayoutError(
+            f"param_groups[{gi}]['params'][{pi}] (shape {tuple(tensor.shape)}, dtype {tensor.dtype}) is not one of "
+            f"the parameters {type(self.optimizer).__name__} was built on: a wrapper replaced them after "
+            "construction, and nothing explains the layout of what it put there. SM3 will not treat it as a whole "
+            "tensor (for a flat shard that would silently give per-element accumulators, i.e. diagonal AdaGrad). "
+            "Under DeepSpeed ZeRO: use DeepSpeed 0.19.x (sm3_dist.integrations.deepspeed maps its partitions); "
+            "with another wrapper: build the optimizer on the parameters it steps, or pass a shard_resolver"
+        )
 
 
 _DTENSOR_TYPE: list[type] = []

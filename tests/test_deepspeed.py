@@ -697,7 +697,7 @@ def test_registration_is_explicit_and_idempotent():
     integration.register()
     assert torch.optim.SM3 is integration.DeepSpeedSM3
     assert ZERO_SUPPORTED_OPTIMIZERS.count(integration.DeepSpeedSM3) == 1
-    assert SM3 not in ZERO_SUPPORTED_OPTIMIZERS  # plain SM3 would read a flat partition as a vector
+    assert ZERO_SUPPORTED_OPTIMIZERS.count(SM3) == 1  # a plain SM3 gets ZeRO's partitions mapped too
     assert torch.optim.lr_scheduler.SM3WarmupCooldown is not None
 
 
@@ -749,16 +749,38 @@ def test_momentum_dtype_from_the_json_config(value, dtype):
         assert DeepSpeedSM3(params, momentum=0.9, momentum_dtype=value).momentum_dtype is dtype
 
 
-def test_check_engine_names_what_it_found():
+ENGINE_CASES = {
+    "deepspeed-sm3": ("DeepSpeedSM3", {}, None),
+    "plain-sm3": ("SM3", {}, None),
+    "config-section": (
+        "Adam",
+        {"optimizer": {"type": "AdamW"}},
+        r"is Adam, not SM3: the config's \"optimizer\" section names 'AdamW'.*\"type\": \"SM3\"",
+    ),
+    "offload-swap": (
+        "DeepSpeedCPUAdam",
+        {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+        r'accelerate\'s DeepSpeed plugin replaced your optimizer with DeepSpeedCPUAdam.*"zero_force_ds_cpu_optimizer": false',
+    ),
+    "given": ("Adam", {}, r"is Adam, not SM3: Adam is the optimizer the engine was given"),
+}
+
+
+@pytest.mark.parametrize("case", list(ENGINE_CASES), ids=list(ENGINE_CASES))
+def test_check_engine_names_the_cause(case):
     from types import SimpleNamespace
 
     from sm3_dist.integrations.deepspeed import DeepSpeedSM3, check_engine
 
     from sm3_dist import SM3
 
+    kind, config, message = ENGINE_CASES[case]
     params = [torch.nn.Parameter(torch.ones(2))]
-    check_engine(SimpleNamespace(basic_optimizer=DeepSpeedSM3(params)))
-    with pytest.raises(RuntimeError, match=r"a plain sm3_dist\.SM3, which reads ZeRO's flat partitions as vectors"):
-        check_engine(SimpleNamespace(basic_optimizer=SM3(params)))
-    with pytest.raises(RuntimeError, match=r'is Adam, not SM3.*"zero_force_ds_cpu_optimizer": false'):
-        check_engine(SimpleNamespace(basic_optimizer=torch.optim.Adam(params)))
+    types = {"DeepSpeedSM3": DeepSpeedSM3, "SM3": SM3, "Adam": torch.optim.Adam}
+    base = types[kind](params) if kind in types else type(kind, (), {})()
+    engine = SimpleNamespace(basic_optimizer=base, _config=SimpleNamespace(_param_dict=config))
+    if message is None:
+        check_engine(engine)
+    else:
+        with pytest.raises(RuntimeError, match=message):
+            check_engine(engine)

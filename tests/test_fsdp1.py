@@ -1,7 +1,7 @@
 """SM3 on FSDP1 (``FullyShardedDataParallel``) flat shards, exact against single-process SM3.
 
 The layout of each original parameter comes from FSDP's shard metadata through
-:func:`sm3_dist.integrations.fsdp.fsdp1_shard_resolver`. Every rank feeds its
+:func:`sm3_dist.integrations.fsdp1.fsdp1_shard_resolver`. Every rank feeds its
 local pieces of the same global gradients; after the steps the gathered
 parameters and each rank's accumulator entries are ``torch.equal`` to a plain
 ``sm3_dist.SM3`` on unsharded copies. The sizes make shard boundaries cut
@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from sm3_dist.integrations.fsdp import fsdp1_shard_resolver
+from sm3_dist.integrations.fsdp1 import fsdp1_shard_resolver
 from torch import nn
 
 from sm3_dist import MOMENTUM_KEY, SM3, UnsupportedLayoutError, accumulator_key, local_state_bytes

@@ -1,8 +1,8 @@
 """FSDP1 + SM3 checkpoints reshard: saved at world size N, loaded at M, continued identically.
 
-:func:`~sm3_dist.integrations.fsdp.fsdp1_optim_state_dict` consolidates every
+:func:`~sm3_dist.integrations.fsdp1.fsdp1_optim_state_dict` consolidates every
 rank's pieces into the full state of a single-process ``SM3``, keyed by
-parameter FQN; :func:`~sm3_dist.integrations.fsdp.fsdp1_load_optim_state_dict`
+parameter FQN; :func:`~sm3_dist.integrations.fsdp1.fsdp1_load_optim_state_dict`
 slices it back at any world size. Fresh process groups train in a chain of
 stages at world sizes 2 -> 3 -> 2, each loading the previous stage's
 checkpoint (with DCP and a ``SHARDED_STATE_DICT`` model, or with ``torch.save``
@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from sm3_dist.integrations.fsdp import fsdp1_load_optim_state_dict, fsdp1_optim_state_dict, fsdp1_shard_resolver
+from sm3_dist.integrations.fsdp1 import fsdp1_load_optim_state_dict, fsdp1_optim_state_dict, fsdp1_shard_resolver
 from torch import nn
 
 from sm3_dist import MOMENTUM_KEY, SM3, STEP_KEY, accumulator_key

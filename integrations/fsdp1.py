@@ -8,7 +8,7 @@ their flat parameter, so SM3 cannot find the layout on its own; this module
 reads it from FSDP's shard metadata::
 
     from sm3_dist import SM3
-    from sm3_dist.integrations.fsdp import fsdp1_shard_resolver
+    from sm3_dist.integrations.fsdp1 import fsdp1_shard_resolver
 
     model = FSDP(module, use_orig_params=True, ...)
     optimizer = SM3(model.parameters(), lr=0.1, shard_resolver=fsdp1_shard_resolver(model))
