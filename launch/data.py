@@ -41,6 +41,7 @@ __all__ = [
     "eval_windows",
     "load_corpus",
     "spread_windows",
+    "stdlib_corpus",
     "stdlib_files",
     "train_batch",
 ]
@@ -88,7 +89,8 @@ def stdlib_files(root: str | Path | None = None) -> list[Path]:
     return [f for _, f in found]
 
 
-def _stdlib_corpus(root: str | Path | None = None) -> Corpus:
+def stdlib_corpus(root: str | Path | None = None) -> Corpus:
+    """The stdlib corpus of the CPython at ``root`` (default this one): see the module docstring."""
     files = stdlib_files(root)
     if len(files) < HOLDOUT_EVERY:
         raise ValueError(f"the standard library at {root!r} has {len(files)} .py files, fewer than {HOLDOUT_EVERY}")
@@ -108,7 +110,7 @@ def load_corpus(path: str | Path | None = None, *, held_out_fraction: float = 0.
     ``stdlib`` is read as ``./stdlib``).
     """
     if path == STDLIB:
-        return _stdlib_corpus()
+        return stdlib_corpus()
     if path is None:
         from pydoc_data.topics import topics
 

@@ -27,12 +27,13 @@ VARIANT_TOKENS = {
     "cooldown": "linear cool-down to 0 over the last cooldown_fraction of the steps (every optimizer)",
     "ema": "SM3: exponential moving average of squared gradients, beta = Setup.beta, instead of the running sum",
     "bc": "SM3 with ema: Adam-style bias correction, nu / (1 - beta^t) in the update",
+    "keepmax": "SM3 with ema: the accumulators never decrease (ema_keeps_max, the PyTorch ports' rule)",
     "bf16": "SM3: momentum stored in bfloat16",
     "nomom": "SM3: no momentum",
 }
 """The tokens a variant is made of (joined with ``+``), and what each changes."""
 _ORDER = tuple(VARIANT_TOKENS)
-_SM3_ONLY = frozenset({"ema", "bc", "bf16", "nomom"})
+_SM3_ONLY = frozenset({"ema", "bc", "keepmax", "bf16", "nomom"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +65,9 @@ def parse_variant(text: str) -> Variant:
     if len(set(tokens)) != len(tokens):
         raise ValueError(f"repeated token in variant {text!r}")
     chosen = set(tokens) - {"warmup"}
-    if "bc" in chosen and "ema" not in chosen:
-        raise ValueError(f"variant {text!r}: bias correction (bc) needs the moving average (ema)")
+    for token in ("bc", "keepmax"):
+        if token in chosen and "ema" not in chosen:
+            raise ValueError(f"variant {text!r}: {token} needs the moving average (ema)")
     if {"bf16", "nomom"} <= chosen:
         raise ValueError(f"variant {text!r}: bf16 momentum with no momentum")
     return Variant(tuple(t for t in _ORDER if t in chosen))
@@ -151,6 +153,7 @@ def make_optimizer(spec: RunSpec, setup: Setup, params):
             momentum=0.0 if variant.has("nomom") else setup.momentum,
             beta=setup.beta if variant.has("ema") else 0.0,
             momentum_dtype=torch.bfloat16 if variant.has("bf16") else torch.float32,
+            ema_keeps_max=variant.has("keepmax"),
         )
         if variant.has("bc"):
             if "bias_correction" not in inspect.signature(sm3_dist.SM3).parameters:
@@ -239,7 +242,7 @@ def run(spec: RunSpec, setup: Setup) -> dict:
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         averaged.update_parameters(model)
-        value = float(loss)
+        value = float(loss.detach())
         train_losses.append(value)
         if not math.isfinite(value):
             diverged = True
