@@ -33,7 +33,17 @@ import threading
 import warnings
 from pathlib import Path
 
-__all__ = ["DTYPE_BF16", "DTYPE_F32", "FLAG_BETA", "FLAG_EPS", "FLAG_WD", "META_FIELDS", "load"]
+__all__ = [
+    "DTYPE_BF16",
+    "DTYPE_F32",
+    "FLAG_BETA",
+    "FLAG_EPS",
+    "FLAG_NU_DIV",
+    "FLAG_SCALE",
+    "FLAG_WD",
+    "META_FIELDS",
+    "load",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +53,8 @@ MOMENTUM_NONE = 0
 FLAG_WD = 1
 FLAG_BETA = 2
 FLAG_EPS = 4
+FLAG_NU_DIV = 8
+FLAG_SCALE = 16
 META_FIELDS = 12
 """Per block: w, g, m, rowmin, colacc, rowmax, colmax pointers; rows; cols; param dtype; momentum kind; and
 whether rowmax/colmax keep the max of their old values and the new maxima (else they are overwritten)."""
@@ -151,7 +163,7 @@ struct V16 {
 #endif
 
 struct Hyper {
-  float lr, mom, omm, beta, omb, eps, wd, sign;
+  float lr, mom, omm, beta, omb, eps, wd, sign, nu_div, scale;
 };
 
 struct Block {
@@ -167,14 +179,17 @@ struct Block {
 
 template <class V>
 struct HV {
-  typename V::F lr, mom, omm, beta, omb, eps, wd, sign, one;
+  typename V::F lr, mom, omm, beta, omb, eps, wd, sign, nu_div, scale, one;
   explicit HV(const Hyper& h)
       : lr(V::set1(h.lr)), mom(V::set1(h.mom)), omm(V::set1(h.omm)), beta(V::set1(h.beta)), omb(V::set1(h.omb)),
-        eps(V::set1(h.eps)), wd(V::set1(h.wd)), sign(V::set1(h.sign)), one(V::set1(1.0f)) {}
+        eps(V::set1(h.eps)), wd(V::set1(h.wd)), sign(V::set1(h.sign)), nu_div(V::set1(h.nu_div)),
+        scale(V::set1(h.scale)), one(V::set1(1.0f)) {}
 };
 
 // One vector (or one element) of one row; the same operations, in the same order, as the eager kernel.
-template <class V, class PT, class MT, bool HAS_M, bool WD, bool BETA, bool EPS>
+// EXTRA: divide the raw gradient by the gradient scale and nu by the bias-correction divisor (either may be 1,
+// and x / 1 == x exactly).
+template <class V, class PT, class MT, bool HAS_M, bool WD, bool BETA, bool EPS, bool EXTRA>
 inline void step_at(PT* w_row, const PT* g_row, MT* m_row, const float* colacc, float* cm,
                     typename V::F rmin, typename V::F& rmax, const HV<V>& h, int64_t j) {
   typedef typename V::F F;
@@ -183,7 +198,7 @@ inline void step_at(PT* w_row, const PT* g_row, MT* m_row, const float* colacc, 
     __builtin_prefetch(w_row + j + 256, 1, 3);
     if (HAS_M) __builtin_prefetch(m_row + j + 256, 1, 3);
   }
-  F g = V::mul(V::ld(g_row + j), h.sign);
+  F g = EXTRA ? V::mul(V::div(V::ld(g_row + j), h.scale), h.sign) : V::mul(V::ld(g_row + j), h.sign);
   F w = V::ld(w_row + j);
   if (WD) g = V::add(g, V::mul(w, h.wd));
   F mn = V::min_row(rmin, V::ld(colacc + j));
@@ -191,7 +206,8 @@ inline void step_at(PT* w_row, const PT* g_row, MT* m_row, const float* colacc, 
   F nu = BETA ? V::add(V::mul(mn, h.beta), V::mul(sq, h.omb)) : V::add(mn, sq);
   rmax = V::max_nu(rmax, nu);
   V::st(cm + j, V::max_nu(V::ld(cm + j), nu));
-  F u = EPS ? V::mul(V::div(h.one, V::sqrt(V::add(nu, h.eps))), g) : V::gt0(nu, V::mul(g, V::div(h.one, V::sqrt(nu))));
+  F nh = EXTRA ? V::div(nu, h.nu_div) : nu;
+  F u = EPS ? V::mul(V::div(h.one, V::sqrt(V::add(nh, h.eps))), g) : V::gt0(nh, V::mul(g, V::div(h.one, V::sqrt(nh))));
   F upd;
   if (HAS_M) {
     F mv = V::add(V::mul(V::ld(m_row + j), h.mom), V::mul(u, h.omm));
@@ -203,7 +219,7 @@ inline void step_at(PT* w_row, const PT* g_row, MT* m_row, const float* colacc, 
   V::st(w_row + j, V::sub(w, upd));
 }
 
-template <class PT, class MT, bool HAS_M, bool WD, bool BETA, bool EPS>
+template <class PT, class MT, bool HAS_M, bool WD, bool BETA, bool EPS, bool EXTRA>
 void run_tile(const Block& b, const Hyper& hs, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* rowpart,
               float* colpart) {
   typedef SM3_VEC V;
@@ -221,29 +237,34 @@ void run_tile(const Block& b, const Hyper& hs, int64_t r0, int64_t r1, int64_t c
     if (rmin_s == rmin_s) {
       typename V::F rmin = V::set1(rmin_s), rmax = V::set1(0.0f);
       for (; j + V::W <= c1; j += V::W)
-        step_at<V, PT, MT, HAS_M, WD, BETA, EPS>(w_row, g_row, m_row, b.colacc, colpart, rmin, rmax, hv, j);
+        step_at<V, PT, MT, HAS_M, WD, BETA, EPS, EXTRA>(w_row, g_row, m_row, b.colacc, colpart, rmin, rmax, hv, j);
       rmax_s = V::hmax(rmax);
     }
     for (; j < c1; ++j)
-      step_at<VS, PT, MT, HAS_M, WD, BETA, EPS>(w_row, g_row, m_row, b.colacc, colpart, rmin_s, rmax_s, h1, j);
+      step_at<VS, PT, MT, HAS_M, WD, BETA, EPS, EXTRA>(w_row, g_row, m_row, b.colacc, colpart, rmin_s, rmax_s, h1, j);
     rowpart[i] = rmax_s;
   }
 }
 
 typedef void (*TileFn)(const Block&, const Hyper&, int64_t, int64_t, int64_t, int64_t, float*, float*);
 
+template <class PT, class MT, bool HAS_M, bool EXTRA>
+TileFn pick_flags3(int64_t flags) {
+  switch (flags & 7) {
+    case 0: return run_tile<PT, MT, HAS_M, false, false, false, EXTRA>;
+    case 1: return run_tile<PT, MT, HAS_M, true, false, false, EXTRA>;
+    case 2: return run_tile<PT, MT, HAS_M, false, true, false, EXTRA>;
+    case 3: return run_tile<PT, MT, HAS_M, true, true, false, EXTRA>;
+    case 4: return run_tile<PT, MT, HAS_M, false, false, true, EXTRA>;
+    case 5: return run_tile<PT, MT, HAS_M, true, false, true, EXTRA>;
+    case 6: return run_tile<PT, MT, HAS_M, false, true, true, EXTRA>;
+    default: return run_tile<PT, MT, HAS_M, true, true, true, EXTRA>;
+  }
+}
+
 template <class PT, class MT, bool HAS_M>
 TileFn pick_flags(int64_t flags) {
-  switch (flags & 7) {
-    case 0: return run_tile<PT, MT, HAS_M, false, false, false>;
-    case 1: return run_tile<PT, MT, HAS_M, true, false, false>;
-    case 2: return run_tile<PT, MT, HAS_M, false, true, false>;
-    case 3: return run_tile<PT, MT, HAS_M, true, true, false>;
-    case 4: return run_tile<PT, MT, HAS_M, false, false, true>;
-    case 5: return run_tile<PT, MT, HAS_M, true, false, true>;
-    case 6: return run_tile<PT, MT, HAS_M, false, true, true>;
-    default: return run_tile<PT, MT, HAS_M, true, true, true>;
-  }
+  return (flags & 24) ? pick_flags3<PT, MT, HAS_M, true>(flags) : pick_flags3<PT, MT, HAS_M, false>(flags);
 }
 
 template <class PT>
@@ -286,7 +307,7 @@ struct Plan {
 
 }  // namespace
 
-extern "C" int sm3_native_abi() { return 3; }
+extern "C" int sm3_native_abi() { return 4; }
 
 namespace {
 // exponent bits all ones: inf or NaN. A max-reduction of the masked exponents, which vectorizes.
@@ -343,11 +364,12 @@ extern "C" int64_t sm3_native_first_nonfinite(const int64_t* ptrs, const int64_t
   return -1;
 }
 
-// meta: nblocks x 12 int64 (see META_FIELDS); hyper: lr, momentum, 1 - momentum, beta, 1 - beta, eps, weight_decay, sign
+// meta: nblocks x 12 int64 (see META_FIELDS); hyper: lr, momentum, 1 - momentum, beta, 1 - beta, eps, weight_decay,
+// sign, nu divisor, gradient scale
 extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const double* hyper, int64_t flags,
                                int64_t num_threads, int64_t tile_elems) {
-  Hyper hs{float(hyper[0]), float(hyper[1]), float(hyper[2]), float(hyper[3]),
-           float(hyper[4]), float(hyper[5]), float(hyper[6]), float(hyper[7])};
+  Hyper hs{float(hyper[0]), float(hyper[1]), float(hyper[2]), float(hyper[3]), float(hyper[4]),
+           float(hyper[5]), float(hyper[6]), float(hyper[7]), float(hyper[8]), float(hyper[9])};
   std::vector<Block> blocks(nblocks);
   std::vector<Plan> plans(nblocks);
   std::vector<Tile> tiles;
@@ -500,7 +522,8 @@ def _build(cxx: str) -> Path:
 def load() -> ctypes.CDLL | None:
     """The native kernel library, building it on first use; ``None`` (logged once) when unavailable.
 
-    ``SM3_DIST_NATIVE=0`` disables it (the fused step then uses :func:`torch.compile`).
+    ``SM3_DIST_NATIVE=0`` disables it (the default kernel on CPU is then the per-tensor loop, and
+    ``fused=True`` on CPU an error that says why).
     """
     with _lock:
         if "lib" in _state:
@@ -514,7 +537,7 @@ def load() -> ctypes.CDLL | None:
                 if cxx is None:
                     raise RuntimeError("no C++ compiler found (set CXX)")
                 lib = ctypes.CDLL(str(_build(cxx)))
-                if lib.sm3_native_abi() != 3:
+                if lib.sm3_native_abi() != 4:
                     raise RuntimeError("stale library")
                 lib.sm3_native_first_nonfinite.restype = ctypes.c_int64
                 lib.sm3_native_first_nonfinite.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
@@ -527,9 +550,12 @@ def load() -> ctypes.CDLL | None:
                     ctypes.c_int64,
                     ctypes.c_int64,
                 ]
-            except Exception as exc:  # the fused step still works, through torch.compile
+            except Exception as exc:  # the default kernel falls back to the per-tensor loop
                 lib = None
-                message = f"sm3_dist: native fused SM3 kernel unavailable, using torch.compile instead: {exc}"
+                message = (
+                    f"sm3_dist: native fused SM3 kernel unavailable ({exc}); on CPU the default kernel is the "
+                    "per-tensor loop and fused=True is refused"
+                )
                 logger.warning(message)
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
         _state["lib"] = lib

@@ -6,6 +6,8 @@
 * :func:`all_gather_flat` - the bucketed all-gather of updated parameters used
   by :class:`sm3_dist.ShardedSM3`.
 * :func:`any_rank_true` - one tiny collective for decisions all ranks must share.
+* :func:`all_reduce_flag_` - the same decision kept on the device: a flag tensor
+  MAX-reduced in place, with no host synchronization on accelerators.
 * :func:`all_reduce_` - one in-place ``all_reduce`` of a bucket (``"sum"`` or
   ``"max"``), for consolidating sharded state into a checkpoint.
 * :func:`end_process` - how a process that ran gloo collectives ends.
@@ -30,6 +32,7 @@ __all__ = [
     "all_gather_flat",
     "all_gather_object",
     "all_reduce_",
+    "all_reduce_flag_",
     "any_rank_true",
     "barrier",
     "broadcast_object",
@@ -132,6 +135,20 @@ def any_rank_true(flag: bool, group: dist.ProcessGroup | None, device: torch.dev
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item() > 0)
+
+
+def all_reduce_flag_(flag: Tensor, groups: Sequence[dist.ProcessGroup | None]) -> Tensor:
+    """``flag <- its MAX over every rank of every group``, in place, and return it.
+
+    Each all-reduce is launched asynchronously and waited for with ``Work.wait()``,
+    which on NCCL makes the current stream wait, not the host: the flag stays a
+    device tensor the kernels read (a non-finite gradient on any rank skips the
+    step on all of them). Groups of one rank are skipped.
+    """
+    for group in groups:
+        if world_size(group) > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True).wait()
+    return flag
 
 
 _REDUCE_OPS = {"sum": "SUM", "max": "MAX"}

@@ -8,60 +8,96 @@ rank-0 or rank-1 tensor this is one accumulator per element (diagonal AdaGrad).
 
 .. math::
    \begin{aligned}
-   &g \leftarrow -g \text{ if maximize};\quad g \leftarrow g + \lambda\,w \\
+   &g \leftarrow g_{\text{raw}} / \text{grad\_scale};\quad
+    g \leftarrow -g \text{ if maximize};\quad g \leftarrow g + \lambda\,w \\
    &\nu[i_1..i_p] \leftarrow \min_d \mu_d[i_d] + g[i_1..i_p]^2
        &&(\beta = 0) \\
    &\nu[i_1..i_p] \leftarrow \beta \min_d \mu_d[i_d] + (1-\beta)\, g[i_1..i_p]^2
        &&(\beta > 0) \\
    &\mu_d[k] \leftarrow \max_{i:\, i_d = k} \nu[i] \quad \text{for every } d \\
-   &u \leftarrow g / \sqrt{\nu + \epsilon}
+   &\hat\nu \leftarrow \nu / \text{nu\_divisor}
+       \quad(\text{bias correction: } 1 - \beta^t;\ \hat\nu = \nu \text{ without}) \\
+   &u \leftarrow g \cdot 1/\sqrt{\hat\nu + \epsilon}
        \quad (\epsilon = 0:\ u = 0 \text{ where } \nu = 0,\ \text{the 0/0 = 0 convention}) \\
    &m \leftarrow \text{momentum} \cdot m + (1 - \text{momentum})\, u;\quad u \leftarrow m
        &&(\text{momentum} > 0) \\
    &w \leftarrow w - \text{lr} \cdot u
    \end{aligned}
 
-The maxima are *returned* (or written where the caller says, ``maxima_out``): a
-caller holding a whole tensor assigns them to the accumulators, a caller holding
-a shard combines them with the other shards' by an exact ``all_reduce(MAX)``
-first. Everything here runs on the
-tensors it is given and never communicates, so a sharded step computes exactly
-what a single-process step computes for the same elements.
+The maxima are *returned*, or accumulated where the caller says
+(``maxima_out``): a caller holding a whole tensor assigns them to the
+accumulators, a caller holding a shard combines them with the other shards' by
+an exact ``all_reduce(MAX)`` first. Everything here runs on the tensors it is
+given and never communicates, so a sharded step computes exactly what a
+single-process step computes for the same elements.
 
-Rounding is kept independent of where a shard boundary falls: every
-elementwise step is a single correctly rounded operation (no ``addcmul``,
-``lerp`` or ``alpha=`` forms, whose vectorised loops may fuse a multiply-add
-that their scalar tail loops do not), and reductions are only ``min``/``max``.
+Rounding is kept independent of where a shard boundary falls and of the
+kernel: every elementwise step is a single correctly rounded operation (no
+``addcmul``, ``lerp`` or ``alpha=`` forms, whose vectorised loops may fuse a
+multiply-add that their scalar tail loops do not; ``sqrt`` then ``reciprocal``,
+never the approximate ``rsqrt`` of GPUs), and reductions are only ``min``/``max``.
 
-Three interchangeable kernels share one keyword-only signature, chosen by
-:func:`sm3`: a per-tensor loop (the readable reference), a ``foreach`` kernel
-that batches the elementwise work across tensors, and a ``fused`` kernel. On
-CPU the fused kernel is a one-pass C++ kernel (:mod:`sm3_dist._native`, built
-at first use; it reads ``w``, ``g``, ``m`` once and writes ``w``, ``m`` once,
-and is bitwise equal to the per-tensor loop); elsewhere, or when it cannot be
-built (logged once), each block goes through :func:`torch.compile`.
+**One kernel interface.** Every kernel takes the same arguments: the blocks
+(``params``, ``grads``, ``momentum_buffers``, ``accumulators``), the
+:class:`~sm3_dist.rule.UpdateRule`, and the keywords of :data:`STEP_KEYWORDS`
+(``lr``, ``nu_divisor``, ``maxima_out``, ``keep_max``, ``found_inf``,
+``grad_scale``). There are three kinds: a per-tensor loop (the readable
+reference), a ``foreach`` kernel that batches the elementwise work across
+tensors, and a *fused* kernel per device type, looked up in a registry
+(:func:`fused_kernel`; CPU: the one-pass C++ kernel of :mod:`sm3_dist._native`;
+CUDA: the Triton kernel of :mod:`sm3_dist._triton` where Triton imports), as
+``torch.optim`` keeps its fused kernels. :func:`default_kernel` is the one place
+that picks a kernel when the caller does not. Every fused kernel is bitwise
+equal to the per-tensor loop.
 """
 
 from __future__ import annotations
 
 import ctypes
-import types
+import importlib
+import logging
 from array import array
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from sm3_dist import _native
+from sm3_dist.rule import UpdateRule
 
-__all__ = ["NativeBatch", "first_nonfinite", "sm3", "sm3_sparse_rows_", "store_maxima"]
+__all__ = [
+    "STEP_KEYWORDS",
+    "FusedKernel",
+    "NativePlan",
+    "default_kernel",
+    "finalize_",
+    "first_nonfinite",
+    "fused_kernel",
+    "nonfinite_",
+    "register_fused_kernel",
+    "sm3",
+    "sm3_sparse_rows_",
+    "store_maxima",
+]
+
+logger = logging.getLogger(__name__)
+
+STEP_KEYWORDS = ("lr", "nu_divisor", "maxima_out", "keep_max", "found_inf", "grad_scale")
+"""The keywords every kernel takes besides the blocks and the rule (see :func:`sm3`)."""
+
+KERNELS = ("single", "foreach", "fused")
+
+
+# ---------------------------------------------------------------------------------------------- the math
 
 
 def _min_over_covers(accumulators: Sequence[Tensor], shape: torch.Size) -> Tensor:
-    """``min_d mu_d[i_d]`` broadcast to ``shape``, as a new fp32 tensor."""
+    """``min_d mu_d[i_d]`` broadcast to ``shape``, as a new tensor."""
     ndim = len(shape)
-    if ndim == 1:
-        return accumulators[0].clone()
+    if ndim <= 1:
+        return accumulators[0].clone().view(shape)
     views = [acc.view([-1 if d == k else 1 for k in range(ndim)]) for d, acc in enumerate(accumulators)]
     out = torch.minimum(views[0], views[1])
     for view in views[2:]:
@@ -72,9 +108,39 @@ def _min_over_covers(accumulators: Sequence[Tensor], shape: torch.Size) -> Tenso
 def _maxima(nu: Tensor) -> tuple[Tensor, ...]:
     """``max over i with i_d = k of nu[i]``, for every dimension ``d``."""
     ndim = nu.ndim
-    if ndim == 1:
-        return (nu,)
+    if ndim <= 1:
+        return (nu.reshape(-1),)
     return tuple(nu.amax(dim=tuple(k for k in range(ndim) if k != d)) for d in range(ndim))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 parameters compute (and keep their state) in float64; every other dtype in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scalar(value: float | Tensor | None) -> float | Tensor | None:
+    """A one-element tensor of any shape as a 0-d tensor (a Python number as it is)."""
+    if isinstance(value, Tensor) and value.ndim:
+        if value.numel() != 1:
+            raise ValueError(f"expected a one-element tensor, got shape {tuple(value.shape)}")
+        return value.reshape(())
+    return value
+
+
+def _rsqrt_(t: Tensor) -> Tensor:
+    """``1 / sqrt(t)`` in place, correctly rounded twice: CPU's ``rsqrt`` is exactly that (its ``sqrt`` of large
+    tensors is not), GPUs' ``rsqrt`` is an approximation while their ``sqrt`` and division are exact."""
+    return t.rsqrt_() if t.is_cpu else t.sqrt_().reciprocal_()
+
+
+def _divisor(value: float | Tensor | None, like: Tensor) -> float | Tensor | None:
+    """A divisor as a tensor on ``like``'s device: CUDA divides by a host scalar as a multiplication by its
+    reciprocal, which is not the correctly rounded quotient."""
+    if value is None or like.is_cpu:
+        return value
+    if isinstance(value, Tensor):
+        return value.to(like.device, non_blocking=True)
+    return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
 def _single_block(
@@ -82,35 +148,36 @@ def _single_block(
     grad: Tensor,
     momentum_buffer: Tensor | None,
     accumulators: Sequence[Tensor],
-    *,
+    rule: UpdateRule,
     lr: float | Tensor,
-    momentum: float,
-    beta: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
+    nu_divisor: float | Tensor | None,
+    grad_scale: Tensor | None,
 ) -> tuple[Tensor, ...]:
     """One block, eager. Updates ``param`` and ``momentum_buffer`` in place; returns the maxima."""
-    g = grad.float()
-    if maximize:
+    cdt = _compute_dtype(param.dtype)
+    g = grad.to(cdt)
+    if grad_scale is not None:
+        g = g / _divisor(grad_scale, g)
+    if rule.maximize:
         g = -g
-    w = param if param.dtype == torch.float32 else param.float()
-    if weight_decay != 0.0:
-        g = g + w * weight_decay
+    w = param if param.dtype == cdt else param.to(cdt)
+    if rule.weight_decay != 0.0:
+        g = g + w * rule.weight_decay
     nu = _min_over_covers(accumulators, g.shape)
-    if beta > 0.0:
-        nu.mul_(beta)
-        nu.add_((g * g).mul_(1.0 - beta))
+    if rule.beta > 0.0:
+        nu.mul_(rule.beta)
+        nu.add_((g * g).mul_(1.0 - rule.beta))
     else:
         nu.add_(g * g)
     maxima = _maxima(nu)
-    if eps > 0.0:
-        update = (nu + eps).rsqrt_().mul_(g)
+    nu_hat = nu if nu_divisor is None else nu / _divisor(nu_divisor, nu)
+    if rule.eps > 0.0:
+        update = _rsqrt_(nu_hat + rule.eps).mul_(g)
     else:
-        update = torch.where(nu > 0, g * nu.rsqrt(), torch.zeros((), dtype=g.dtype, device=g.device))
+        update = torch.where(nu_hat > 0, g * _rsqrt_(nu_hat.clone()), torch.zeros((), dtype=cdt, device=g.device))
     if momentum_buffer is not None:
-        m = momentum_buffer if momentum_buffer.dtype == torch.float32 else momentum_buffer.float()
-        m.mul_(momentum).add_(update.mul_(1.0 - momentum))
+        m = momentum_buffer if momentum_buffer.dtype == cdt else momentum_buffer.to(cdt)
+        m.mul_(rule.momentum).add_(update.mul_(1.0 - rule.momentum))
         if m is not momentum_buffer:
             momentum_buffer.copy_(m)
         update = m * lr
@@ -123,50 +190,38 @@ def _single_block(
     return maxima
 
 
-def _single_tensor_sm3(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor | None],
-    accumulators: Sequence[Sequence[Tensor]],
-    **hyper,
-) -> list[tuple[Tensor, ...]]:
+# ---------------------------------------------------------------------------------------------- kernels
+# Each kernel: (params, grads, momentum_buffers, accumulators, *, rule, lr, nu_divisor, grad_scale) -> maxima per
+# block. The common wrapper (:func:`sm3`) validates, gates on ``found_inf`` and stores into ``maxima_out``.
+
+
+def _single_tensor_sm3(params, grads, momentum_buffers, accumulators, *, rule, lr, nu_divisor, grad_scale):
     return [
-        _single_block(p, g, m, accs, **hyper) for p, g, m, accs in zip(params, grads, momentum_buffers, accumulators)
+        _single_block(p, g, m, accs, rule, lr, nu_divisor, grad_scale)
+        for p, g, m, accs in zip(params, grads, momentum_buffers, accumulators)
     ]
 
 
-def _foreach_sm3(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor | None],
-    accumulators: Sequence[Sequence[Tensor]],
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    beta: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-) -> list[tuple[Tensor, ...]]:
+def _foreach_sm3(params, grads, momentum_buffers, accumulators, *, rule, lr, nu_divisor, grad_scale):
     """The elementwise work batched across blocks with ``torch._foreach_*``.
 
-    Blocks whose parameter or momentum is not fp32 run through the per-block
-    kernel; the rest are batched. Same arithmetic, op for op, as the eager kernel.
+    Blocks whose parameter, gradient and momentum are not all of one compute
+    dtype (fp32 or fp64) run through the per-block kernel; the rest are batched
+    by dtype. Same arithmetic, op for op, as the per-tensor kernel.
     """
-    hyper = dict(lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay, maximize=maximize)
     results: list[tuple[Tensor, ...] | None] = [None] * len(params)
-    batch = [
-        i
-        for i, (p, g, m) in enumerate(zip(params, grads, momentum_buffers))
-        if p.dtype == torch.float32 and g.dtype == torch.float32 and (m is None or m.dtype == torch.float32)
-    ]
-    batched = set(batch)
-    for i in range(len(params)):
-        if i not in batched:
-            results[i] = _single_block(params[i], grads[i], momentum_buffers[i], accumulators[i], **hyper)
-    for chunk in _chunks(batch, params):
-        _foreach_batch(chunk, params, grads, momentum_buffers, accumulators, results, **hyper)
-    return results  # type: ignore[return-value]
+    batches: dict[torch.dtype, list[int]] = {}
+    for i, (p, g, m) in enumerate(zip(params, grads, momentum_buffers)):
+        if p.dtype in (torch.float32, torch.float64) and g.dtype == p.dtype and (m is None or m.dtype == p.dtype):
+            batches.setdefault(p.dtype, []).append(i)
+        else:
+            results[i] = _single_block(p, g, m, accumulators[i], rule, lr, nu_divisor, grad_scale)
+    for batch in batches.values():
+        for chunk in _chunks(batch, params):
+            _foreach_batch(
+                chunk, params, grads, momentum_buffers, accumulators, results, rule, lr, nu_divisor, grad_scale
+            )
+    return results
 
 
 _CPU_CHUNK_ELEMS = 1 << 18
@@ -189,45 +244,39 @@ def _chunks(batch: list[int], params: Sequence[Tensor]) -> list[list[int]]:
     return chunks
 
 
-def _foreach_batch(
-    batch: list[int],
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor | None],
-    accumulators: Sequence[Sequence[Tensor]],
-    results: list,
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    beta: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-) -> None:
+def _foreach_batch(batch, params, grads, momentum_buffers, accumulators, results, rule, lr, nu_divisor, grad_scale):
     ps = [params[i] for i in batch]
     gs = [grads[i] for i in batch]
-    if maximize:
+    if grad_scale is not None:
+        gs = torch._foreach_div(gs, _divisor(grad_scale, gs[0]))
+    if rule.maximize:
         gs = torch._foreach_neg(gs)
-    if weight_decay != 0.0:
-        gs = torch._foreach_add(gs, torch._foreach_mul(ps, weight_decay))
+    if rule.weight_decay != 0.0:
+        gs = torch._foreach_add(gs, torch._foreach_mul(ps, rule.weight_decay))
     nus = [_min_over_covers(accumulators[i], g.shape) for i, g in zip(batch, gs)]
     squares = torch._foreach_mul(gs, gs)
-    if beta > 0.0:
-        torch._foreach_mul_(nus, beta)
-        torch._foreach_mul_(squares, 1.0 - beta)
+    if rule.beta > 0.0:
+        torch._foreach_mul_(nus, rule.beta)
+        torch._foreach_mul_(squares, 1.0 - rule.beta)
     torch._foreach_add_(nus, squares)
     for i, nu in zip(batch, nus):
         results[i] = _maxima(nu)
-    if eps > 0.0:
-        updates = torch._foreach_add(nus, eps)
-        torch._foreach_rsqrt_(updates)
+    nu_hats = nus if nu_divisor is None else torch._foreach_div(nus, _divisor(nu_divisor, nus[0]))
+    if rule.eps > 0.0:
+        updates = torch._foreach_add(nu_hats, rule.eps)
+        if updates[0].is_cpu:
+            torch._foreach_rsqrt_(updates)
+        else:
+            torch._foreach_sqrt_(updates)
+            torch._foreach_reciprocal_(updates)
         torch._foreach_mul_(updates, gs)
     else:
-        updates = [torch.where(nu > 0, g * nu.rsqrt(), torch.zeros((), dtype=g.dtype)) for nu, g in zip(nus, gs)]
+        zero = torch.zeros((), dtype=ps[0].dtype, device=ps[0].device)
+        updates = [torch.where(nu > 0, g * _rsqrt_(nu.clone()), zero) for nu, g in zip(nu_hats, gs)]
     with_momentum = [momentum_buffers[i] for i in batch if momentum_buffers[i] is not None]
     if with_momentum:
-        torch._foreach_mul_(with_momentum, momentum)
-        torch._foreach_mul_(updates, 1.0 - momentum)
+        torch._foreach_mul_(with_momentum, rule.momentum)
+        torch._foreach_mul_(updates, 1.0 - rule.momentum)
         torch._foreach_add_(with_momentum, updates)
         updates = torch._foreach_mul(with_momentum, lr)
     else:
@@ -235,38 +284,167 @@ def _foreach_batch(
     torch._foreach_sub_(ps, updates)
 
 
-_COMPILED: dict[tuple, Callable[..., tuple[Tensor, ...]]] = {}
+def _fused_sm3(params, grads, momentum_buffers, accumulators, *, rule, lr, nu_divisor, grad_scale, found_inf):
+    """One-off step of the device's fused kernel: a plan built for these blocks, zeroed maxima buffers, one step.
 
-
-def _block_kernel(param, grad, momentum_buffer, accumulators, lr, momentum, beta, eps, weight_decay, maximize):
-    return _single_block(
-        param,
-        grad,
-        momentum_buffer,
-        accumulators,
-        lr=lr,
-        momentum=momentum,
-        beta=beta,
-        eps=eps,
-        weight_decay=weight_decay,
-        maximize=maximize,
-    )
-
-
-def _fused_block_fn(key: tuple) -> Callable[..., tuple[Tensor, ...]]:
-    """The compiled kernel for one combination of rank, dtypes and flags.
-
-    Each combination gets its own code object, so that dynamo's per-code
-    recompile limit counts shapes of one kind only (shapes are dynamic).
+    Blocks the kernel cannot take as they are (a non-contiguous tensor) go
+    through contiguous working copies that are written back; blocks of a dtype
+    the kernel lacks but the per-tensor kernel has (see :class:`FusedKernel`)
+    run per tensor.
     """
-    fn = _COMPILED.get(key)
-    if fn is None:
-        code = _block_kernel.__code__.replace(co_name=f"sm3_block_{len(_COMPILED)}")
-        kernel = types.FunctionType(code, _block_kernel.__globals__, code.co_name)
-        fn = torch.compile(kernel, fullgraph=True, dynamic=True)
-        _COMPILED[key] = fn
-    return fn
+    kernel = _fused_for(params)
+    results: list[tuple[Tensor, ...] | None] = [None] * len(params)
+    taken, copies = [], []
+    for i, (p, g, m) in enumerate(zip(params, grads, momentum_buffers)):
+        if p.numel() == 0:
+            results[i] = tuple(
+                torch.zeros(n, dtype=a.dtype, device=a.device) for n, a in zip(p.shape or (1,), accumulators[i])
+            )
+        elif kernel.takes(p, g, m):
+            taken.append(i)
+        else:
+            results[i] = _single_block(p, g, m, accumulators[i], rule, lr, nu_divisor, grad_scale)
+    if not taken:
+        return results
+    ps, gs, ms, accs = [], [], [], []
+    for i in taken:
+        p, g, m = params[i], grads[i], momentum_buffers[i]
+        pc, mc = _contiguous(p), None if m is None else _contiguous(m)
+        if pc is not p or (m is not None and mc is not m):
+            copies.append((p, pc, m, mc))
+        ps.append(pc)
+        gs.append(_contiguous(g))
+        ms.append(mc)
+        accs.append([_contiguous(a) for a in accumulators[i]])
+    outs = [[torch.zeros(a.numel(), dtype=torch.float32, device=a.device) for a in block] for block in accs]
+    plan = kernel.build(ps, ms, accs, outs)
+    if plan is None:
+        raise RuntimeError(f"the fused SM3 kernel for {kernel.device_type} refused blocks it reported it takes")
+    plan.step(gs, rule, lr=lr, nu_divisor=nu_divisor, found_inf=found_inf, grad_scale=grad_scale)
+    for p, pc, m, mc in copies:
+        if pc is not p:
+            p.copy_(pc)
+        if m is not None and mc is not m:
+            m.copy_(mc)
+    for i, block in zip(taken, outs):
+        results[i] = tuple(block)
+    return results
 
+
+def _contiguous(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- fused registry
+
+
+@dataclass(frozen=True, slots=True)
+class FusedKernel:
+    """A device type's fused kernel: a plan built once for a fixed list of blocks, stepped many times.
+
+    ``build(params, momentum_buffers, accumulators, maxima_out)`` returns a plan
+    (``None`` when it cannot take the blocks) whose ``holds(...)`` says whether
+    it was built for exactly these tensors and whose ``step(grads, rule, *, lr,
+    nu_divisor=None, found_inf=None, grad_scale=None)`` runs one step,
+    accumulating the maxima into ``maxima_out`` by max (the caller zeroes them)
+    and writing nothing where ``found_inf`` is set.
+    """
+
+    device_type: str
+    available: Callable[[], bool]
+    build: Callable[..., Any]
+    param_dtypes: frozenset[torch.dtype]
+    """Parameter dtypes the kernel takes (gradients of the same dtype; fp32/bf16 momentum)."""
+    fallback_dtypes: frozenset[torch.dtype] = frozenset()
+    """Parameter dtypes the kernel leaves to the per-tensor kernel inside a fused step."""
+    nonfinite: Callable[[Sequence[Tensor], Tensor], None] | None = None
+    """``nonfinite(tensors, found_inf)``: set ``found_inf`` where any tensor holds an inf/NaN, on the device."""
+    finalize: Callable[..., None] | None = None
+    """``finalize(accumulators, maxima, *, keep_max, found_inf, zero_maxima)`` in one launch."""
+    finalize_plan: Callable[..., Any] | None = None
+    """``finalize_plan(accumulators, maxima)``: :attr:`finalize` prepared once for fixed lists (``.run(...)``)."""
+
+    def takes(self, p: Tensor, g: Tensor, m: Tensor | None) -> bool:
+        return p.dtype in self.param_dtypes and g.dtype == p.dtype and (m is None or m.dtype in _NATIVE_MOMENTUM)
+
+    def check(self, params: Sequence[Tensor]) -> None:
+        """Raise a clear error for a parameter the fused step cannot take at all."""
+        for p in params:
+            if p.dtype not in self.param_dtypes and p.dtype not in self.fallback_dtypes:
+                names = ", ".join(str(d).removeprefix("torch.") for d in sorted(self.param_dtypes, key=str))
+                raise TypeError(
+                    f"the fused SM3 kernel for {self.device_type} takes {names} parameters, not {p.dtype}: "
+                    "use foreach=True (or the default kernel choice) for them"
+                )
+
+
+_FUSED: dict[str, Callable[[], FusedKernel | None]] = {}
+_FUSED_CACHE: dict[str, FusedKernel | None] = {}
+
+
+def register_fused_kernel(device_type: str, loader: Callable[[], FusedKernel | None]) -> None:
+    """Register the fused kernel of a device type; ``loader`` returns it, or ``None`` where it is unavailable."""
+    _FUSED[device_type] = loader
+    _FUSED_CACHE.pop(device_type, None)
+
+
+def fused_kernel(device_type: str) -> FusedKernel | None:
+    """The fused kernel registered for ``device_type``, or ``None`` (none registered, or it cannot load here)."""
+    if device_type not in _FUSED_CACHE:
+        loader = _FUSED.get(device_type)
+        kernel = loader() if loader is not None else None
+        _FUSED_CACHE[device_type] = kernel if kernel is not None and kernel.available() else None
+    return _FUSED_CACHE[device_type]
+
+
+def _fused_for(params: Sequence[Tensor]) -> FusedKernel:
+    types = {p.device.type for p in params}
+    if len(types) != 1:
+        raise ValueError(f"a fused SM3 step needs all blocks on one device type, got {sorted(types)}")
+    (device_type,) = types
+    kernel = fused_kernel(device_type)
+    if kernel is None:
+        why = "none is registered" if device_type not in _FUSED else "it is unavailable here (see the logged reason)"
+        raise RuntimeError(
+            f"fused=True: no fused SM3 kernel for device type {device_type!r}: {why}. Use foreach=True, or leave "
+            "foreach and fused unset for the default kernel"
+        )
+    kernel.check(params)
+    return kernel
+
+
+_FOREACH_DEVICES = ("cuda", "xpu", "mps")
+
+
+def default_kernel(params: Sequence[Tensor], *, foreach: bool | None = None, fused: bool | None = None) -> str:
+    """The kernel a step runs: ``"fused"``, ``"foreach"`` or ``"single"`` (the per-tensor loop).
+
+    The only place the choice is made. Explicit ``fused=True`` or
+    ``foreach=True`` wins (``fused=True`` on a device type without a fused
+    kernel is an error when the step runs). With neither set: the device's
+    fused kernel where one is registered and available and takes every
+    parameter's dtype, else ``foreach`` on accelerators and the per-tensor loop
+    on CPU, as ``torch.optim`` chooses.
+    """
+    if foreach and fused:
+        raise ValueError("foreach and fused cannot both be True: choose one kernel")
+    if fused:
+        return "fused"
+    if foreach:
+        return "foreach"
+    if foreach is None and fused is None and params:
+        types = {p.device.type for p in params}
+        if len(types) == 1:
+            (device_type,) = types
+            kernel = fused_kernel(device_type)
+            if kernel is not None and all(p.dtype in kernel.param_dtypes for p in params):
+                return "fused"
+            if device_type in _FOREACH_DEVICES:
+                return "foreach"
+    return "single"
+
+
+# ---------------------------------------------------------------------------------------------- the native CPU kernel
 
 _NATIVE_DTYPES = {torch.float32: _native.DTYPE_F32, torch.bfloat16: _native.DTYPE_BF16}
 _NATIVE_MOMENTUM = {None: 0, torch.float32: 1, torch.bfloat16: 2}
@@ -274,22 +452,9 @@ _NATIVE_TILE_ELEMS = 1 << 16
 _POS_INF: dict[torch.device, Tensor] = {}
 
 
-def _native_eligible(p: Tensor, g: Tensor, m: Tensor | None, accs: Sequence[Tensor]) -> bool:
-    return (
-        p.is_cpu
-        and g.is_cpu
-        and p.dtype in _NATIVE_DTYPES
-        and g.dtype == p.dtype
-        and p.is_contiguous()
-        and g.is_contiguous()
-        and p.numel() > 0
-        and (m is None or (m.is_cpu and m.dtype in _NATIVE_DTYPES and m.is_contiguous()))
-        and all(a.is_cpu and a.dtype == torch.float32 and a.is_contiguous() for a in accs)
-    )
-
-
-def _native_geometry(p: Tensor, accs: Sequence[Tensor]) -> tuple[int, int, Tensor, Tensor]:
-    """A block as the kernel sees it: ``rows, cols``, the row minima ``min_(d < last) mu_d`` and ``mu_last``."""
+def _native_geometry(p: Tensor, accs: Sequence[Tensor]) -> tuple[int, int, Tensor | None, Tensor]:
+    """A block as the kernel sees it: ``rows, cols``, the row minima ``min_(d < last) mu_d`` (``None``: formed
+    each step, rank > 2) and ``mu_last``."""
     if p.ndim <= 1:
         inf = _POS_INF.get(p.device)
         if inf is None:
@@ -297,26 +462,29 @@ def _native_geometry(p: Tensor, accs: Sequence[Tensor]) -> tuple[int, int, Tenso
         return 1, p.numel(), inf, accs[0]
     if p.ndim == 2:
         return p.shape[0], p.shape[1], accs[0], accs[1]
-    rowmin = _min_over_covers(accs[:-1], p.shape[:-1]).reshape(-1)
-    return rowmin.numel(), p.shape[-1], rowmin, accs[-1]
+    return p.numel() // p.shape[-1], p.shape[-1], None, accs[-1]
 
 
-def _block_meta(p, g, m, rowmin: int, colacc: int, rowmax: int, colmax: int, rows: int, cols: int, keep_max: int):
-    """One block's :data:`~sm3_dist._native.META_FIELDS` entries of the kernel's argument array."""
-    momentum_ptr = 0 if m is None else m.data_ptr()
-    kinds = [_NATIVE_DTYPES[p.dtype], _NATIVE_MOMENTUM[None if m is None else m.dtype], int(keep_max)]
-    return [p.data_ptr(), g.data_ptr(), momentum_ptr, rowmin, colacc, rowmax, colmax, rows, cols, *kinds]
-
-
-def _native_run(lib, meta: array, nblocks: int, lr, momentum, beta, eps, weight_decay, maximize) -> None:
+def _native_run(lib, meta: array, nblocks: int, rule: UpdateRule, lr, nu_divisor, grad_scale) -> None:
     """One call of the native kernel on ``nblocks`` blocks described by ``meta``."""
-    hyper = (ctypes.c_double * 8)(
-        float(lr), momentum, 1.0 - momentum, beta, 1.0 - beta, eps, weight_decay, -1.0 if maximize else 1.0
+    hyper = (ctypes.c_double * 10)(
+        float(lr),
+        rule.momentum,
+        1.0 - rule.momentum,
+        rule.beta,
+        1.0 - rule.beta,
+        rule.eps,
+        rule.weight_decay,
+        -1.0 if rule.maximize else 1.0,
+        1.0 if nu_divisor is None else float(nu_divisor),
+        1.0 if grad_scale is None else float(grad_scale),
     )
     flags = (
-        (_native.FLAG_WD if weight_decay != 0.0 else 0)
-        | (_native.FLAG_BETA if beta > 0.0 else 0)
-        | (_native.FLAG_EPS if eps > 0.0 else 0)
+        (_native.FLAG_WD if rule.weight_decay != 0.0 else 0)
+        | (_native.FLAG_BETA if rule.beta > 0.0 else 0)
+        | (_native.FLAG_EPS if rule.eps > 0.0 else 0)
+        | (_native.FLAG_NU_DIV if nu_divisor is not None else 0)
+        | (_native.FLAG_SCALE if grad_scale is not None else 0)
     )
     status = lib.sm3_native_step(
         meta.buffer_info()[0], nblocks, ctypes.addressof(hyper), flags, torch.get_num_threads(), _NATIVE_TILE_ELEMS
@@ -325,227 +493,306 @@ def _native_run(lib, meta: array, nblocks: int, lr, momentum, beta, eps, weight_
         raise RuntimeError(f"native SM3 kernel failed with status {status}")
 
 
-class NativeBatch:
-    """Repeated native steps of one fixed list of whole dense CPU blocks, maxima written into their accumulators.
+class NativePlan:
+    """Repeated native steps of one fixed list of contiguous CPU blocks (the CPU entry of the fused registry).
 
     What stays the same from step to step (shapes, dtypes, the kernel's
     argument array) is prepared once; each :meth:`step` re-reads the data
-    pointers and checks what could have changed (a parameter's ``.data``
-    swapped, a gradient's dtype or layout) before calling the kernel, and
-    returns ``False`` without touching anything when the batch no longer fits.
-    It computes exactly what :func:`sm3` with ``fused=True`` and
-    ``maxima_out=accumulators`` computes.
+    pointers. The maxima are accumulated into ``maxima_out`` by max (the
+    caller zeroes them: ``+0`` is the identity of the max of ``nu >= 0``); rank
+    > 2 blocks get their leading dimensions' maxima by exact max reductions of
+    the kernel's row maxima.
     """
 
-    def __init__(self, lib, params, momentum_buffers, accumulators, keep_max: bool) -> None:
+    def __init__(self, lib, params, momentum_buffers, accumulators, maxima_out) -> None:
         self._lib = lib
         self._params = list(params)
         self._buffers = list(momentum_buffers)
         self._accumulators = [list(accs) for accs in accumulators]
+        self._outs = [list(outs) for outs in maxima_out]
         self._dtypes = [p.dtype for p in params]
         self._sink = torch.empty(1, dtype=torch.float32)  # the row maximum of rank-1 blocks
+        self._deep = [i for i, p in enumerate(self._params) if p.ndim > 2]
+        self._rowmax = {i: torch.zeros(self._params[i].numel() // self._params[i].shape[-1]) for i in self._deep}
+        self._rowmin: dict[int, Tensor] = {}
         meta = []
-        for p, m, accs in zip(self._params, self._buffers, self._accumulators):
-            # the maxima go into the accumulators themselves; the pointers are read again every step
+        for i, (p, m, accs, outs) in enumerate(zip(self._params, self._buffers, self._accumulators, self._outs)):
             rows, cols, rowmin, colacc = _native_geometry(p, accs)
-            rowmax = rowmin.data_ptr() if p.ndim == 2 else self._sink.data_ptr()
-            meta += _block_meta(
-                p, p, m, rowmin.data_ptr(), colacc.data_ptr(), rowmax, colacc.data_ptr(), rows, cols, keep_max
-            )
+            if rowmin is None:
+                rowmin = self._rowmin[i] = torch.empty(rows, dtype=torch.float32)
+                rowmax = self._rowmax[i]
+            else:
+                rowmax = outs[0] if p.ndim == 2 else self._sink
+            kinds = [_NATIVE_DTYPES[p.dtype], _NATIVE_MOMENTUM[None if m is None else m.dtype], 1]
+            meta += [p.data_ptr(), 0, 0 if m is None else m.data_ptr(), rowmin.data_ptr(), colacc.data_ptr()]
+            meta += [rowmax.data_ptr(), outs[-1].data_ptr(), rows, cols, *kinds]
         self._meta = array("q", meta)
-        self._rank2 = [i for i, p in enumerate(self._params) if p.ndim == 2]
 
     @classmethod
-    def build(cls, params, momentum_buffers, accumulators, keep_max: bool = False) -> NativeBatch | None:
-        """A batch for these blocks, or ``None`` when the native kernel is off or cannot take them all."""
-        lib = _native.load() if params and all(p.is_cpu for p in params) else None
+    def build(cls, params, momentum_buffers, accumulators, maxima_out) -> NativePlan | None:
+        """A plan for these blocks, or ``None`` when the native kernel is off or cannot take them all."""
+        lib = _native.load() if params else None
         if lib is None:
             return None
-        for p, m, accs in zip(params, momentum_buffers, accumulators):
-            if p.ndim > 2 or not _native_eligible(p, p, m, accs):
+        for p, m, accs, outs in zip(params, momentum_buffers, accumulators, maxima_out):
+            if not (
+                p.is_cpu
+                and p.dtype in _NATIVE_DTYPES
+                and p.is_contiguous()
+                and p.numel() > 0
+                and (m is None or (m.is_cpu and m.dtype in _NATIVE_DTYPES and m.is_contiguous()))
+                and all(a.is_cpu and a.dtype == torch.float32 and a.is_contiguous() for a in accs)
+                and len(outs) == len(accs)
+                and all(o.is_cpu and o.dtype == torch.float32 and o.is_contiguous() for o in outs)
+            ):
                 return None
-        return cls(lib, params, momentum_buffers, accumulators, keep_max)
+        return cls(lib, params, momentum_buffers, accumulators, maxima_out)
 
-    def holds(self, params, momentum_buffers, accumulators) -> bool:
-        """Whether this batch was built for exactly these tensors (the same objects, in the same order)."""
+    def holds(self, params, momentum_buffers, accumulators, maxima_out) -> bool:
+        """Whether this plan was built for exactly these tensors (the same objects, in the same order)."""
         return (
             len(params) == len(self._params)
             and all(a is b for a, b in zip(params, self._params))
             and all(a is b for a, b in zip(momentum_buffers, self._buffers))
             and all(a is b for accs, mine in zip(accumulators, self._accumulators) for a, b in zip(accs, mine))
+            and all(a is b for outs, mine in zip(maxima_out, self._outs) for a, b in zip(outs, mine))
         )
 
-    def step(self, grads: Sequence[Tensor], *, lr, momentum, beta, eps, weight_decay, maximize) -> bool:
-        params, dtypes = self._params, self._dtypes
-        if len(grads) != len(params) or not all(
-            g.dtype == d and p.dtype == d and g.is_contiguous() and p.is_contiguous() and g.shape == p.shape
-            for g, p, d in zip(grads, params, dtypes)
-        ):
-            return False
+    def step(self, grads, rule: UpdateRule, *, lr, nu_divisor=None, found_inf=None, grad_scale=None) -> None:
+        params = self._params
+        if len(grads) != len(params):
+            raise ValueError(f"{len(grads)} gradients for a plan of {len(params)} blocks")
+        for g, p, d in zip(grads, params, self._dtypes):
+            if g.dtype != d or p.dtype != d or not g.is_contiguous() or not p.is_contiguous() or g.shape != p.shape:
+                raise ValueError("a gradient or parameter no longer fits the native plan (dtype, shape or layout)")
+        if found_inf is not None and bool(found_inf):
+            return
+        for i in self._deep:
+            accs = self._accumulators[i]
+            shape = params[i].shape
+            self._rowmin[i].copy_(_min_over_covers(accs[:-1], shape[:-1]).reshape(-1))
+            self._rowmax[i].zero_()
         meta, n = self._meta, _native.META_FIELDS
         meta[0::n] = array("q", [p.data_ptr() for p in params])
         meta[1::n] = array("q", [g.data_ptr() for g in grads])
-        meta[2::n] = array("q", [0 if m is None else m.data_ptr() for m in self._buffers])
-        colacc = array("q", [accs[-1].data_ptr() for accs in self._accumulators])
-        meta[4::n] = colacc
-        meta[6::n] = colacc
-        for i in self._rank2:
-            meta[n * i + 3] = meta[n * i + 5] = self._accumulators[i][0].data_ptr()
-        _native_run(self._lib, meta, len(params), lr, momentum, beta, eps, weight_decay, maximize)
-        return True
+        _native_run(self._lib, meta, len(params), rule, lr, nu_divisor, grad_scale)
+        for i in self._deep:
+            shape = params[i].shape
+            for out, new in zip(self._outs[i][:-1], _maxima(self._rowmax[i].view(shape[:-1]))):
+                torch.maximum(out, new, out=out)
 
 
-def _native_outputs(outs: Sequence[Tensor], accs: Sequence[Tensor]) -> bool:
-    """Whether the kernel can write a block's maxima into ``outs`` itself."""
-    return len(outs) == len(accs) and all(
-        o.is_cpu and o.dtype == torch.float32 and o.is_contiguous() and o.numel() == a.numel()
-        for o, a in zip(outs, accs)
+def _native_available() -> bool:
+    return _native.load() is not None
+
+
+def _cpu_nonfinite(tensors: Sequence[Tensor], found_inf: Tensor) -> None:
+    if first_nonfinite(tensors) is not None:
+        found_inf.fill_(1.0)
+
+
+def _native_loader() -> FusedKernel:
+    return FusedKernel(
+        device_type="cpu",
+        available=_native_available,
+        build=NativePlan.build,
+        param_dtypes=frozenset(_NATIVE_DTYPES),
+        fallback_dtypes=frozenset({torch.float16}),
+        nonfinite=_cpu_nonfinite,
     )
 
 
-def _native_sm3(
-    lib,
+def _triton_loader() -> FusedKernel | None:
+    try:
+        triton_kernel = importlib.import_module("sm3_dist._triton")
+    except ImportError as exc:  # no Triton (or no module): the CUDA default falls back to foreach
+        logger.info("sm3_dist: the Triton SM3 kernel is unavailable: %s", exc)
+        return None
+    return FusedKernel(
+        device_type="cuda",
+        available=triton_kernel.available,
+        build=triton_kernel.TritonPlan.build,
+        param_dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
+        nonfinite=triton_kernel.nonfinite_,
+        finalize=triton_kernel.finalize_,
+        finalize_plan=triton_kernel.FinalizePlan,
+    )
+
+
+register_fused_kernel("cpu", _native_loader)
+register_fused_kernel("cuda", _triton_loader)
+
+
+def native_available() -> bool:
+    """Whether the one-pass native CPU kernel is built (or builds now) and enabled."""
+    return fused_kernel("cpu") is not None
+
+
+# ---------------------------------------------------------------------------------------------- the common entry
+
+
+def sm3(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor | None],
     accumulators: Sequence[Sequence[Tensor]],
     *,
+    rule: UpdateRule,
     lr: float | Tensor,
-    momentum: float,
-    beta: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
+    nu_divisor: float | Tensor | None = None,
     maxima_out: Sequence[Sequence[Tensor]] | None = None,
     keep_max: bool = False,
-) -> list[tuple[Tensor, ...] | None]:
-    """The blocks the one-pass C++ kernel takes (CPU, contiguous, fp32/bf16); ``None`` for the others.
+    found_inf: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> list[tuple[Tensor, ...]] | None:
+    """One SM3 step on a list of dense blocks; returns each block's maxima per dimension.
 
-    Each block is viewed as ``rows x cols`` (its last dimension against the
-    others, whose ``min_d mu_d`` is formed here for rank > 2); the kernel
-    returns the row and column maxima, from which the maxima per dimension
-    follow by exact max reductions. Blocks of rank <= 2 whose ``maxima_out``
-    the kernel wrote itself (after reading every accumulator) get ``()``.
+    ``params[i]``, ``grads[i]`` and ``momentum_buffers[i]`` (``None`` when
+    momentum is 0) are views of one dense block, all of the same shape (any
+    strides); ``accumulators[i][d]`` is the 1-D slice of ``mu_d`` that the
+    block's indices along ``d`` cover (fp32, fp64 for fp64 parameters; read
+    only). The parameter and momentum are updated in place (computed in fp32,
+    or fp64 for fp64 parameters, written back in their own dtypes); the returned
+    ``maxima[i][d]`` are the new values of that slice of ``mu_d`` as far as this
+    block can see them.
+
+    ``lr`` is a number or a one-element tensor (any shape), ``nu_divisor`` the
+    bias-correction divisor (:meth:`UpdateRule.nu_divisor`; ``None``: none),
+    ``grad_scale`` a one-element tensor the raw gradients are divided by (a
+    ``GradScaler``'s scale), ``found_inf`` a one-element tensor: where it is
+    nonzero nothing is written at all (read on the device, without a host
+    synchronization, by the fused kernels).
+
+    With ``maxima_out`` the maxima are written into ``maxima_out[i][d]`` instead
+    and ``None`` is returned: assigned, or under ``keep_max`` the elementwise max
+    of the old values and the new maxima (so zeroed outputs shared by several
+    blocks collect their maxima). ``maxima_out[i]`` may be ``accumulators[i]``
+    itself: every accumulator is read before any maximum is written.
+
+    ``foreach``/``fused`` choose the kernel as in :func:`default_kernel`.
     """
-    results: list[tuple[Tensor, ...] | None] = [None] * len(params)
-    taken = []
-    for i, (p, g, m, accs) in enumerate(zip(params, grads, momentum_buffers, accumulators)):
-        if not _native_eligible(p, g, m, accs):
-            continue
-        direct = None
-        if maxima_out is not None and p.ndim <= 2 and _native_outputs(maxima_out[i], accs):
-            direct = maxima_out[i]
-        taken.append((i, *_native_geometry(p, accs), direct))
-    if not taken:
-        return results
-    # the new row and column maxima of the blocks not written in place, side by side in one buffer
-    lengths = [n for _, rows, cols, _, _, direct in taken if direct is None for n in (rows, cols)]
-    out = torch.empty(sum(lengths), dtype=torch.float32)
-    out_ptr = out.data_ptr()
-    sink = torch.empty(1, dtype=torch.float32)  # the row maximum of a rank-1 block written in place
-    meta = []
-    offset = 0
-    for i, rows, cols, rowmin, colacc, direct in taken:
-        p, g, m = params[i], grads[i], momentum_buffers[i]
-        if direct is None:
-            rowmax, colmax, mode = out_ptr + 4 * offset, out_ptr + 4 * (offset + rows), 0
-            offset += rows + cols
-        else:
-            rowmax = direct[0].data_ptr() if len(direct) == 2 else sink.data_ptr()
-            colmax, mode = direct[-1].data_ptr(), int(keep_max)
-            results[i] = ()
-        meta += _block_meta(p, g, m, rowmin.data_ptr(), colacc.data_ptr(), rowmax, colmax, rows, cols, mode)
-    meta_t = array("q", meta)
-    _native_run(lib, meta_t, len(taken), lr, momentum, beta, eps, weight_decay, maximize)
-    views = iter(out.split(lengths))
-    for i, *_, direct in taken:
-        if direct is not None:
-            continue
-        rowmax, colmax = next(views), next(views)
-        shape = params[i].shape
-        if len(shape) <= 1:
-            results[i] = (colmax,)
-        elif len(shape) == 2:
-            results[i] = (rowmax, colmax)
-        else:
-            results[i] = (*_maxima(rowmax.view(shape[:-1])), colmax)
-    return results
+    for i, (p, g, accs) in enumerate(zip(params, grads, accumulators)):
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape {tuple(p.shape)}")
+        if len(accs) != max(g.ndim, 1) or any(a.numel() != n for a, n in zip(accs, g.shape or (1,))):
+            raise ValueError(
+                f"accumulators[{i}] have lengths {[a.numel() for a in accs]}, expected {list(g.shape or (1,))}"
+            )
+    if maxima_out is not None and len(maxima_out) != len(params):
+        raise ValueError(f"maxima_out has {len(maxima_out)} entries for {len(params)} blocks")
+    kind = default_kernel(params, foreach=foreach, fused=fused)
+    lr, nu_divisor, grad_scale, found_inf = _scalar(lr), _scalar(nu_divisor), _scalar(grad_scale), _scalar(found_inf)
+    gate = None
+    if found_inf is not None:
+        if found_inf.device.type == "cpu":  # reading it costs nothing here
+            if bool(found_inf):
+                if maxima_out is None:
+                    return [tuple(a.clone() for a in accs) for accs in accumulators]
+                if not keep_max:
+                    store_maxima(
+                        [o for outs in maxima_out for o in outs], [a.clone() for accs in accumulators for a in accs]
+                    )
+                return None
+            found_inf = None
+        elif kind != "fused":
+            gate, found_inf = found_inf, None
+    args = dict(rule=rule, lr=lr, nu_divisor=nu_divisor, grad_scale=grad_scale)
+    if gate is not None:
+        maxima = _gated(kind, params, grads, momentum_buffers, accumulators, gate, args)
+    elif kind == "fused":
+        maxima = _fused_sm3(params, grads, momentum_buffers, accumulators, found_inf=found_inf, **args)
+    elif kind == "foreach":
+        maxima = _foreach_sm3(params, grads, momentum_buffers, accumulators, **args)
+    else:
+        maxima = _single_tensor_sm3(params, grads, momentum_buffers, accumulators, **args)
+    if found_inf is not None:  # a fused kernel skipped the update on the device: the maxima stay the old values
+        maxima = [
+            tuple(torch.where(found_inf != 0, a, new) for a, new in zip(accs, block))
+            for accs, block in zip(accumulators, maxima)
+        ]
+    if maxima_out is None:
+        return maxima
+    outs = [o for block in maxima_out for o in block]
+    store_maxima(outs, [m for block in maxima for m in block], keep_max)
+    return None
 
 
-def _compiled_sm3(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor | None],
-    accumulators: Sequence[Sequence[Tensor]],
+def _gated(kind, params, grads, momentum_buffers, accumulators, found_inf, args):
+    """A non-fused kernel on an accelerator with a device-side ``found_inf``: it runs on working copies, which
+    replace the originals only where the flag is clear (no host synchronization, one extra pass)."""
+    work_p = [p.clone() for p in params]
+    work_m = [None if m is None else m.clone() for m in momentum_buffers]
+    kernel = _foreach_sm3 if kind == "foreach" else _single_tensor_sm3
+    maxima = kernel(work_p, grads, work_m, accumulators, **args)
+    skip = found_inf != 0
+    for p, w, m, wm in zip(params, work_p, momentum_buffers, work_m):
+        p.copy_(torch.where(skip, p, w))
+        if m is not None:
+            m.copy_(torch.where(skip, m, wm))
+    return [
+        tuple(torch.where(skip, a, new) for a, new in zip(accs, block)) for accs, block in zip(accumulators, maxima)
+    ]
+
+
+def store_maxima(accumulators: list[Tensor], maxima: list[Tensor], keep_max: bool = False) -> None:
+    """``accumulators[k] <- maxima[k]`` (their elementwise max under ``keep_max``).
+
+    Destinations may overlap (several blocks of one shard collecting their
+    maxima by max): batched on CPU, whose ``_foreach`` ops run tensor by
+    tensor, one op per destination elsewhere.
+    """
+    if not accumulators:
+        return
+    plain = all(type(t) is Tensor for t in accumulators) and len({t.device for t in accumulators}) == 1
+    if plain and (accumulators[0].is_cpu or not keep_max):
+        if keep_max:
+            torch._foreach_maximum_(accumulators, maxima)
+        else:
+            torch._foreach_copy_(accumulators, maxima)
+        return
+    for acc, value in zip(accumulators, maxima):
+        if keep_max:
+            torch.maximum(acc, value, out=acc)
+        else:
+            acc.copy_(value)
+
+
+def finalize_(
+    accumulators: Sequence[Tensor],
+    maxima: Sequence[Tensor],
     *,
-    lr: float | Tensor,
-    momentum: float,
-    beta: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-) -> list[tuple[Tensor, ...]]:
-    """Each block through one :func:`torch.compile`-d kernel (compiled once per rank and flag set).
-
-    The learning rate goes in as a 0-d tensor so that a schedule does not recompile.
-    """
-    lr_tensor = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float32)
-    out = []
-    for p, g, m, accs in zip(params, grads, momentum_buffers, accumulators):
-        if p.numel() == 0:
-            out.append(tuple(torch.zeros(n, dtype=torch.float32, device=p.device) for n in g.shape))
-            continue
-        key = (g.ndim, p.dtype, g.dtype, None if m is None else m.dtype, momentum, beta, eps, weight_decay, maximize)
-        fn = _fused_block_fn(key)
-        out.append(fn(p, g, m, list(accs), lr_tensor.to(p.device), momentum, beta, eps, weight_decay, maximize))
-    return out
-
-
-def _fused_sm3(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor | None],
-    accumulators: Sequence[Sequence[Tensor]],
-    maxima_out: Sequence[Sequence[Tensor]] | None = None,
-    keep_max: bool = False,
-    **hyper,
-) -> list[tuple[Tensor, ...]]:
-    """The fused step: CPU blocks through the one-pass native kernel, the rest through :func:`torch.compile`.
-
-    Both compute exactly what the eager kernel computes (bitwise for the native
-    kernel); the compiled kernel is also what runs when the native one cannot
-    be built (logged once).
-    """
-    results: list[tuple[Tensor, ...] | None] = [None] * len(params)
-    lib = _native.load() if any(p.device.type == "cpu" for p in params) else None
-    if lib is not None:
-        results = _native_sm3(
-            lib, params, grads, momentum_buffers, accumulators, maxima_out=maxima_out, keep_max=keep_max, **hyper
-        )
-    rest = [i for i, r in enumerate(results) if r is None]
-    if rest:
-        compiled = _compiled_sm3(
-            [params[i] for i in rest],
-            [grads[i] for i in rest],
-            [momentum_buffers[i] for i in rest],
-            [accumulators[i] for i in rest],
-            **hyper,
-        )
-        for i, r in zip(rest, compiled):
-            results[i] = r
-    return results  # type: ignore[return-value]
+    keep_max: bool,
+    found_inf: Tensor | None = None,
+    zero_maxima: bool = True,
+) -> None:
+    """``accumulators <- maxima`` (their max under ``keep_max``) unless ``found_inf`` is set; then the maxima are
+    zeroed for the next step. The device's fused kernel does it in one launch where it has a ``finalize``."""
+    if not accumulators:
+        return
+    kernel = fused_kernel(accumulators[0].device.type)
+    if kernel is not None and kernel.finalize is not None:
+        kernel.finalize(accumulators, maxima, keep_max=keep_max, found_inf=found_inf, zero_maxima=zero_maxima)
+        return
+    if found_inf is not None and found_inf.device.type == "cpu":
+        if not bool(found_inf):
+            store_maxima(list(accumulators), list(maxima), keep_max)
+    elif found_inf is not None:
+        skip = _scalar(found_inf) != 0
+        for acc, new in zip(accumulators, maxima):
+            acc.copy_(torch.where(skip, acc, torch.maximum(acc, new) if keep_max else new))
+    else:
+        store_maxima(list(accumulators), list(maxima), keep_max)
+    if zero_maxima:
+        torch._foreach_zero_(list(maxima))
 
 
 _FINITE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def native_available() -> bool:
-    """Whether the one-pass native CPU kernel is built (or builds now) and enabled."""
-    return _native.load() is not None
-
-
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
-    """Index of the first tensor holding an inf or NaN, ``None`` if all are finite.
+    """Index of the first tensor holding an inf or NaN, ``None`` if all are finite (reads them on the host).
 
     On CPU, one parallel pass of the native kernel over all of them (reads only);
     elsewhere the largest absolute values, batched with ``torch._foreach_norm``.
@@ -570,92 +817,32 @@ def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
     nonempty = [i for i, t in enumerate(tensors) if t.numel()]
     if not nonempty:
         return None
-    norms = torch.stack(torch._foreach_norm([tensors[i] for i in nonempty], ord=float("inf"))).float()
-    finite = torch.isfinite(norms)
+    finite = torch.isfinite(_abs_max(tensors[i] for i in nonempty))
     if bool(finite.all()):
         return None
     return nonempty[int((~finite).nonzero()[0])]
 
 
-def sm3(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor | None],
-    accumulators: Sequence[Sequence[Tensor]],
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    beta: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-    foreach: bool = False,
-    fused: bool = False,
-    maxima_out: Sequence[Sequence[Tensor]] | None = None,
-    keep_max: bool = False,
-) -> list[tuple[Tensor, ...]] | None:
-    """One SM3 step on a list of dense blocks; returns each block's maxima per dimension.
+def _abs_max(tensors) -> Tensor:
+    tensors = list(tensors)
+    return torch.stack([n.float() for n in torch._foreach_norm(tensors, ord=float("inf"))])
 
-    ``params[i]``, ``grads[i]`` and ``momentum_buffers[i]`` (``None`` when
-    momentum is 0) are views of one dense block, all of the same shape;
-    ``accumulators[i][d]`` is the 1-D slice of ``mu_d`` that the block's indices
-    along ``d`` cover (fp32, read only). The parameter and momentum are updated
-    in place (computed in fp32, written back in their own dtypes); the returned
-    ``maxima[i][d]`` are the new values of that slice of ``mu_d`` as far as this
-    block can see them.
 
-    With ``maxima_out`` the maxima are written into ``maxima_out[i][d]`` instead
-    (their elementwise max with the old values under ``keep_max``) and ``None``
-    is returned. ``maxima_out[i]`` may be ``accumulators[i]`` itself: every
-    accumulator is read before any maximum is written. The outputs of one block
-    must not overlap another block's accumulators or outputs.
+def nonfinite_(tensors: Sequence[Tensor], found_inf: Tensor) -> None:
+    """Set ``found_inf`` (a one-element tensor, left as it is otherwise) where any tensor holds an inf or NaN.
+
+    On the device, without a host synchronization: the device's fused kernel's
+    check in one launch where it has one, else a batched ``_foreach_norm``.
     """
-    if foreach and fused:
-        raise ValueError("foreach and fused cannot both be True")
-    for i, (p, g, accs) in enumerate(zip(params, grads, accumulators)):
-        if g.shape != p.shape:
-            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape {tuple(p.shape)}")
-        if len(accs) != max(g.ndim, 1) or any(a.numel() != n for a, n in zip(accs, g.shape or (1,))):
-            raise ValueError(
-                f"accumulators[{i}] have lengths {[a.numel() for a in accs]}, expected {list(g.shape or (1,))}"
-            )
-    if maxima_out is not None and len(maxima_out) != len(params):
-        raise ValueError(f"maxima_out has {len(maxima_out)} entries for {len(params)} blocks")
-    hyper = dict(lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay, maximize=maximize)
-    if fused:
-        maxima = _fused_sm3(
-            params, grads, momentum_buffers, accumulators, maxima_out=maxima_out, keep_max=keep_max, **hyper
-        )
-    elif foreach:
-        maxima = _foreach_sm3(params, grads, momentum_buffers, accumulators, **hyper)
-    else:
-        maxima = _single_tensor_sm3(params, grads, momentum_buffers, accumulators, **hyper)
-    if maxima_out is None:
-        return maxima
-    # blocks the native kernel wrote itself come back as ()
-    store_maxima(
-        [o for outs, new in zip(maxima_out, maxima) if new for o in outs],
-        [m for new in maxima if new for m in new],
-        keep_max,
-    )
-    return None
-
-
-def store_maxima(accumulators: list[Tensor], maxima: list[Tensor], keep_max: bool = False) -> None:
-    """``accumulators[k] <- maxima[k]`` (their elementwise max under ``keep_max``), batched where it can be."""
-    if not accumulators:
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
         return
-    if all(type(t) is Tensor for t in accumulators) and len({t.device for t in accumulators}) == 1:
-        if keep_max:
-            torch._foreach_maximum_(accumulators, maxima)
-        else:
-            torch._foreach_copy_(accumulators, maxima)
+    kernel = fused_kernel(tensors[0].device.type)
+    if kernel is not None and kernel.nonfinite is not None and all(t.dtype in _FINITE_KINDS for t in tensors):
+        kernel.nonfinite(tensors, found_inf)
         return
-    for acc, value in zip(accumulators, maxima):
-        if keep_max:
-            torch.maximum(acc, value, out=acc)
-        else:
-            acc.copy_(value)
+    bad = (~torch.isfinite(_abs_max(tensors))).any().to(found_inf.dtype)
+    torch.maximum(found_inf, bad.view(found_inf.shape).to(found_inf.device), out=found_inf)
 
 
 def sm3_sparse_rows_(
@@ -664,12 +851,10 @@ def sm3_sparse_rows_(
     momentum_buffer: Tensor | None,
     accumulators: Sequence[Tensor],
     *,
+    rule: UpdateRule,
     lr: float | Tensor,
-    momentum: float,
-    beta: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
+    nu_divisor: float | Tensor | None = None,
+    grad_scale: Tensor | None = None,
 ) -> None:
     """SM3 for a sparse COO gradient (``nn.Embedding(sparse=True)``): only touched rows change.
 
@@ -680,32 +865,37 @@ def sm3_sparse_rows_(
     Momentum decays on touched rows only. Updates ``param``, ``momentum_buffer``
     and ``accumulators`` in place.
     """
+    lr, nu_divisor, grad_scale = _scalar(lr), _scalar(nu_divisor), _scalar(grad_scale)
+    cdt = _compute_dtype(param.dtype)
     grad = grad.coalesce()
     rows = grad.indices()[0]
-    values = grad.values().float()
-    if maximize:
+    values = grad.values().to(cdt)
+    if grad_scale is not None:
+        values = values / grad_scale
+    if rule.maximize:
         values = -values
-    w_rows = param[rows].float()
-    if weight_decay != 0.0:
-        values = values + w_rows * weight_decay
+    w_rows = param[rows].to(cdt)
+    if rule.weight_decay != 0.0:
+        values = values + w_rows * rule.weight_decay
     row_accumulators = [accumulators[0].index_select(0, rows), *accumulators[1:]]
     nu = _min_over_covers(row_accumulators, values.shape)
-    if beta > 0.0:
-        nu.mul_(beta)
-        nu.add_((values * values).mul_(1.0 - beta))
+    if rule.beta > 0.0:
+        nu.mul_(rule.beta)
+        nu.add_((values * values).mul_(1.0 - rule.beta))
     else:
         nu.add_(values * values)
     maxima = _maxima(nu)
     accumulators[0].index_copy_(0, rows, maxima[0])
     for acc, new in zip(accumulators[1:], maxima[1:]):
         torch.maximum(acc, new, out=acc)
-    if eps > 0.0:
-        update = (nu + eps).rsqrt_().mul_(values)
+    nu_hat = nu if nu_divisor is None else nu / nu_divisor
+    if rule.eps > 0.0:
+        update = _rsqrt_(nu_hat + rule.eps).mul_(values)
     else:
-        update = torch.where(nu > 0, values * nu.rsqrt(), torch.zeros((), dtype=values.dtype))
+        update = torch.where(nu_hat > 0, values * _rsqrt_(nu_hat.clone()), torch.zeros((), dtype=cdt))
     if momentum_buffer is not None:
-        m_rows = momentum_buffer[rows].float()
-        m_rows.mul_(momentum).add_(update.mul_(1.0 - momentum))
+        m_rows = momentum_buffer[rows].to(cdt)
+        m_rows.mul_(rule.momentum).add_(update.mul_(1.0 - rule.momentum))
         momentum_buffer.index_copy_(0, rows, m_rows.to(momentum_buffer.dtype))
         update = m_rows * lr
     else:

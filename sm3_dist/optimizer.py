@@ -12,8 +12,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from sm3_dist import functional
-from sm3_dist.comm import MaxReducer, any_rank_true
+from sm3_dist.comm import MaxReducer, all_reduce_flag_
 from sm3_dist.placement import LayoutGuard, ShardSpec, SpecResolver, UnsupportedLayoutError, default_spec, to_local
+from sm3_dist.plan import BlockRef, Finalizer, GroupPlan, PieceRef, block_refs
+from sm3_dist.rule import UpdateRule
 
 __all__ = ["MOMENTUM_KEY", "SM3", "STEP_KEY", "accumulator_key"]
 
@@ -45,7 +47,8 @@ class SM3(Optimizer):
        &\nu[i] = \min_d \mu_d[i_d] + g[i]^2
           \quad\text{or, with } \beta > 0,\quad \beta \min_d \mu_d[i_d] + (1-\beta) g[i]^2 \\
        &\mu_d[k] = \max_{i:\, i_d = k} \nu[i] \\
-       &u = g / \sqrt{\nu + \epsilon} \quad (\epsilon = 0:\ u = 0 \text{ where } \nu = 0) \\
+       &u = g / \sqrt{\hat\nu + \epsilon} \quad (\epsilon = 0:\ u = 0 \text{ where } \nu = 0;\
+          \hat\nu = \nu, \text{ or } \nu / (1 - \beta^t) \text{ with bias correction}) \\
        &m = \text{momentum}\cdot m + (1-\text{momentum})\, u;\quad w = w - \text{lr}\cdot m
        \end{aligned}
 
@@ -72,9 +75,12 @@ class SM3(Optimizer):
         weight_decay: L2 penalty added to the gradient before it is accumulated (default 0).
         maximize: maximize the objective instead of minimizing it.
         foreach: batch the elementwise work across tensors with ``torch._foreach_*`` ops.
-        fused: run each tensor's update through one ``torch.compile``-d kernel.
-            With neither set: on CPU the one-pass native fused kernel where it builds (bitwise equal to the
-            per-tensor kernel), else the per-tensor loop; on CUDA the foreach kernel, as ``torch.optim`` does.
+        fused: the device's fused kernel, one pass over memory for all blocks of a group (CPU: the one-pass
+            C++ kernel; CUDA: the Triton kernel); an error on a device without one, and for float64
+            parameters (fp16 parameters run per tensor inside the CPU fused step). With neither set: the
+            device's fused kernel where it is available, else foreach on accelerators and the per-tensor loop
+            on CPU, as ``torch.optim`` chooses. Every kernel computes bitwise the same result
+            (:func:`sm3_dist.functional.default_kernel` decides).
         momentum_dtype: ``torch.float32`` (default) or ``torch.bfloat16``: the dtype the momentum buffer is
             stored in (computed in fp32, rounded to nearest even when stored). Accumulators are always fp32.
         ema_keeps_max: with ``beta > 0``, keep ``mu_d = max(mu_d, new maxima)`` as the PyTorch ports do
@@ -86,10 +92,24 @@ class SM3(Optimizer):
             the parameter on the rank that holds it. ``"ignore"``: no check (saves one read of the gradients).
         shard_resolver: an integration's hook turning a framework's shard metadata into a
             :class:`~sm3_dist.placement.ShardSpec` (``None`` for tensors it does not own).
+        bias_correction: with ``beta > 0``, divide ``nu`` by ``1 - beta ** step`` for the update only, as
+            Adam corrects its zero-initialised second moment (the accumulators keep the plain average, so the
+            state is unchanged); ``step`` is the parameter's step count. Default False.
+        capturable: keep step counts on the parameters' device even for CPU parameters and never read a
+            device value on the host inside ``step`` (as ``torch.optim.Adam(capturable=True)``), so that a
+            step on an accelerator can be captured in a CUDA graph (give ``lr`` as a device tensor then).
+            On accelerators step counts live on the device in any case.
 
     Differences from the original TensorFlow implementation: ``eps`` defaults to 1e-30 (set 0 for
     the original), and ``beta``/``weight_decay``/``maximize`` are additions the ports also offer.
-    Parameters may be fp32, bf16 or fp16; the state is fp32 (momentum optionally bf16).
+    Parameters may be fp32, bf16 or fp16 with fp32 state (momentum optionally bf16), or fp64 with fp64
+    state (unsharded; per-tensor and foreach kernels only). Parameters and gradients may be
+    non-contiguous (the fused kernels work on contiguous copies of those, written back).
+
+    On an accelerator, ``nonfinite="skip"`` and ``"ignore"`` never synchronize with the host inside
+    ``step``: the non-finite check sets a device flag (MAX-reduced across ranks without waiting on the
+    host) that the kernels read, leaving everything bitwise unchanged where it is set; ``skipped_steps``
+    reads the device counter when asked.
     """
 
     def __init__(
@@ -108,6 +128,8 @@ class SM3(Optimizer):
         ema_keeps_max: bool = False,
         nonfinite: str = "skip",
         shard_resolver: SpecResolver | None = None,
+        bias_correction: bool = False,
+        capturable: bool = False,
     ) -> None:
         _check_hyperparameters(lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay)
         if foreach and fused:
@@ -125,6 +147,8 @@ class SM3(Optimizer):
             maximize=maximize,
             foreach=foreach,
             fused=fused,
+            bias_correction=bool(bias_correction),
+            capturable=bool(capturable),
         )
         # a counter, not a hyperparameter: in every group from the start, so that a checkpoint template made
         # from a fresh optimizer (dcp.load fills only the keys it has) carries it
@@ -137,11 +161,13 @@ class SM3(Optimizer):
         self._specs: dict[Tensor, ShardSpec] = {}
         self._checked: dict[Tensor, float] = {}
         """The momentum each parameter's state was last checked against (checked again after a load)."""
-        self._dense: dict[int, _DenseGroup] = {}
-        """Param groups (by index) of whole, plain, dense parameters: what their fast path reuses."""
+        self._dense: dict[int, GroupPlan] = {}
+        """Each param group's block plan (by index), rebuilt when what it was built for changes."""
         self._reducers: dict[Any, MaxReducer] = {}
-        # (stored accumulator, its region of a reducer's buffer) awaiting the reduced maxima
-        self._pending: list[tuple[Tensor, Tensor]] = []
+        # (finalizer of reduced accumulators, that step's device found_inf) awaiting the reduced maxima
+        self._pending: list[tuple[Finalizer, Tensor | None]] = []
+        # torch.amp.GradScaler hands over grad_scale and found_inf instead of unscaling the gradients itself
+        self._step_supports_amp_scaling = True
         for group in self.param_groups:
             for p in group["params"]:
                 reason = _unsupported_dtype(p)
@@ -201,6 +227,13 @@ class SM3(Optimizer):
             for key, value in self.defaults.items():
                 if key != "differentiable":
                     group.setdefault(key, value)
+        # a step count saved as a Python number (as older optimizers did) becomes the float32 tensor SM3 counts in
+        step_device = getattr(self, "_step_device", lambda local: torch.device("cpu"))
+        for p, p_state in self.state.items():
+            if isinstance(p, Tensor) and STEP_KEY in p_state and not isinstance(p_state[STEP_KEY], Tensor):
+                p_state[STEP_KEY] = torch.tensor(
+                    float(p_state[STEP_KEY]), dtype=torch.float32, device=step_device(to_local(p))
+                )
 
     # ------------------------------------------------------------------ layouts and state
 
@@ -257,15 +290,27 @@ class SM3(Optimizer):
         state = self.state[p]
         local = to_local(p)
         wrap = spec.wrap_state or (lambda t, dim: t)
-        state[STEP_KEY] = torch.tensor(0.0, dtype=torch.float32)
+        state[STEP_KEY] = torch.tensor(0.0, dtype=torch.float32, device=self._step_device(local))
         if momentum > 0.0:
-            state[MOMENTUM_KEY] = wrap(torch.zeros_like(local, dtype=self.momentum_dtype), None)
+            state[MOMENTUM_KEY] = wrap(torch.zeros_like(local, dtype=self._momentum_dtype_of(local)), None)
         several = len(spec.layout.pieces) > 1
+        state_dtype = functional._compute_dtype(local.dtype)
         for j, piece in enumerate(spec.layout.pieces):
             for d, (lo, hi) in enumerate(piece.ranges):
-                acc = torch.zeros(hi - lo, dtype=torch.float32, device=local.device)
+                acc = torch.zeros(hi - lo, dtype=state_dtype, device=local.device)
                 state[accumulator_key(d, j if several else None)] = wrap(acc, d)
         self._checked[p] = momentum
+
+    def _momentum_dtype_of(self, local: Tensor) -> torch.dtype:
+        """float64 parameters keep float64 momentum (unless bf16 momentum was asked for); others ``momentum_dtype``."""
+        if local.dtype == torch.float64 and self.momentum_dtype == torch.float32:
+            return torch.float64
+        return self.momentum_dtype
+
+    def _step_device(self, local: Tensor) -> torch.device:
+        """Where a parameter's step count lives: on CPU for CPU parameters; on the parameter's device otherwise
+        (and always under ``capturable``), so that a skipped step is not counted without a host synchronization."""
+        return torch.device("cpu") if local.device.type == "cpu" and not self._capturable else local.device
 
     def _check_state(self, p: Tensor, spec: ShardSpec, momentum: float, name: str) -> None:
         state = self.state[p]
@@ -280,37 +325,47 @@ class SM3(Optimizer):
                         f"{name}: optimizer state {key!r} has shape {found}, expected ({hi - lo},) for a parameter "
                         f"of shape {piece.shape}: the state comes from another model or another sharding"
                     )
+        local = to_local(p)
         if momentum > 0.0:
             buf = to_local(state.get(MOMENTUM_KEY))
-            local = to_local(p)
             if buf is None or buf.shape != local.shape:
                 raise ValueError(f"{name}: momentum buffer missing or of another shape than the parameter")
-            if buf.dtype != self.momentum_dtype:
+            if buf.dtype != self._momentum_dtype_of(local):
                 raise ValueError(
                     f"{name}: momentum buffer is {buf.dtype} but the optimizer was built with "
                     f"momentum_dtype={self.momentum_dtype}"
                 )
+        step = state.get(STEP_KEY)
+        if not isinstance(step, Tensor):  # a plain number from an old or hand-made state dict
+            step = state[STEP_KEY] = torch.tensor(float(step or 0), dtype=torch.float32)
+        if step.device != self._step_device(local):
+            state[STEP_KEY] = step.to(self._step_device(local), torch.float32)
         self._checked[p] = momentum
 
     # ------------------------------------------------------------------ step
 
+    @property
+    def _capturable(self) -> bool:
+        return any(group.get("capturable", False) for group in self.param_groups)
+
     def _wait_for_maxima(self) -> None:
-        """Finish the previous step's all-reduce and store the reduced accumulators."""
-        if not self._pending:
-            for reducer in self._reducers.values():
-                reducer.wait()
-            return
+        """Finish the previous step's all-reduce and store the reduced accumulators (unless that step was skipped
+        on the device: its ``found_inf`` is read there)."""
         for reducer in self._reducers.values():
             reducer.wait()
-        for acc, reduced in self._pending:
-            if self.ema_keeps_max:
-                torch.maximum(acc, reduced, out=acc)
-            else:
-                acc.copy_(reduced)
-        self._pending = []
+        if self._pending:
+            for finalize, found_inf in self._pending:
+                finalize(keep_max=self.ema_keeps_max, found_inf=found_inf, zero_maxima=False)
+            self._pending = []
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step of every param group.
+
+        Takes part in ``torch.amp.GradScaler``'s protocol for fused optimizers (``_step_supports_amp_scaling``):
+        with ``grad_scale`` and ``found_inf`` set on the optimizer, every kernel divides the raw gradients by
+        ``grad_scale`` itself, and a step with ``found_inf`` set changes nothing (and counts as skipped).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -318,12 +373,15 @@ class SM3(Optimizer):
         self._wait_for_maxima()
         if not self._specs or any(p not in self._specs for g in self.param_groups for p in g["params"]):
             self._assign_plans()
-        if self.nonfinite != "ignore" and self._found_nonfinite():
+        skip, found_inf = self._nonfinite_flag(getattr(self, "found_inf", None))
+        if skip:
             return loss
+        grad_scale = getattr(self, "grad_scale", None)
         for reducer in self._reducers.values():
             reducer.zero_()
+        one_step = None if found_inf is None else 1.0 - found_inf
         for gi, group in enumerate(self.param_groups):
-            self._step_group(gi, group)
+            self._step_group(gi, group, found_inf, one_step, grad_scale)
         for reducer in self._reducers.values():
             reducer.launch()
         return loss
@@ -334,231 +392,385 @@ class SM3(Optimizer):
         shape = pieces[0].shape if len(pieces) == 1 else tuple(p.shape)
         return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(shape)})"
 
-    def _found_nonfinite(self) -> bool:
-        """Whether any rank's gradient holds an inf/NaN; raises under ``nonfinite="raise"``."""
-        named, grads = [], []
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    g = to_local(p.grad)
-                    g = g.coalesce().values() if g.is_sparse else g
-                    if g.numel():
-                        grads.append(g)
-                        named.append(self._name(gi, pi, p))
-        bad = functional.first_nonfinite(grads)
-        local_bad = None if bad is None else named[bad]
+    def _nonfinite_flag(self, given: Tensor | None) -> tuple[bool, Tensor | None]:
+        """Decide on this step's non-finite gradients: ``(skip it now, device flag the kernels read)``.
+
+        ``given`` is a ``GradScaler``'s ``found_inf``: it replaces the check (its inf/NaN are the scaler's
+        business, never an error). The flag is MAX-reduced over every process group the state is reduced
+        over, so all ranks decide alike. Where it can be read without a host synchronization (CPU) or must be
+        (``"raise"``), the step is skipped or raised here; otherwise the kernels read it on the device, and
+        ``skipped_steps`` counts it there.
+        """
+        device = _first_device(self.param_groups)
+        local_bad = None
+        if given is not None:
+            flag = (given.reshape(()).to(device, non_blocking=True) != 0).to(torch.float32)
+        elif self.nonfinite == "ignore":
+            return False, None
+        else:
+            named, grads = [], []
+            for gi, group in enumerate(self.param_groups):
+                for pi, p in enumerate(group["params"]):
+                    if p.grad is not None:
+                        g = to_local(p.grad)
+                        g = g.coalesce().values() if g.is_sparse else g
+                        if g.numel():
+                            grads.append(g)
+                            named.append((gi, pi, p))
+            if device.type == "cpu" or self.nonfinite == "raise":
+                bad = functional.first_nonfinite(grads)
+                local_bad = None if bad is None else self._name(*named[bad])
+                flag = torch.tensor(0.0 if bad is None else 1.0, device=device)
+            else:
+                flag = torch.zeros((), dtype=torch.float32, device=device)
+                functional.nonfinite_(grads, flag)
         groups = {_group_key(s.group): s.group for s in self._specs.values() if s.group is not None}
-        found = local_bad is not None
-        for group in groups.values():
-            found = any_rank_true(found, group, _first_device(self.param_groups)) or found
-        if not found:
-            return False
-        if self.nonfinite == "raise":
+        all_reduce_flag_(flag, list(groups.values()))
+        if flag.device.type != "cpu" and self.nonfinite != "raise":
+            skipped = self.__dict__.get("_skipped_device")
+            self._skipped_device = flag.clone() if skipped is None else skipped.add_(flag)
+            return False, flag
+        if not bool(flag):
+            return False, None
+        if self.nonfinite == "raise" and given is None:
             where = f"in {local_bad}" if local_bad is not None else "on another rank"
             raise FloatingPointError(f"SM3: non-finite gradient {where}{_rank_suffix()}; no state was changed")
         for group in self.param_groups:
             group[SKIPPED_KEY] = group.get(SKIPPED_KEY, 0) + 1
-        return True
+        return True, None
+
+    def _fold_skipped(self) -> None:
+        """Add the steps skipped on the device to the groups' counts (reads the device counter)."""
+        skipped = self.__dict__.get("_skipped_device")
+        if skipped is not None:
+            self._skipped_device = None
+            n = int(skipped.item())
+            if n:
+                for group in self.param_groups:
+                    group[SKIPPED_KEY] = group.get(SKIPPED_KEY, 0) + n
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped for a non-finite gradient (kept in ``param_groups``, so checkpoints carry it)."""
+        """Steps skipped for a non-finite gradient (kept in ``param_groups``, so checkpoints carry it).
+
+        On an accelerator the count is kept on the device while training and read only here (or by
+        ``state_dict``)."""
+        self._fold_skipped()
         return max((group.get(SKIPPED_KEY, 0) for group in self.param_groups), default=0)
 
-    def _step_group(self, gi: int, group: dict[str, Any]) -> None:
+    def _signature(self, group: dict[str, Any]) -> tuple[tuple, list[Tensor | None]]:
+        """What a group's plan depends on, and the local gradients (one pass over the parameters).
+
+        Per parameter: the parameter and its local tensor (their identity and storage), whether it has a
+        gradient and the gradient's dtype, shape, layout and sparsity, and the identity of every state tensor;
+        per group: whether there is momentum, the kernel flags and ``capturable``.
+        """
+        sig: list = [group["momentum"] > 0.0, group["foreach"], group["fused"], group.get("capturable", False)]
+        grads: list[Tensor | None] = []
+        state = self.state
+        for p in group["params"]:
+            local = to_local(p)
+            g = p.grad
+            if g is not None:
+                g = to_local(g)
+                gsig = (g.dtype, g.shape, g.is_sparse or g.is_contiguous(), g.is_sparse, g.device)
+            else:
+                gsig = None
+            st = state.get(p)
+            sig.append((id(p), id(local), local.data_ptr(), gsig, None if st is None else tuple(map(id, st.values()))))
+            grads.append(g)
+        return tuple(sig), grads
+
+    def _init_group(self, gi: int, group: dict[str, Any]) -> GroupPlan:
+        """Initialize and check the group's state (torch's ``_init_group``) and build its block plan."""
         momentum = group["momentum"]
-        dense = self._dense.get(gi)
-        inputs = dense.inputs(group, momentum) if dense is not None else None
-        if inputs is not None:
-            params, grads, bufs, accs = inputs
-            dense.count_step(params)
-            if params and not self._native_batch_step(dense, group, params, grads, bufs, accs):
-                self._kernel(group, params, grads, bufs, accs, maxima_out=accs)
-            return
-        params, grads, bufs, accs, targets, steps = [], [], [], [], [], []
-        finalize: list[tuple[list[Tensor], list[Tensor]]] = []  # (stored accumulators, new maxima) of local pieces
-        plan: list[tuple[Tensor, dict, tuple[str, ...]]] | None = []  # the group as whole dense tensors, if it is
+        stepped, sparse, steps, owners = [], [], [], []
+        pieces: list[PieceRef] = []
+        blocks: list[BlockRef] = []
+        locals_, bufs_, stored_ = [], [], []
         for pi, p in enumerate(group["params"]):
             spec = self._specs[p]
+            name = self._name(gi, pi, p)
             state = self.state[p]
             if not state:
                 self._init_state(p, spec, momentum)
-            elif self._checked.get(p) != momentum:
-                self._check_state(p, spec, momentum, self._name(gi, pi, p))
-            if plan is not None:
-                entry = _dense_entry(p, spec, state)
-                if entry is None:
-                    plan = None
-                else:
-                    plan.append(entry)
+            else:
+                self._check_state(p, spec, momentum, name)
             if p.grad is None:
                 continue
             grad = to_local(p.grad)
             local = to_local(p)
             if grad.shape != local.shape:
-                raise ValueError(
-                    f"{self._name(gi, pi, p)}: gradient of shape {tuple(grad.shape)} does not match the parameter"
-                )
+                raise ValueError(f"{name}: gradient of shape {tuple(grad.shape)} does not match the parameter")
             if grad.is_complex():
-                raise TypeError(f"{self._name(gi, pi, p)}: complex gradients are not supported")
+                raise TypeError(f"{name}: complex gradients are not supported")
             steps.append(state[STEP_KEY])
-            buf = to_local(state.get(MOMENTUM_KEY))
-            if (buf is None) != (momentum == 0.0):  # state replaced behind the optimizer's back
-                self._check_state(p, spec, momentum, self._name(gi, pi, p))
-            pieces = spec.layout.pieces
-            several = len(pieces) > 1
+            owners.append(pi)
             if grad.is_sparse:
-                plan = None
-                self._sparse_step(local, grad, buf, spec, state, group, self._name(gi, pi, p))
-                continue
-            if not local.is_contiguous() or not grad.is_contiguous():
-                raise UnsupportedLayoutError(
-                    f"{self._name(gi, pi, p)}: SM3 needs contiguous local parameters and gradients"
-                )
-            if _whole_block(spec, local.shape):
-                # the whole parameter as one block (the single-process case): no views to cut
-                stored = [to_local(state[accumulator_key(d)]) for d in range(pieces[0].ndim)]
-                params.append(local)
-                grads.append(grad)
-                bufs.append(buf)
-                accs.append(stored)
-                targets.append(("assign", stored, None))
-                continue
-            reducer = self._reducers.get(_group_key(spec.group)) if spec.group is not None else None
-            flat_p, flat_g = local.view(-1), grad.view(-1)
-            flat_m = buf.view(-1) if buf is not None else None
-            for j, piece in enumerate(pieces):
-                stored = [to_local(state[accumulator_key(d, j if several else None)]) for d in range(piece.ndim)]
-                if reducer is not None:
-                    slots = [reducer.slot(piece.tensor_id, d) for d in range(piece.ndim)]
-                    self._pending.extend((acc, slot[lo:hi]) for acc, slot, (lo, hi) in zip(stored, slots, piece.ranges))
-                    target = slots
-                    origin = [0] * piece.ndim
-                elif len(piece.blocks) == 1 and piece.is_full:
-                    target = None
-                    origin = [0] * piece.ndim
-                else:
-                    target = [torch.zeros(hi - lo, dtype=torch.float32, device=local.device) for lo, hi in piece.ranges]
-                    origin = [lo for lo, _ in piece.ranges]
-                    finalize.append((stored, target))
-                for block in piece.blocks:
-                    if block.numel == 0:
-                        continue
-                    view = slice(block.offset, block.offset + block.numel)
-                    params.append(flat_p[view].view(block.lengths))
-                    grads.append(flat_g[view].view(block.lengths))
-                    bufs.append(flat_m[view].view(block.lengths) if flat_m is not None else None)
-                    accs.append(
-                        [
-                            acc[s - lo : s - lo + n]
-                            for acc, s, n, (lo, _) in zip(stored, block.starts, block.lengths, piece.ranges)
-                        ]
+                if spec.group is not None or len(spec.layout.pieces) != 1 or not spec.layout.pieces[0].is_full:
+                    raise UnsupportedLayoutError(
+                        f"{name}: sparse gradients are supported for whole (unsharded) parameters only"
                     )
-                    if target is None:
-                        targets.append(("assign", stored, None))
-                    else:
-                        targets.append(("max", target, [s - o for s, o in zip(block.starts, origin)]))
-        _increment(steps)
-        if plan is not None and len(plan) == len(group["params"]):
-            self._dense[gi] = _DenseGroup(group["params"], momentum, plan)
-        if not params:
-            self._finalize_local(finalize)
-            return
-        maxima = self._kernel(group, params, grads, bufs, accs)
-        assigned: list[Tensor] = []
-        values: list[Tensor] = []
-        for (mode, dest, starts), block_maxima in zip(targets, maxima):
-            if mode == "assign":
-                assigned += dest
-                values += block_maxima
-            else:
-                for buf_d, start, new in zip(dest, starts, block_maxima):
-                    region = buf_d[start : start + new.numel()]
-                    torch.maximum(region, new, out=region)
-        functional.store_maxima(assigned, values, self.ema_keeps_max)
-        self._finalize_local(finalize)
-
-    def _native_batch_step(self, dense: _DenseGroup, group: dict[str, Any], params, grads, bufs, accs) -> bool:
-        """The dense fast path through the group's :class:`~sm3_dist.functional.NativeBatch`, if it fits."""
-        if not self._kernel_choice(group, params)[1]:
-            return False
-        batch = dense.batch
-        if batch is None or not batch.holds(params, bufs, accs):
-            batch = dense.batch = functional.NativeBatch.build(params, bufs, accs, keep_max=self.ema_keeps_max)
-            if batch is None:
-                return False
-        return batch.step(grads, **_update_rule(group))
-
-    def _kernel(self, group: dict[str, Any], params, grads, bufs, accs, maxima_out=None) -> list[tuple[Tensor, ...]]:
-        foreach, fused = self._kernel_choice(group, params)
-        return functional.sm3(
-            params,
-            grads,
-            bufs,
-            accs,
-            **_update_rule(group),
-            foreach=foreach,
-            fused=fused,
-            maxima_out=maxima_out,
-            keep_max=self.ema_keeps_max,
-        )
-
-    def _finalize_local(self, finalize: list[tuple[list[Tensor], list[Tensor]]]) -> None:
-        functional.store_maxima(
-            [a for stored, _ in finalize for a in stored], [v for _, new in finalize for v in new], self.ema_keeps_max
-        )
-
-    def _sparse_step(self, local, grad, buf, spec, state, group, name) -> None:
-        if spec.group is not None or len(spec.layout.pieces) != 1 or not spec.layout.pieces[0].is_full:
-            raise UnsupportedLayoutError(
-                f"{name}: sparse gradients are supported for whole (unsharded) parameters only"
+                sparse.append(pi)
+                continue
+            reduced = spec.group is not None
+            if reduced and local.dtype == torch.float64:
+                raise UnsupportedLayoutError(
+                    f"{name}: float64 parameters are supported unsharded only (the reduction buffer is fp32)"
+                )
+            k = len(stepped)
+            piece_refs, block_list = block_refs(k, spec.layout, local.shape, reduced)
+            if not local.is_contiguous() and not all(b.whole for b in block_list):
+                raise UnsupportedLayoutError(
+                    f"{name}: a shard cut into blocks needs a contiguous local tensor (the blocks are views of it)"
+                )
+            stepped.append(pi)
+            pieces += piece_refs
+            blocks += block_list
+            several = len(spec.layout.pieces) > 1
+            locals_.append((local, to_local(state.get(MOMENTUM_KEY)), spec))
+            bufs_.append(None)
+            stored_.append(
+                [
+                    [to_local(state[accumulator_key(d, j if several else None)]) for d in range(piece.ndim)]
+                    for j, piece in enumerate(spec.layout.pieces)
+                ]
             )
-        functional.sm3_sparse_rows_(
-            local,
-            grad,
-            buf,
-            [to_local(state[accumulator_key(d)]) for d in range(spec.layout.pieces[0].ndim)],
-            **_update_rule(group),
+        device = locals_[0][0].device if locals_ else _first_device(self.param_groups)
+        # maxima targets: the reducer's buffer for reduced pieces, one zeroed local buffer per dtype otherwise
+        local_sizes: dict[torch.dtype, int] = {}
+        for pr in pieces:
+            if not pr.reduced:
+                dtype = stored_[pr.param][pr.piece][0].dtype
+                local_sizes[dtype] = local_sizes.get(dtype, 0) + sum(hi - lo for lo, hi in pr.ranges)
+        buffers = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in local_sizes.items()}
+        used = dict.fromkeys(buffers, 0)
+        targets: dict[tuple[int, int], list[Tensor]] = {}
+        local_accs, local_maxima, reduced_accs, reduced_maxima = [], [], [], []
+        for pr in pieces:
+            stored = stored_[pr.param][pr.piece]
+            if pr.reduced:
+                spec = locals_[pr.param][2]
+                reducer = self._reducers[_group_key(spec.group)]
+                slots = [reducer.slot(pr.tensor_id, d) for d in range(len(pr.ranges))]
+                targets[pr.param, pr.piece] = slots
+                for acc, slot, (lo, hi) in zip(stored, slots, pr.ranges):
+                    if hi > lo:
+                        reduced_accs.append(acc)
+                        reduced_maxima.append(slot[lo:hi])
+            else:
+                dtype = stored[0].dtype
+                regions = []
+                for lo, hi in pr.ranges:
+                    regions.append(buffers[dtype][used[dtype] : used[dtype] + hi - lo])
+                    used[dtype] += hi - lo
+                targets[pr.param, pr.piece] = regions
+                local_accs += [a for a, r in zip(stored, regions) if r.numel()]
+                local_maxima += [r for r in regions if r.numel()]
+        params, bufs, accs, outs = [], [], [], []
+        flat: dict[int, tuple[Tensor, Tensor | None]] = {}
+        for b in blocks:
+            local, buf, _ = locals_[b.param]
+            stored = stored_[b.param][b.piece]
+            target = targets[b.param, b.piece]
+            accs.append(tuple(a[s : s + n] for a, s, n in zip(stored, b.acc_starts, b.lengths)))
+            outs.append(tuple(t[s : s + n] for t, s, n in zip(target, b.out_starts, b.lengths)))
+            if b.whole:
+                params.append(local)
+                bufs.append(buf)
+                continue
+            if b.param not in flat:
+                flat[b.param] = (local.view(-1), None if buf is None else buf.view(-1))
+            fp, fm = flat[b.param]
+            n = math.prod(b.lengths)
+            params.append(fp[b.offset : b.offset + n].view(b.lengths))
+            bufs.append(None if fm is None else fm[b.offset : b.offset + n].view(b.lengths))
+        kernel = functional.default_kernel(params, foreach=group["foreach"], fused=group["fused"])
+        fused_plan, fused_blocks, other_blocks = None, (), tuple(range(len(blocks)))
+        if kernel == "fused" and params:
+            fused_kernel = functional._fused_for(params)
+            grads = [to_local(group["params"][pi].grad) for pi in stepped]
+            block_grads = [grads[b.param] if b.whole else grads[b.param].reshape(-1) for b in blocks]
+            take = [
+                i
+                for i, (p, g, m) in enumerate(zip(params, block_grads, bufs))
+                if fused_kernel.takes(p, g, m)
+                and p.is_contiguous()
+                and g.is_contiguous()
+                and (m is None or m.is_contiguous())
+            ]
+            if take:
+                fused_plan = fused_kernel.build(
+                    [params[i] for i in take],
+                    [bufs[i] for i in take],
+                    [list(accs[i]) for i in take],
+                    [list(outs[i]) for i in take],
+                )
+            if fused_plan is not None:
+                fused_blocks = tuple(take)
+                other_blocks = tuple(i for i in range(len(blocks)) if i not in set(take))
+        counts = None
+        if steps and all(type(s) is Tensor and not s.is_cpu for s in steps) and len({s.device for s in steps}) == 1:
+            # one tensor of counts, every state's "step" a 0-d view of its element: one add counts a step
+            counts = torch.stack(steps)
+            views = list(counts.unbind())
+            for pi, view in zip(owners, views):
+                self.state[group["params"][pi]][STEP_KEY] = view
+            steps = views
+        # read once here (a host synchronization only when the plan is built): the counts of the parameters
+        # stepped together stay equal until the set of stepped parameters changes, which rebuilds the plan
+        uniform = len(steps) <= 1 or len({float(s) for s in steps}) == 1
+        signature, _ = self._signature(group)
+        return GroupPlan(
+            signature=signature,
+            kernel=kernel,
+            stepped=tuple(stepped),
+            sparse=tuple(sparse),
+            pieces=tuple(pieces),
+            blocks=tuple(blocks),
+            params=tuple(params),
+            momentum_buffers=tuple(bufs),
+            accumulators=tuple(accs),
+            maxima_out=tuple(outs),
+            steps=tuple(steps),
+            step_owners=tuple(owners),
+            counts=counts,
+            uniform_steps=uniform,
+            local=Finalizer(local_accs, local_maxima),
+            reduced=Finalizer(reduced_accs, reduced_maxima),
+            fused=fused_plan,
+            fused_blocks=fused_blocks,
+            other_blocks=other_blocks,
+            device=device,
         )
 
-    @staticmethod
-    def _kernel_choice(group: dict[str, Any], params: list[Tensor]) -> tuple[bool, bool]:
-        foreach, fused = group["foreach"], group["fused"]
-        if fused:
-            return False, True
-        if foreach is None and fused is None:
-            if all(p.device.type == "cpu" for p in params) and functional.native_available():
-                return False, True  # the one-pass native kernel: bitwise the eager kernel, and the fastest on CPU
-            foreach = all(p.device.type == "cuda" for p in params)
-        return bool(foreach), False
+    def _step_group(
+        self,
+        gi: int,
+        group: dict[str, Any],
+        found_inf: Tensor | None,
+        one_step: Tensor | None,
+        grad_scale: Tensor | None,
+    ) -> None:
+        signature, grads = self._signature(group)
+        plan = self._dense.get(gi)
+        if plan is None or plan.signature != signature:
+            plan = self._dense[gi] = self._init_group(gi, group)
+            signature, grads = self._signature(group)
+        if not plan.steps:
+            return
+        rule = _update_rule(group)
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.device != plan.device and lr.is_cpu:
+            lr = float(lr)  # a host scalar: read without a device synchronization
+        if grad_scale is not None and grad_scale.device != plan.device:
+            grad_scale = grad_scale.to(plan.device, non_blocking=True)
+        self._count_step(plan, one_step)
+        divisors = self._nu_divisors(plan, rule)
+        block_grads = plan.block_grads([grads[pi] for pi in plan.stepped])
+        for divisor, selected in divisors:
+            hyper = dict(lr=lr, nu_divisor=divisor, grad_scale=grad_scale)
+            if plan.fused is not None and selected is None:
+                plan.fused.step([block_grads[i] for i in plan.fused_blocks], rule, found_inf=found_inf, **hyper)
+                rest = plan.other_blocks
+            else:
+                rest = range(len(plan.blocks)) if selected is None else selected
+            if rest:
+                functional.sm3(
+                    [plan.params[i] for i in rest],
+                    [block_grads[i] for i in rest],
+                    [plan.momentum_buffers[i] for i in rest],
+                    [plan.accumulators[i] for i in rest],
+                    rule=rule,
+                    maxima_out=[plan.maxima_out[i] for i in rest],
+                    keep_max=True,
+                    found_inf=found_inf,
+                    foreach=plan.kernel == "foreach",
+                    fused=plan.kernel == "fused",
+                    **hyper,
+                )
+        plan.local(keep_max=self.ema_keeps_max, found_inf=found_inf, zero_maxima=True)
+        if plan.reduced.accumulators:
+            self._pending.append((plan.reduced, found_inf))
+        for pi in plan.sparse:
+            self._sparse_step(gi, pi, group, rule, lr, grad_scale, found_inf)
+
+    def _count_step(self, plan: GroupPlan, one_step: Tensor | None) -> None:
+        """One more step for every stepped parameter (none where ``found_inf`` is set on the device)."""
+        increment = 1.0 if one_step is None else one_step
+        if plan.counts is not None:
+            plan.counts.add_(increment)
+        elif all(type(t) is Tensor for t in plan.steps):
+            if isinstance(increment, Tensor):
+                torch._foreach_add_(list(plan.steps), [increment.to(t.device) for t in plan.steps])
+            else:
+                torch._foreach_add_(list(plan.steps), increment)
+        else:
+            for t in plan.steps:
+                t.add_(increment)
+
+    def _nu_divisors(self, plan: GroupPlan, rule: UpdateRule) -> list[tuple[Any, tuple[int, ...] | None]]:
+        """The bias-correction divisors of this step: ``[(divisor, blocks or None for all)]``.
+
+        One for the group when its step counts agree (the usual case; on an accelerator computed there from
+        the count, no host synchronization); else one per distinct count, each for its blocks.
+        """
+        if not rule.bias_correction or rule.beta == 0.0:
+            return [(None, None)]
+        first = plan.steps[0]
+        if plan.uniform_steps and not first.is_cpu:
+            # 1 - beta ** step in fp64, rounded to fp32, as UpdateRule.nu_divisor computes it on the host
+            power = torch.pow(rule.beta, first.reshape(()).to(torch.float64))
+            return [(power.neg_().add_(1.0).to(torch.float32), None)]
+        counts = [int(s) for s in plan.steps]  # host reads (a synchronization only for unequal device counts)
+        count_of = dict(zip(plan.step_owners, counts))
+        by_count: dict[int, list[int]] = {}
+        for i, b in enumerate(plan.blocks):
+            by_count.setdefault(count_of[plan.stepped[b.param]], []).append(i)
+        if len(by_count) <= 1:
+            return [(rule.nu_divisor(counts[0]), None)]
+        return [(rule.nu_divisor(c), tuple(blocks)) for c, blocks in by_count.items()]
+
+    def _sparse_step(self, gi, pi, group, rule, lr, grad_scale, found_inf) -> None:
+        p = group["params"][pi]
+        if found_inf is not None and bool(found_inf):  # the sparse kernel is eager: it reads the flag on the host
+            return
+        state = self.state[p]
+        spec = self._specs[p]
+        step = state[STEP_KEY]
+        functional.sm3_sparse_rows_(
+            to_local(p),
+            to_local(p.grad),
+            to_local(state.get(MOMENTUM_KEY)),
+            [to_local(state[accumulator_key(d)]) for d in range(spec.layout.pieces[0].ndim)],
+            rule=rule,
+            lr=lr,
+            nu_divisor=rule.nu_divisor(int(step)),
+            grad_scale=grad_scale,
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
         self._wait_for_maxima()
+        self._fold_skipped()
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state, keeping each tensor's saved dtype (fp32 accumulators, fp32/bf16 momentum).
 
-        ``torch.optim.Optimizer`` would cast state to the parameter's dtype,
-        which for bf16 parameters would round the fp32 accumulators.
+        Everything is checked first (:func:`sm3_dist.state_check.check_sm3_state_dict`: param groups and
+        SM3's hyperparameter names, every state key, every tensor's shape against the parameter's layout,
+        the momentum dtype); state of another model or optimizer raises ``ValueError`` naming the parameter
+        and leaves the optimizer as it was. ``torch.optim.Optimizer`` would cast state to the parameter's
+        dtype, which for bf16 parameters would round the fp32 accumulators.
         """
+        from sm3_dist.state_check import check_sm3_state_dict
+
         self._wait_for_maxima()
+        check_sm3_state_dict(self, state_dict, **getattr(self, "_load_check_options", {}))
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        if len(saved_ids) != len(params):
-            raise ValueError(
-                f"the optimizer state holds {len(saved_ids)} parameters but this optimizer has {len(params)}: "
-                "it comes from another model"
-            )
-        for pid in saved_ids:
-            buf = state_dict["state"].get(pid, {}).get(MOMENTUM_KEY)
-            if isinstance(buf, Tensor) and buf.dtype != self.momentum_dtype:
-                raise ValueError(
-                    f"the checkpoint's momentum is {buf.dtype} but this optimizer has momentum_dtype="
-                    f"{self.momentum_dtype}"
-                )
         self._checked.clear()
         self._dense.clear()
         super().load_state_dict(state_dict)
@@ -570,83 +782,16 @@ class SM3(Optimizer):
                     self.state[p][key] = value.to(device=device, copy=True)
 
 
-class _DenseGroup:
-    """A param group of whole, plain, dense parameters whose state was checked, as the fast path reuses it.
-
-    It keeps each parameter's ``(param, state, accumulator keys)`` and the
-    group's native batch; each step reads only the gradients and the state
-    tensors, and :meth:`inputs` answers ``None`` (the general path then runs and
-    checks everything) when something it cannot see through has changed.
-    The step counts of the group live in one tensor, every state's ``"step"``
-    a 0-d view of its element, so that counting a step is one addition.
-    """
-
-    def __init__(self, params: list[Tensor], momentum: float, entries: list[tuple[Tensor, dict, tuple[str, ...]]]):
-        self.params = params
-        self.momentum = momentum
-        self.entries = entries
-        self.batch: functional.NativeBatch | None = None
-        self.counts = torch.tensor([float(state[STEP_KEY]) for _, state, _ in entries], dtype=torch.float32)
-        self.count_views = list(self.counts.unbind())
-        for (_, state, _), view in zip(entries, self.count_views):
-            state[STEP_KEY] = view
-
-    def inputs(self, group: dict[str, Any], momentum: float) -> tuple[list, list, list, list] | None:
-        if group["params"] is not self.params or len(self.params) != len(self.entries) or momentum != self.momentum:
-            return None
-        params, grads, bufs, accs = [], [], [], []
-        for (p, state, keys), count in zip(self.entries, self.count_views):
-            g = p.grad
-            if g is None:
-                continue
-            buf = state.get(MOMENTUM_KEY)
-            if type(g) is not Tensor or g.is_sparse or g.shape != p.shape or (buf is None) != (momentum == 0.0):
-                return None
-            if state[STEP_KEY] is not count:
-                return None
-            params.append(p)
-            grads.append(g)
-            bufs.append(buf)
-            accs.append([state[k] for k in keys])
-        return params, grads, bufs, accs
-
-    def count_step(self, stepped: list[Tensor]) -> None:
-        if len(stepped) == len(self.entries):
-            self.counts.add_(1.0)
-        elif stepped:
-            ids = {id(p) for p in stepped}
-            _increment([c for (p, _, _), c in zip(self.entries, self.count_views) if id(p) in ids])
-
-
-def _update_rule(group: dict[str, Any]) -> dict[str, Any]:
-    """The hyperparameters of a param group that the update rule in :mod:`sm3_dist.functional` takes."""
-    return {key: group[key] for key in ("lr", "momentum", "beta", "eps", "weight_decay", "maximize")}
-
-
-def _dense_entry(p: Tensor, spec: ShardSpec, state: dict) -> tuple[Tensor, dict, tuple[str, ...]] | None:
-    """``(param, state, accumulator keys)`` of a whole plain tensor stepped as one block; else ``None``."""
-    if type(p) not in (Tensor, torch.nn.Parameter) or not _whole_block(spec, p.shape):
-        return None
-    return p, state, tuple(accumulator_key(d) for d in range(spec.layout.pieces[0].ndim))
-
-
-def _whole_block(spec: ShardSpec, local_shape: torch.Size) -> bool:
-    """Whether this rank holds the whole parameter, unreduced, as one block of its local shape."""
-    pieces = spec.layout.pieces
-    if spec.group is not None or len(pieces) != 1:
-        return False
-    piece = pieces[0]
-    return piece.is_full and len(piece.blocks) == 1 and piece.blocks[0].lengths == tuple(local_shape)
-
-
-def _increment(steps: list[Tensor]) -> None:
-    """Count one step in every step tensor (one batched add for the usual plain CPU scalars)."""
-    if all(type(t) is Tensor for t in steps):
-        if steps:
-            torch._foreach_add_(steps, 1.0)
-    else:
-        for t in steps:
-            t += 1
+def _update_rule(group: dict[str, Any]) -> UpdateRule:
+    """The update rule of a param group's hyperparameters (the learning rate goes to the kernels separately)."""
+    return UpdateRule(
+        momentum=group["momentum"],
+        beta=group["beta"],
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        maximize=group["maximize"],
+        bias_correction=group.get("bias_correction", False),
+    )
 
 
 def _check_hyperparameters(**values: Any) -> None:
@@ -675,8 +820,8 @@ def _check_hyperparameters(**values: Any) -> None:
 def _unsupported_dtype(p: Tensor) -> str | None:
     if p.is_complex():
         return "complex"
-    if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"{p.dtype} (float32, bfloat16 and float16 are supported)"
+    if p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return f"{p.dtype} (float32, bfloat16, float16 and float64 are supported)"
     return None
 
 

@@ -1,11 +1,13 @@
-"""The SM3 kernels are bitwise independent of where a shard boundary cuts a block.
+"""The SM3 kernels are bitwise independent of where a shard boundary cuts a block, and equal to each other.
 
 A tensor run as one block, and the same tensor cut into sub-blocks (along rows,
 or a flat range cut mid-row, as ZeRO/FSDP1 partitions cut it), must give
 bitwise the same parameters, momentum and accumulator maxima (the sub-blocks'
-maxima combined by max). Every kernel is held to it: eager, foreach, the
-native fused kernel and the torch.compile fused kernel it falls back to. The
-native kernel is also held bitwise to the eager one.
+maxima combined by max). Every kernel is held to it: eager, foreach and the
+native fused kernel, which is also held bitwise to the eager one, as are the
+step's other inputs every kernel takes alike (the bias-correction divisor, a
+gradient scale, a found-inf flag, an lr tensor of any one-element shape,
+non-contiguous parameters and gradients).
 """
 
 from __future__ import annotations
@@ -19,21 +21,19 @@ import torch
 
 from sm3_dist import SM3, _native, functional
 from sm3_dist.layout import split_flat_range
+from sm3_dist.rule import UpdateRule
 
 SHAPES = [(37,), (13, 11), (5, 7, 9), (3, 4, 5, 6), (2, 70)]
 HYPERS = {
     "plain": dict(lr=0.1, beta=0.0, eps=1e-30, weight_decay=0.0, maximize=False),
     "beta,eps=0": dict(lr=0.05, beta=0.9, eps=0.0, weight_decay=0.0, maximize=False),
     "wd,maximize": dict(lr=0.2, beta=0.0, eps=0.0, weight_decay=0.01, maximize=True),
+    "beta,bias-corrected,scaled": dict(
+        lr=0.05, beta=0.9, eps=1e-30, weight_decay=0.0, maximize=False, bias_correction=True, grad_scale=8.0
+    ),
 }
 MOMENTA = {"none": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@pytest.fixture
-def compiled_only(monkeypatch):
-    """Force the fused step onto its torch.compile kernel."""
-    monkeypatch.setattr(functional._native, "load", lambda: None)
 
 
 KERNELS = {"eager": dict(), "foreach": dict(foreach=True), "fused": dict(fused=True)}
@@ -80,8 +80,19 @@ def _run(kernel, shape, pdtype, mdtype, hyper, ranges, momentum):
             bufs.append(None if flat_m is None else flat_m[view].view(block.lengths))
             block_accs.append([acc[s : s + n] for acc, s, n in zip(accs, block.starts, block.lengths)])
             starts.append(block.starts)
+    hyper = dict(hyper)
+    lr, scale = hyper.pop("lr"), hyper.pop("grad_scale", None)
+    rule = UpdateRule(momentum=momentum if m is not None else 0.0, **hyper)
     maxima = functional.sm3(
-        params, grads, bufs, block_accs, momentum=momentum if m is not None else 0.0, **hyper, **KERNELS[kernel]
+        params,
+        grads,
+        bufs,
+        block_accs,
+        rule=rule,
+        lr=lr,
+        nu_divisor=rule.nu_divisor(3),
+        grad_scale=None if scale is None else torch.tensor(scale),
+        **KERNELS[kernel],
     )
     combined = [torch.full((n,), -math.inf) for n in shape]
     for block_maxima, block_starts in zip(maxima, starts):
@@ -125,18 +136,6 @@ def test_native_kernel_is_bitwise_eager(hyper, shape, pdtype, mdtype):
     _assert_bitwise(_run("eager", *args, ranges, momentum=0.5), _run("fused", *args, ranges, momentum=0.5))
 
 
-@pytest.mark.parametrize("shape", [(13, 11), (5, 7, 9)], ids=str)
-@pytest.mark.parametrize("pdtype,mdtype", [("fp32", "fp32"), ("bf16", "bf16")])
-def test_compiled_fallback_shard_boundaries_do_not_change_bits(compiled_only, shape, pdtype, mdtype):
-    args = (shape, PARAM_DTYPES[pdtype], MOMENTA[mdtype], HYPERS["beta,eps=0"])
-    whole = _run("fused", *args, _splits(shape)["whole"], momentum=0.9)
-    for name, ranges in _splits(shape).items():
-        if name != "whole":
-            _assert_bitwise(whole, _run("fused", *args, ranges, momentum=0.9))
-    eager = _run("eager", *args, _splits(shape)["whole"], momentum=0.9)
-    torch.testing.assert_close(whole[0].float(), eager[0].float(), rtol=1e-6, atol=1e-7)
-
-
 def _many_shapes_model(n=20):
     shapes = [(8 + 3 * k, 5 + 2 * k) for k in range(n // 2)] + [(11 + 7 * k,) for k in range(n - n // 2)]
     assert len(set(shapes)) == n
@@ -161,21 +160,6 @@ def test_many_shapes_native_matches_eager():
         assert torch.equal(a, b) or _native.load() is None
 
 
-def test_many_shapes_compile_a_bounded_number_of_graphs(compiled_only):
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    functional._COMPILED.clear()
-    counters.clear()
-    base = _many_shapes_model()
-    fused = _train([p.detach().clone().requires_grad_() for p in base], fused=True)
-    eager = _train([p.detach().clone().requires_grad_() for p in base], foreach=False)
-    for a, b in zip(fused, eager):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    # dynamic shapes: one kernel per rank and flag set, not one per shape
-    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
-
-
 def test_native_build_failure_falls_back_and_says_so_once(monkeypatch, tmp_path):
     monkeypatch.setenv("SM3_DIST_CACHE", str(tmp_path))
     monkeypatch.setattr(_native, "_compiler", lambda: "/bin/false")
@@ -185,9 +169,13 @@ def test_native_build_failure_falls_back_and_says_so_once(monkeypatch, tmp_path)
         assert _native.load() is None
         assert _native.load() is None
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(messages) == 1 and "torch.compile" in messages[0], messages
-    params = _train([torch.randn(6, 5, requires_grad=True)], fused=True)
+    assert len(messages) == 1 and "per-tensor" in messages[0], messages
+    monkeypatch.setattr(functional, "_FUSED_CACHE", {})
+    assert functional.default_kernel([torch.zeros(2)]) == "single"
+    params = _train([torch.randn(6, 5, requires_grad=True)])  # the default kernel falls back to per tensor
     assert torch.isfinite(params[0]).all()
+    with pytest.raises(RuntimeError, match=r"no fused SM3 kernel for device type 'cpu'.*unavailable here"):
+        _train([torch.randn(6, 5, requires_grad=True)], fused=True)
 
 
 def test_native_builds_in_a_fresh_cache(monkeypatch, tmp_path):
@@ -243,3 +231,140 @@ def test_nonfinite_values_propagate_alike(monkeypatch, kernel, shape):
     for other in [eager, *(_run(kernel, *args, r, momentum=0.9) for r in _splits(shape).values())]:
         for a, b in [(whole[0], other[0]), (whole[1], other[1]), *zip(whole[2], other[2])]:
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def _blocks(seed=0, shapes=((13, 11), (37,), (5, 7, 9), ())):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    bufs = [torch.randn(s, generator=gen) for s in shapes]
+    accs = [[torch.rand(n, generator=gen) for n in (s or (1,))] for s in shapes]
+    return params, grads, bufs, accs
+
+
+def _clone(blocks):
+    params, grads, bufs, accs = blocks
+    return (
+        [p.clone() for p in params],
+        [g.clone() for g in grads],
+        [b.clone() for b in bufs],
+        [[a.clone() for a in acc] for acc in accs],
+    )
+
+
+def _same(a, b):
+    for x, y in zip(a, b):
+        if isinstance(x, (list, tuple)):
+            _same(x, y)
+        else:
+            assert torch.equal(x, y)
+
+
+RULE = UpdateRule(momentum=0.9, beta=0.9, weight_decay=0.01, bias_correction=True)
+STEP_INPUTS = {
+    "lr (1, 1)": dict(lr=torch.tensor([[0.05]])),
+    "lr (1,)": dict(lr=torch.tensor([0.05])),
+    "grad_scale": dict(lr=0.05, grad_scale=torch.tensor(1024.0)),
+    "nu_divisor tensor": dict(lr=0.05, nu_divisor=torch.tensor(RULE.nu_divisor(2))),
+}
+
+
+@pytest.mark.parametrize("inputs", list(STEP_INPUTS))
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_step_inputs_are_read_alike_by_every_kernel(kernel, inputs):
+    """The same step inputs, given as a number or as a tensor of any one-element shape, give the same bits."""
+    kw = dict(STEP_INPUTS[inputs])
+    reference = _blocks()
+    eager_kw = {
+        k: (float(v) if k in ("lr", "nu_divisor") and isinstance(v, torch.Tensor) else v) for k, v in kw.items()
+    }
+    eager_kw.setdefault("nu_divisor", RULE.nu_divisor(2))
+    kw.setdefault("nu_divisor", RULE.nu_divisor(2))
+    expected = functional.sm3(*reference, rule=RULE, **eager_kw)
+    run = _clone(_blocks())
+    got = functional.sm3(*run, rule=RULE, **kw, **KERNELS[kernel])
+    _same(reference, run)
+    _same(expected, got)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_non_contiguous_params_and_grads_equal_the_contiguous_case(kernel):
+    base = _blocks(shapes=((11, 13), (6, 4, 5)))
+    contiguous = _clone(base)
+    expected = functional.sm3(*contiguous, rule=RULE, lr=0.1, nu_divisor=0.19, **KERNELS[kernel])
+    params, grads, bufs, accs = _clone(base)
+    # the same values, stored transposed: views with other strides
+    t_params = [p.transpose(0, -1).contiguous().transpose(0, -1) for p in params]
+    t_grads = [g.transpose(0, -1).contiguous().transpose(0, -1) for g in grads]
+    t_bufs = [b.transpose(0, -1).contiguous().transpose(0, -1) for b in bufs]
+    assert not any(t.is_contiguous() for t in (*t_params, *t_grads, *t_bufs))
+    got = functional.sm3(t_params, t_grads, t_bufs, accs, rule=RULE, lr=0.1, nu_divisor=0.19, **KERNELS[kernel])
+    _same(contiguous[0], t_params)
+    _same(contiguous[2], t_bufs)
+    _same(expected, got)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_found_inf_writes_nothing(kernel):
+    blocks = _blocks()
+    before = _clone(blocks)
+    outs = [[torch.full_like(a, 7.0) for a in accs] for accs in blocks[3]]
+    functional.sm3(*blocks, rule=RULE, lr=0.1, found_inf=torch.tensor(1.0), maxima_out=outs, keep_max=True)
+    _same(before, blocks)
+    assert all(torch.equal(o, torch.full_like(o, 7.0)) for block in outs for o in block)
+    returned = functional.sm3(*blocks, rule=RULE, lr=0.1, found_inf=torch.ones(1), **KERNELS[kernel])
+    _same(before, blocks)
+    _same(before[3], returned)  # the maxima a skipped step returns are the accumulators as they were
+    functional.sm3(*blocks, rule=RULE, lr=0.1, found_inf=torch.zeros(()), **KERNELS[kernel])
+    assert not torch.equal(blocks[0][0], before[0][0])
+
+
+def test_the_default_kernel_is_decided_in_one_place(monkeypatch):
+    cpu = [torch.zeros(3, 2)]
+    native = functional.fused_kernel("cpu") is not None
+    assert functional.default_kernel(cpu) == ("fused" if native else "single")
+    assert functional.default_kernel(cpu, foreach=True) == "foreach"
+    assert functional.default_kernel(cpu, fused=False) == "single"
+    assert functional.default_kernel([torch.zeros(2, dtype=torch.float64)]) == "single"
+    meta = [torch.zeros(3, 2, device="meta")]
+    assert functional.default_kernel(meta) == "single"
+    with pytest.raises(ValueError, match="foreach and fused cannot both be True"):
+        functional.default_kernel(cpu, foreach=True, fused=True)
+    with pytest.raises(RuntimeError, match="no fused SM3 kernel for device type 'meta': none is registered"):
+        functional.sm3(
+            meta,
+            meta,
+            [None],
+            [[torch.zeros(3, device="meta"), torch.zeros(2, device="meta")]],
+            rule=RULE,
+            lr=0.1,
+            fused=True,
+        )
+
+
+def test_a_registered_fused_kernel_becomes_the_default(monkeypatch):
+    """A device type's fused kernel is one registry entry: registered, it is the default and runs the step."""
+    monkeypatch.setattr(functional, "_FUSED", dict(functional._FUSED))
+    monkeypatch.setattr(functional, "_FUSED_CACHE", {})
+    calls = []
+
+    class Recording(functional.NativePlan):
+        def step(self, grads, rule, **kw):
+            calls.append(len(grads))
+            return super().step(grads, rule, **kw)
+
+    def loader():
+        kernel = functional._native_loader()
+        return functional.FusedKernel(
+            device_type="cpu", available=kernel.available, build=Recording.build, param_dtypes=kernel.param_dtypes
+        )
+
+    functional.register_fused_kernel("cpu", loader)
+    if functional.fused_kernel("cpu") is None:
+        pytest.skip("native kernel unavailable (see the logged reason)")
+    blocks = _blocks()
+    expected = _clone(blocks)
+    functional.sm3(*expected, rule=RULE, lr=0.1, foreach=False, fused=False)
+    functional.sm3(*blocks, rule=RULE, lr=0.1)
+    assert calls == [4]
+    _same(expected, blocks)

@@ -10,6 +10,7 @@ import torch
 from pytorch_optimizer import SM3 as PeerSM3
 
 from sm3_dist import MOMENTUM_KEY, SM3, accumulator_key, functional, local_state_bytes
+from sm3_dist.rule import UpdateRule
 from tests.reference import ReferenceSM3
 
 SHAPES = [(), (7,), (5, 6), (3, 4, 5), (2, 3, 4, 3)]
@@ -269,7 +270,7 @@ def test_none_grad_leaves_parameter_and_state_alone():
     assert opt.state[b][accumulator_key(0)].abs().sum() == 0
 
 
-HYPER_DEFAULTS = dict(lr=0.1, momentum=0.0, beta=0.0, eps=1e-30, weight_decay=0.0, maximize=False)
+HYPER_DEFAULTS = dict(rule=UpdateRule(), lr=0.1)
 
 BAD_INPUTS = [
     (dict(lr=-0.1), ValueError, "lr"),
@@ -295,9 +296,41 @@ def test_complex_parameters_rejected():
         SM3([torch.randn(2, 2, dtype=torch.complex64, requires_grad=True)])
 
 
-def test_float64_parameters_rejected_with_reason():
-    with pytest.raises(TypeError, match="float64"):
-        SM3([torch.randn(2, 2, dtype=torch.float64, requires_grad=True)])
+@pytest.mark.parametrize("hyper", HYPER, ids=lambda h: ",".join(f"{k}={v}" for k, v in h.items()) or "defaults")
+def test_float64_parameters_keep_float64_state_and_match_the_reference(hyper):
+    torch.manual_seed(0)
+    base = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    ref = ReferenceSM3(base, lr=0.05, **hyper)
+    runs = {}
+    for kernel in ("eager", "foreach"):
+        params = [b.clone().requires_grad_() for b in base]
+        opt = SM3(params, lr=0.05, **hyper, **KERNELS[kernel])
+        for step in range(4):
+            for p, g in zip(params, _grads(SHAPES, step)):
+                p.grad = g.double()
+            opt.step()
+        runs[kernel] = (params, opt)
+    for step in range(4):
+        ref.step([g.double() for g in _grads(SHAPES, step)])
+    (eager, opt), (foreach, _) = runs["eager"], runs["foreach"]
+    for k, (p, q, r) in enumerate(zip(eager, foreach, ref.params)):
+        assert p.dtype == torch.float64 and torch.equal(p, q)
+        torch.testing.assert_close(p.detach(), r, rtol=1e-12, atol=1e-13)  # fp64 arithmetic, not fp32
+        state = opt.state[p]
+        for d, acc in enumerate(ref.accumulators(k)):
+            assert state[accumulator_key(d)].dtype == torch.float64
+            torch.testing.assert_close(state[accumulator_key(d)], acc, rtol=1e-12, atol=1e-13)
+        if MOMENTUM_KEY in state:
+            assert state[MOMENTUM_KEY].dtype == torch.float64
+
+
+def test_float64_parameters_refused_by_the_fused_kernel_with_reason():
+    p = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    opt = SM3([p], fused=True)
+    p.grad = torch.randn_like(p)
+    with pytest.raises(TypeError, match=r"fused SM3 kernel for cpu takes .*not torch.float64.*foreach=True"):
+        opt.step()
+    assert SM3([p]).param_groups[0]["fused"] is None  # the default kernel choice takes them (per tensor)
 
 
 def test_gradient_of_wrong_shape_rejected():
