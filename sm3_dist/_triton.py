@@ -73,10 +73,20 @@ _NF = 12
 _CLS_WIDE, _CLS_NARROW, _CLS_FLAT = 0, 1, 2
 
 # tile geometry: BC columns x BR rows per inner step, RI inner steps per program (constexpr, tunable by --bench)
-_WIDE = {"BC": 256, "BR": 8, "RI": 2 if _INTERPRET else 8}
+_WIDE = {"BC": 128, "BR": 8, "RI": 2 if _INTERPRET else 8}
 _NARROW_BC = 32
 _FLAT = {"VB": 2048, "VI": 1 if _INTERPRET else 4}
-_NUM_WARPS = 8
+_NUM_WARPS = 4
+_TUNE = [
+    (8, 128, 8, 4),
+    (4, 256, 8, 4),
+    (4, 512, 8, 4),
+    (8, 256, 8, 4),
+    (16, 128, 4, 4),
+    (2, 512, 16, 4),
+    (16, 256, 4, 8),
+]
+"""(BR, BC, RI, num_warps) that ``--bench --tune`` tries."""
 _WIDE_MIN_COLS = 256
 """Blocks with at least this many columns get tiles ``BC`` wide; narrower ones tiles ``_NARROW_BC`` wide."""
 
@@ -268,14 +278,17 @@ def _tile_2d(
     w_addr = tl.load(e + 0)
     m_addr = tl.load(e + 1)
     if ALIGNED:  # every address 16-byte aligned, every row a multiple of 8 elements: vector loads and stores
-        w_addr = tl.multiple_of(w_addr, 16)
-        m_addr = tl.multiple_of(m_addr, 16)
+        # (said with shifts, which are identities here and which the compiler's alignment analysis follows)
+        w_addr = (w_addr >> 4) << 4
+        m_addr = (m_addr >> 4) << 4
     rowmin_ptr = tl.load(e + 2).to(tl.pointer_type(tl.float32))
     colacc_ptr = tl.load(e + 3).to(tl.pointer_type(tl.float32))
     rowmax_ptr = tl.load(e + 4).to(tl.pointer_type(tl.int32))
     colmax_ptr = tl.load(e + 5).to(tl.pointer_type(tl.int32))
     rows = tl.load(e + 6)
     cols = tl.load(e + 7)
+    if ALIGNED:
+        cols = (cols >> 3) << 3
     nct = tl.load(e + 8)
     kinds = tl.load(e + 10)
     pkind = kinds & 15
@@ -284,11 +297,9 @@ def _tile_2d(
     ct = t - rt * nct
     c0 = ct * BC
     j = tl.arange(0, BC)
-    cmask = j < cols - c0
+    cmask = j < cols - c0  # constant over runs of 8 columns when ALIGNED: loads stay vectors
     colacc = tl.load(colacc_ptr + c0 + j, mask=cmask, other=0.0)
     cols32 = cols.to(tl.int32)
-    if ALIGNED:
-        cols32 = tl.multiple_of(cols32, 8)
     colbits = tl.zeros([BR, BC], dtype=tl.int32)
     i = tl.arange(0, BR)
     offs = i[:, None] * cols32 + j[None, :]
@@ -298,8 +309,6 @@ def _tile_2d(
         rowmin = tl.load(rowmin_ptr + r0 + i, mask=rmask, other=0.0)
         mn = tl.minimum(rowmin[:, None], colacc[None, :], propagate_nan=tl.PropagateNan.ALL)
         base = r0 * cols + c0
-        if ALIGNED:
-            base = tl.multiple_of(base, 8)
         mask = rmask[:, None] & cmask[None, :]
         nu = _update(
             w_addr,
@@ -369,11 +378,13 @@ def _tile_flat(
     w_addr = tl.load(e + 0)
     m_addr = tl.load(e + 1)
     if ALIGNED:
-        w_addr = tl.multiple_of(w_addr, 16)
-        m_addr = tl.multiple_of(m_addr, 16)
+        w_addr = (w_addr >> 4) << 4
+        m_addr = (m_addr >> 4) << 4
     acc_ptr = tl.load(e + 3).to(tl.pointer_type(tl.float32))
     max_ptr = tl.load(e + 5).to(tl.pointer_type(tl.int32))
     n = tl.load(e + 7)
+    if ALIGNED:
+        n = (n >> 3) << 3
     kinds = tl.load(e + 10)
     pkind = kinds & 15
     mkind = (kinds >> 4) & 15
@@ -454,6 +465,7 @@ def _sm3_step_kernel(
     BCN: tl.constexpr,
     VB: tl.constexpr,
     VI: tl.constexpr,
+    FLAT_ALIGNED: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -480,7 +492,7 @@ def _sm3_step_kernel(
         cls = (tl.load(e + 10) >> 8) & 15
         g_addr = tl.load(gtab + 2 * b)
         if ALIGNED:
-            g_addr = tl.multiple_of(g_addr, 16)
+            g_addr = (g_addr >> 4) << 4
         gkind = tl.load(gtab + 2 * b + 1)
         if HAS_WIDE:  # noqa: SIM102
             if cls == 0:
@@ -498,7 +510,7 @@ def _sm3_step_kernel(
             if cls == 2:
                 _tile_flat(
                     e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd,
-                    PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, VB, VI, ALIGNED,
+                    PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, VB, VI, ALIGNED and FLAT_ALIGNED,
                 )  # fmt: skip
 
 
@@ -566,14 +578,18 @@ def _launch(aligned: bool, grid, *args, **kwargs) -> None:
     compile (logged once), since the hints only make loads wider."""
     if aligned:
         try:
-            _sm3_step_kernel[grid](*args, ALIGNED=True, **kwargs)
+            _LAST["kernel"] = _sm3_step_kernel[grid](*args, ALIGNED=True, **kwargs)
             return
         except Exception as exc:  # a compiler that rejects the hints: the plain variant computes the same
             if isinstance(exc, (ValueError, TypeError)) and "must" in str(exc):
                 raise
             _ALIGN_HINTS["on"] = False
             logger.warning("sm3_dist: Triton SM3 kernel: aligned variant failed (%s); using the plain one", exc)
-    _sm3_step_kernel[grid](*args, ALIGNED=False, **kwargs)
+    _LAST["kernel"] = _sm3_step_kernel[grid](*args, ALIGNED=False, **kwargs)
+
+
+_LAST: dict = {}
+"""The compiled update kernel of the last launch (``--bench`` reports its vector loads)."""
 
 
 def _upload(values: list[int], device: torch.device, out: Tensor | None = None) -> Tensor:
@@ -702,6 +718,7 @@ class TritonPlan:
         self._classes = classes
         # vector loads need 16-byte aligned rows: aligned addresses and row lengths a multiple of 8 elements
         self._rows_aligned = all(p.ndim <= 1 or p.shape[-1] % 8 == 0 for p in self._params)
+        self._flat_aligned = all(p.ndim >= 2 or p.numel() % 8 == 0 for p in self._params)
         self._pptrs = [p.data_ptr() for p in self._params]
         self._mptrs = [0 if m is None else m.data_ptr() for m in self._buffers]
         self._gptrs: list[int] | None = None
@@ -899,6 +916,7 @@ class TritonPlan:
                 BCN=_NARROW_BC,
                 VB=_FLAT["VB"],
                 VI=_FLAT["VI"],
+                FLAT_ALIGNED=self._flat_aligned,
                 num_warps=_NUM_WARPS,
                 enable_fp_fusion=False,
             )
@@ -920,14 +938,14 @@ class TritonPlan:
 
     def _finish_deep(self) -> None:
         """The leading dimensions' maxima from the row maxima (+0 everywhere when the kernel wrote nothing)."""
-        outs, news = [], []
+        # one op per output, in stream order: blocks cut from one tensor share maxima regions, and a multi-tensor
+        # kernel would update those concurrently
         for i, _, rowmax in self._deep_views:
             lead = self._params[i].shape[:-1]
             r = rowmax.view(lead)
             for d in range(len(lead)):
-                outs.append(self._maxima[i][d])
-                news.append(r.amax(dim=tuple(k for k in range(len(lead)) if k != d)))
-        torch._foreach_maximum_(outs, news)
+                out = self._maxima[i][d]
+                torch.maximum(out, r.amax(dim=tuple(k for k in range(len(lead)) if k != d)), out=out)
 
 
 class NonfinitePlan:
@@ -1260,7 +1278,13 @@ def _copy_bandwidth(device: torch.device, mib: int = 1024) -> float:
 
 
 def bench(
-    shapes: Sequence[Sequence[int]], *, device: str = "cuda", steps: int = 10, rounds: int = 7, tune: bool = False
+    shapes: Sequence[Sequence[int]],
+    *,
+    device: str = "cuda",
+    steps: int = 10,
+    rounds: int = 7,
+    tune: bool = False,
+    dump: str | None = None,
 ) -> list[dict]:
     """The plan's step (with the finalize launch) against ``torch.optim.Adam(fused=True)`` on the same parameters.
 
@@ -1307,8 +1331,7 @@ def bench(
         global _NUM_WARPS
         saved = (dict(_WIDE), _NUM_WARPS)
         best = None
-        for br, bc, ri, nw in [(8, 256, 8, 8), (16, 256, 4, 8), (8, 256, 16, 8), (4, 512, 8, 4), (8, 128, 8, 4),
-                               (16, 128, 8, 8), (32, 256, 4, 8)]:  # fmt: skip
+        for br, bc, ri, nw in _TUNE:
             _WIDE.update(BR=br, BC=bc, RI=ri)
             _NUM_WARPS = nw
             plan = TritonPlan.build(params, bufs, accs, outs)  # tile geometry is part of the table
@@ -1325,6 +1348,20 @@ def bench(
     for fn in (sm3_step, sm3_step_skip, kernel_only):
         fn()
     syncs = "none" if device.type == "cuda" else "not checked (no CUDA device)"
+    ptx = getattr(_LAST.get("kernel"), "asm", {}).get("ptx", "") if device.type == "cuda" else ""
+    if ptx:
+        import re
+
+        print(f"[ptx] aligned variant: {plan._aligned()} (hints on: {_ALIGN_HINTS['on']})", flush=True)
+        if dump:
+            os.makedirs(dump, exist_ok=True)
+            for key, text in _LAST["kernel"].asm.items():
+                if isinstance(text, str):
+                    with open(os.path.join(dump, f"sm3_step.{key}"), "w") as f:
+                        f.write(text)
+
+        kinds = sorted(set(re.findall(r"(?:ld|st)\.global[.\w]*", ptx)))
+        print("[ptx] " + ", ".join(f"{k} x{ptx.count(k + ' ')}" for k in kinds), flush=True)
     try:
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("error")
@@ -1387,6 +1424,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dump", metavar="DIR", help="with --bench: write the update kernel's IR and PTX there")
     args = parser.parse_args(argv)
     if not (args.check or args.bench):
         parser.error("give --check and/or --bench")
@@ -1402,7 +1440,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
         vocab, width, blocks = (int(x) for x in args.params.split(","))
         bench(
-            gpt_shapes(vocab, width, blocks), device=args.device, steps=args.steps, rounds=args.rounds, tune=args.tune
+            gpt_shapes(vocab, width, blocks),
+            device=args.device,
+            steps=args.steps,
+            rounds=args.rounds,
+            tune=args.tune,
+            dump=args.dump,
         )
     return status
 
