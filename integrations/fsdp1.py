@@ -102,6 +102,7 @@ from sm3_dist.comm import all_reduce_
 from sm3_dist.layout import Piece, TensorLayout, flat_range_piece, full_piece, normalize_shape
 from sm3_dist.optimizer import MOMENTUM_KEY, SM3, STEP_KEY, accumulator_key
 from sm3_dist.placement import ShardSpec, SpecResolver, UnsupportedLayoutError
+from sm3_dist.state_check import check_hyperparameters
 
 __all__ = ["fsdp1_load_optim_state_dict", "fsdp1_optim_state_dict", "fsdp1_shard_resolver"]
 
@@ -471,6 +472,9 @@ def fsdp1_load_optim_state_dict(model: nn.Module, optimizer: SM3, state_dict: Ma
         raise ValueError(
             f"{who}: the checkpoint has {len(saved_groups)} param groups but the optimizer has {len(groups)}"
         )
+    if not all(isinstance(g, Mapping) for g in saved_groups):
+        raise ValueError(f"{who}: not an optimizer state dict (its param groups are not dicts)")
+    check_hyperparameters(saved_groups, who)
     names = []
     for gi, (saved, members) in enumerate(zip(saved_groups, groups)):
         mine = [slot.fqn for _, slots in members for slot in slots]
@@ -497,10 +501,11 @@ def fsdp1_load_optim_state_dict(model: nn.Module, optimizer: SM3, state_dict: Ma
     missing = [name for name in names if name not in saved_state]
     if missing and len(missing) < len(names):
         raise ValueError(f"{who}: the checkpoint holds no state for {missing[0]} but does for other parameters")
-    slots = [slot for members in groups for _, ss in members for slot in ss]
     if not missing:
-        for slot in slots:
-            _check_saved(slot, saved_state[slot.fqn], optimizer.momentum_dtype, who)
+        for saved, members in zip(saved_groups, groups):
+            for _, ss in members:
+                for slot in ss:
+                    _check_saved(slot, saved_state[slot.fqn], optimizer.momentum_dtype, float(saved["momentum"]), who)
     local: dict[int, dict[str, Any]] = {}
     packed = []
     index = 0
@@ -514,7 +519,7 @@ def fsdp1_load_optim_state_dict(model: nn.Module, optimizer: SM3, state_dict: Ma
     optimizer.load_state_dict({"state": local, "param_groups": packed})
 
 
-def _check_saved(slot: _Slot, saved: Any, momentum_dtype: torch.dtype, who: str) -> None:
+def _check_saved(slot: _Slot, saved: Any, momentum_dtype: torch.dtype, momentum: float, who: str) -> None:
     shape = normalize_shape(slot.shape)
     if not isinstance(saved, Mapping):
         raise ValueError(f"{who}: {slot.fqn}: saved state is a {type(saved).__name__}, not a dict")
@@ -544,6 +549,8 @@ def _check_saved(slot: _Slot, saved: Any, momentum_dtype: torch.dtype, who: str)
             raise ValueError(f"{who}: {slot.fqn}: saved state lacks {accumulator_key(d)!r}")
     if STEP_KEY not in saved:
         raise ValueError(f"{who}: {slot.fqn}: saved state lacks {STEP_KEY!r}")
+    if momentum > 0.0 and MOMENTUM_KEY not in saved:
+        raise ValueError(f"{who}: {slot.fqn}: saved state lacks {MOMENTUM_KEY!r} (its param group has momentum)")
 
 
 def _local_state(

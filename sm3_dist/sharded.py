@@ -49,6 +49,7 @@ from sm3_dist.comm import MaxReducer, all_gather_flat
 from sm3_dist.layout import TensorLayout, flat_range_piece, normalize_shape
 from sm3_dist.optimizer import MOMENTUM_KEY, SKIPPED_KEY, SM3, STEP_KEY, accumulator_key
 from sm3_dist.placement import ShardSpec, _is_dtensor
+from sm3_dist.state_check import check_groups, check_param_state
 
 __all__ = ["CommVolume", "FlatPartition", "ShardedSM3"]
 
@@ -471,48 +472,39 @@ class ShardedSM3(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        groups = state_dict.get("param_groups")
-        saved_state = state_dict.get("state")
-        if not isinstance(groups, list) or not isinstance(saved_state, dict):
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        saved_state = state_dict.get("state") if isinstance(state_dict, dict) else None
+        if not isinstance(saved_state, dict):
             raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups'")
-        if len(groups) != len(self.param_groups) or any(
-            len(sg["params"]) != len(g["params"]) for sg, g in zip(groups, self.param_groups)
-        ):
-            raise ValueError(
-                f"the state_dict has param groups of sizes {[len(g['params']) for g in groups]} but this optimizer "
-                f"has {[len(g['params']) for g in self.param_groups]}: it comes from another model"
-            )
+        check_groups(groups, [len(g["params"]) for g in self.param_groups])
         saved_ids = [pid for g in groups for pid in g["params"]]
+        strays = [pid for pid in saved_state if pid not in set(saved_ids)]
+        if strays:
+            raise ValueError(f"the state dict holds state for {strays}, which none of its param groups lists")
+        momenta = [float(g["momentum"]) for g in groups for _ in g["params"]]
+        for k, pid in enumerate(saved_ids):  # everything is checked before anything changes
+            check_param_state(
+                self._names[k],
+                saved_state.get(pid),
+                {accumulator_key(d): (n,) for d, n in enumerate(self._plan[k])},
+                tuple(self._params[k].shape),
+                momenta[k],
+                self.momentum_dtype,
+            )
         inner_state: dict[int, dict[str, Any]] = {}
         for k, pid in enumerate(saved_ids):
             saved = saved_state.get(pid)
             if not saved:
                 continue
-            name, shape, (a, b) = self._names[k], self._plan[k], self._ranges[self.rank][k]
-            entry: dict[str, Any] = {}
+            (a, b), entry = self._ranges[self.rank][k], {}
             for key, value in saved.items():
                 if key == STEP_KEY:
                     entry[key] = value.clone() if isinstance(value, Tensor) else torch.tensor(float(value))
                 elif key == MOMENTUM_KEY:
-                    if not isinstance(value, Tensor) or value.numel() != self._params[k].numel():
-                        found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                        raise ValueError(f"{name}: saved momentum has shape {found}, expected {tuple(shape)}")
                     entry[key] = value.reshape(-1)[a:b].clone()
-                elif key.startswith("mu_") and key[3:].isdigit():
-                    d = int(key[3:])
-                    if d >= len(shape) or not isinstance(value, Tensor) or value.shape != (shape[d],):
-                        found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                        raise ValueError(
-                            f"{name}: saved accumulator {key!r} has shape {found}, but the parameter's shape "
-                            f"is {tuple(shape)}: the state comes from another model"
-                        )
-                    lo, hi = self._pieces[k].ranges[d]
-                    entry[key] = value[lo:hi].clone()
                 else:
-                    raise ValueError(f"{name}: unexpected optimizer state {key!r} (not SM3 state)")
-            missing = [accumulator_key(d) for d in range(len(shape)) if accumulator_key(d) not in entry]
-            if missing:
-                raise ValueError(f"{name}: saved state lacks {missing}")
+                    lo, hi = self._pieces[k].ranges[int(key[3:])]
+                    entry[key] = value[lo:hi].clone()
             inner_state[k] = entry
         inner_groups = [
             {**{key: v for key, v in sg.items() if key != "params"}, "params": list(range(i, i + len(sg["params"])))}

@@ -73,10 +73,30 @@ class DeepSpeedSM3(SM3):
         self.register_step_pre_hook(_restore_universal_state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load this rank's state, checked first as :meth:`sm3_dist.SM3.load_state_dict` does.
+
+        The :data:`LAYOUT_KEY` record, if present, must describe parameters of this optimizer's shapes. State
+        that DeepSpeed's universal loader fills (param groups carrying :data:`UNIVERSAL_KEY`) may lack the
+        accumulators and hold the momentum as ``exp_avg``: they are rebuilt at the next step.
+        """
+        record = state_dict.get(LAYOUT_KEY) if isinstance(state_dict, dict) else None
+        if record is not None:
+            saved = [tuple(s) for s in record.get("plan", ())]
+            if saved != [tuple(s) for s in self._global_plan()]:
+                raise ValueError(
+                    f"the state holds SM3 state for trainable parameters of shapes {saved}, but this optimizer's "
+                    f"have shapes {list(self._global_plan())}: it comes from another model"
+                )
         state_dict = {k: v for k, v in state_dict.items() if k != LAYOUT_KEY}
+        universal = any(UNIVERSAL_KEY in g for g in state_dict.get("param_groups", ()) if isinstance(g, dict))
+        if universal:
+            self._load_check_options = {"partial": True, "extra_keys": ("exp_avg", "exp_avg_sq")}
         # torch replaces the param_group dicts on load; keep each group's model parameters, in group order.
         before = [self._model_params.get(id(group)) for group in self.param_groups]
-        super().load_state_dict(state_dict)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self.__dict__.pop("_load_check_options", None)
         self._model_params = {id(g): params for g, params in zip(self.param_groups, before) if params is not None}
         self._universal = None
 
