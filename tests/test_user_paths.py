@@ -211,3 +211,127 @@ def test_deepspeed_knows_sm3_without_importing_the_integration(order):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "registered" in done.stdout
+
+
+# ---------------------------------------------------------------------- HF Trainer, tiny GPT-2, DeepSpeed ZeRO-2
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+HF_SM3 = {"lr": 0.05, "momentum": 0.9}
+
+
+def _hf_config(section: bool) -> dict:
+    cfg = {
+        # explicit sizes: on CPU accelerate reports one process to transformers, which would fill "auto" for 1
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": 2},
+        "steps_per_print": 10**9,
+    }
+    if section:
+        cfg["optimizer"] = {"type": "SM3", "params": {"lr": "auto", "momentum": HF_SM3["momentum"]}}
+    return cfg
+
+
+def _hf_run(route: str, tmp: str) -> dict:
+    """``route``: ``config`` (the config entry), ``cls`` (``optimizer_cls_and_kwargs``), ``instance`` (``optimizers=
+    (SM3(...), None)`` without an optimizer section) or ``instance+section`` (with one)."""
+    from accelerate.state import AcceleratorState
+    from sm3_dist.integrations.transformers import RequireSM3
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from sm3_dist import SM3
+
+    AcceleratorState._reset_state(True)
+    unset_hf_deepspeed_config()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2))
+    args = TrainingArguments(
+        output_dir=tmp,
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=HF_SM3["lr"],
+        max_grad_norm=0.0,
+        deepspeed=_hf_config(section=route in ("config", "instance+section")),
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    kwargs = {}
+    if route == "cls":
+        kwargs["optimizer_cls_and_kwargs"] = (SM3, HF_SM3)
+    elif route.startswith("instance"):
+        kwargs["optimizers"] = (SM3(model.parameters(), **HF_SM3), None)
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[RequireSM3()], **kwargs)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        trainer.train()
+        error = None
+    except RuntimeError as err:
+        error = str(err)
+    engine = trainer.model_wrapped
+    base = getattr(engine, "basic_optimizer", None)
+    keys = sorted({k for s in base.state.values() for k in s}) if base is not None else []
+    out = dict(error=error, base=type(base).__name__, keys=keys, steps=trainer.state.global_step)
+    if error is not None:
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            out["unchanged"] = all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    AcceleratorState._reset_state(True)
+    unset_hf_deepspeed_config()
+    return out
+
+
+HF_ROUTES = ["config", "cls", "instance", "instance+section"]
+
+
+def _hf_session(rank: int, world: int, tmp: str) -> dict:
+    out = {}
+    for route in HF_ROUTES:
+        try:
+            out[route] = _hf_run(route, tmp)
+        except Exception:
+            out[route] = dict(failure=traceback.format_exc())
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_session(tmp_path_factory):
+    pytest.importorskip("transformers")
+    tmp = str(tmp_path_factory.mktemp("hf"))
+    return run_distributed(_hf_session, 2, tmp, env=ENV, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["config", "cls", "instance+section"])
+def test_hf_trainer_trains_sm3(hf_session, route):
+    for result in _pick(hf_session, route):
+        assert result["error"] is None, result["error"]
+        assert result["steps"] == 3
+        assert result["base"] in ("SM3", "DeepSpeedSM3")
+        assert "exp_avg" not in result["keys"] and "momentum_buffer" in result["keys"]
+        assert any(k.startswith("piece") or k.startswith("mu_") for k in result["keys"])
+
+
+@pytest.mark.slow
+def test_hf_trainer_stops_before_the_first_step_when_it_discards_sm3(hf_session):
+    for result in _pick(hf_session, "instance"):
+        message = result["error"]
+        assert message is not None, "HF Trainer trained something else than the SM3 it was given"
+        assert "HF Trainer is about to step AdamW, not SM3" in message
+        assert "deepspeed_init discards the optimizer" in message
+        assert "optimizer_cls_and_kwargs=(SM3" in message
+        assert result["steps"] == 0 and result["unchanged"]
