@@ -56,6 +56,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import logging
+import struct
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -134,13 +135,18 @@ def _rsqrt_(t: Tensor) -> Tensor:
 
 
 def _divisor(value: float | Tensor | None, like: Tensor) -> float | Tensor | None:
-    """A divisor as a tensor on ``like``'s device: CUDA divides by a host scalar as a multiplication by its
-    reciprocal, which is not the correctly rounded quotient."""
-    if value is None or like.is_cpu:
+    """A divisor rounded once to ``like``'s dtype, as a number on CPU and as a tensor on ``like``'s device
+    elsewhere (CUDA divides by a host scalar as a multiplication by its reciprocal, which is not the correctly
+    rounded quotient)."""
+    if value is None:
+        return None
+    if not isinstance(value, Tensor):
+        if like.dtype != torch.float64:
+            value = struct.unpack("f", struct.pack("f", value))[0]
+        return value if like.is_cpu else torch.full((), value, dtype=like.dtype, device=like.device)
+    if like.is_cpu and value.is_cpu:
         return value
-    if isinstance(value, Tensor):
-        return value.to(like.device, non_blocking=True)
-    return torch.full((), value, dtype=like.dtype, device=like.device)
+    return value.to(like.device, non_blocking=True)
 
 
 def _single_block(

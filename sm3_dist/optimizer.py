@@ -719,9 +719,9 @@ class SM3(Optimizer):
             return [(None, None)]
         first = plan.steps[0]
         if plan.uniform_steps and not first.is_cpu:
-            # 1 - beta ** step in fp64, rounded to fp32, as UpdateRule.nu_divisor computes it on the host
+            # 1 - beta ** step in fp64, as UpdateRule.nu_divisor computes it on the host (the kernels round it)
             power = torch.pow(rule.beta, first.reshape(()).to(torch.float64))
-            return [(power.neg_().add_(1.0).to(torch.float32), None)]
+            return [(power.neg_().add_(1.0), None)]
         counts = [int(s) for s in plan.steps]  # host reads (a synchronization only for unequal device counts)
         count_of = dict(zip(plan.step_owners, counts))
         by_count: dict[int, list[int]] = {}

@@ -31,9 +31,13 @@ class UpdateRule:
     ``nu_divisor``; :meth:`nu_divisor` computes it."""
 
     def nu_divisor(self, step: int) -> float | None:
-        """``1 - beta ** step`` rounded to fp32 (the value every kernel divides by), or ``None`` without correction."""
+        """``1 - beta ** step`` in double precision, or ``None`` without correction.
+
+        Every kernel rounds it once to its compute dtype (fp32, or fp64 for fp64 parameters) and divides by
+        that, so they all divide by the same value.
+        """
         if not self.bias_correction or self.beta == 0.0:
             return None
-        import struct
-
-        return struct.unpack("f", struct.pack("f", 1.0 - self.beta**step))[0]
+        if step < 1:
+            raise ValueError(f"the bias-correction divisor needs a step count >= 1, got {step}")
+        return 1.0 - self.beta**step

@@ -3,6 +3,11 @@
 Written from the paper's update rule (Anil et al. 2019, SM3-II with the cover of
 codimension-1 slices) and ../shared/DESIGN.md section 1, sharing no code with
 ``sm3_dist``. Rank-0 and rank-1 tensors get one accumulator per element.
+
+Variants: ``bias_correction`` (with ``beta > 0``) divides ``nu`` by
+``1 - beta ** t`` for the update only, ``t`` being the number of steps the
+parameter has taken (this one included), as Adam corrects its second moment;
+the accumulators keep the plain moving average.
 """
 
 from __future__ import annotations
@@ -14,10 +19,23 @@ import torch
 
 
 class ReferenceSM3:
-    def __init__(self, params, *, lr=0.1, momentum=0.0, beta=0.0, eps=1e-30, weight_decay=0.0, maximize=False):
+    def __init__(
+        self,
+        params,
+        *,
+        lr=0.1,
+        momentum=0.0,
+        beta=0.0,
+        eps=1e-30,
+        weight_decay=0.0,
+        maximize=False,
+        bias_correction=False,
+    ):
         self.params = [p.detach().double().clone() for p in params]
         self.lr, self.momentum, self.beta, self.eps = lr, momentum, beta, eps
         self.weight_decay, self.maximize = weight_decay, maximize
+        self.bias_correction = bias_correction
+        self.steps = [0] * len(self.params)
         self.mu = []
         for p in self.params:
             shape = tuple(p.shape) or (1,)
@@ -33,6 +51,7 @@ class ReferenceSM3:
             if g is None:
                 continue
             rows = None if touched_rows is None else touched_rows[k]
+            self.steps[k] += 1
             self._step_one(k, w, g.detach().double(), rows)
 
     def _step_one(self, k, w, g, rows):
@@ -69,7 +88,11 @@ class ReferenceSM3:
                         mu[d][i] = max(mu[d][i], new.get(i, 0.0))
                     elif i in new:
                         mu[d][i] = new[i]
+        correction = 1.0
+        if self.bias_correction and self.beta > 0:
+            correction = 1.0 - self.beta ** self.steps[k]
         for v, gi, flat in nu.values():
+            v = v / correction  # the update sees the corrected average; mu keeps the plain one
             if self.eps > 0:
                 u = gi / math.sqrt(v + self.eps)
             else:

@@ -23,6 +23,8 @@ HYPER = [
     dict(weight_decay=0.01),
     dict(eps=0.0),
     dict(maximize=True, momentum=0.9),
+    dict(beta=0.9, bias_correction=True),
+    dict(momentum=0.9, beta=0.99, bias_correction=True, weight_decay=0.01),
 ]
 
 
