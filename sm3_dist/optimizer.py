@@ -310,7 +310,8 @@ class SM3(Optimizer):
     def _step_device(self, local: Tensor) -> torch.device:
         """Where a parameter's step count lives: on CPU for CPU parameters; on the parameter's device otherwise
         (and always under ``capturable``), so that a skipped step is not counted without a host synchronization."""
-        return torch.device("cpu") if local.device.type == "cpu" and not self._capturable else local.device
+        host = local.device.type in functional.HOST_READ_DEVICES and not self._capturable
+        return torch.device("cpu") if host else local.device
 
     def _check_state(self, p: Tensor, spec: ShardSpec, momentum: float, name: str) -> None:
         state = self.state[p]
@@ -417,7 +418,7 @@ class SM3(Optimizer):
                         if g.numel():
                             grads.append(g)
                             named.append((gi, pi, p))
-            if device.type == "cpu" or self.nonfinite == "raise":
+            if device.type in functional.HOST_READ_DEVICES or self.nonfinite == "raise":
                 bad = functional.first_nonfinite(grads)
                 local_bad = None if bad is None else self._name(*named[bad])
                 flag = torch.tensor(0.0 if bad is None else 1.0, device=device)
@@ -426,7 +427,7 @@ class SM3(Optimizer):
                 functional.nonfinite_(grads, flag)
         groups = {_group_key(s.group): s.group for s in self._specs.values() if s.group is not None}
         all_reduce_flag_(flag, list(groups.values()))
-        if flag.device.type != "cpu" and self.nonfinite != "raise":
+        if flag.device.type not in functional.HOST_READ_DEVICES and self.nonfinite != "raise":
             skipped = self.__dict__.get("_skipped_device")
             self._skipped_device = flag.clone() if skipped is None else skipped.add_(flag)
             return False, flag
