@@ -66,26 +66,18 @@ _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MKIND = {None: 0, torch.float32: 1, torch.bfloat16: 2}
 _MIXED = -1
 
-# block table fields (int64 each)
+# block table fields (int64 each; w and m as byte offsets from the plan's root tensor)
 _F_W, _F_M, _F_ROWMIN, _F_COLACC, _F_ROWMAX, _F_COLMAX, _F_ROWS, _F_COLS, _F_NCT, _F_FIRST, _F_KINDS = range(11)
 _NF = 12
 # the block's class (how its tiles are cut), in bits 8.. of the kinds field
 _CLS_WIDE, _CLS_NARROW, _CLS_FLAT = 0, 1, 2
 
 # tile geometry: BC columns x BR rows per inner step, RI inner steps per program (constexpr, tunable by --bench)
-_WIDE = {"BC": 128, "BR": 8, "RI": 2 if _INTERPRET else 8}
+_WIDE = {"BC": 512, "BR": 2, "RI": 2 if _INTERPRET else 16}
 _NARROW_BC = 32
 _FLAT = {"VB": 2048, "VI": 1 if _INTERPRET else 4}
 _NUM_WARPS = 4
-_TUNE = [
-    (8, 128, 8, 4),
-    (4, 256, 8, 4),
-    (4, 512, 8, 4),
-    (8, 256, 8, 4),
-    (16, 128, 4, 4),
-    (2, 512, 16, 4),
-    (16, 256, 4, 8),
-]
+_TUNE = [(2, 512, 16, 4), (4, 512, 8, 4), (2, 512, 32, 4), (1, 1024, 32, 4), (2, 1024, 16, 8), (8, 256, 8, 4)]
 """(BR, BC, RI, num_warps) that ``--bench --tune`` tries."""
 _WIDE_MIN_COLS = 256
 """Blocks with at least this many columns get tiles ``BC`` wide; narrower ones tiles ``_NARROW_BC`` wide."""
@@ -120,52 +112,56 @@ def _f32_to_bf16(x):
 
 
 @triton.jit
-def _load_kind(addr, base, offs, mask, KIND: tl.constexpr):
+def _load_kind(root, addr, base, offs, mask, KIND: tl.constexpr):
     if KIND == 0:
-        x = tl.load(addr.to(tl.pointer_type(tl.float32)) + base + offs, mask=mask, other=0.0)
+        x = tl.load((root + addr).to(tl.pointer_type(tl.float32), bitcast=True) + base + offs, mask=mask, other=0.0)
     elif KIND == 1:
-        x = _bf16_to_f32(tl.load(addr.to(tl.pointer_type(tl.uint16)) + base + offs, mask=mask, other=0))
+        x = _bf16_to_f32(
+            tl.load((root + addr).to(tl.pointer_type(tl.uint16), bitcast=True) + base + offs, mask=mask, other=0)
+        )
     else:
-        x = tl.load(addr.to(tl.pointer_type(tl.float16)) + base + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load((root + addr).to(tl.pointer_type(tl.float16), bitcast=True) + base + offs, mask=mask, other=0.0).to(
+            tl.float32
+        )
     return x
 
 
 @triton.jit
-def _load(addr, base, offs, mask, kind, KIND: tl.constexpr):
+def _load(root, addr, base, offs, mask, kind, KIND: tl.constexpr):
     """An fp32/bf16/fp16 tensor's elements as fp32: ``KIND`` when all blocks share it, else ``kind`` at run time."""
     if KIND >= 0:
-        x = _load_kind(addr, base, offs, mask, KIND)
+        x = _load_kind(root, addr, base, offs, mask, KIND)
     else:
         if kind == 0:
-            x = _load_kind(addr, base, offs, mask, 0)
+            x = _load_kind(root, addr, base, offs, mask, 0)
         elif kind == 1:
-            x = _load_kind(addr, base, offs, mask, 1)
+            x = _load_kind(root, addr, base, offs, mask, 1)
         else:
-            x = _load_kind(addr, base, offs, mask, 2)
+            x = _load_kind(root, addr, base, offs, mask, 2)
     return x
 
 
 @triton.jit
-def _store_kind(addr, base, offs, x, mask, KIND: tl.constexpr):
+def _store_kind(root, addr, base, offs, x, mask, KIND: tl.constexpr):
     if KIND == 0:
-        tl.store(addr.to(tl.pointer_type(tl.float32)) + base + offs, x, mask=mask)
+        tl.store((root + addr).to(tl.pointer_type(tl.float32), bitcast=True) + base + offs, x, mask=mask)
     elif KIND == 1:
-        tl.store(addr.to(tl.pointer_type(tl.uint16)) + base + offs, _f32_to_bf16(x), mask=mask)
+        tl.store((root + addr).to(tl.pointer_type(tl.uint16), bitcast=True) + base + offs, _f32_to_bf16(x), mask=mask)
     else:
-        tl.store(addr.to(tl.pointer_type(tl.float16)) + base + offs, x.to(tl.float16), mask=mask)
+        tl.store((root + addr).to(tl.pointer_type(tl.float16), bitcast=True) + base + offs, x.to(tl.float16), mask=mask)
 
 
 @triton.jit
-def _store(addr, base, offs, x, mask, kind, KIND: tl.constexpr):
+def _store(root, addr, base, offs, x, mask, kind, KIND: tl.constexpr):
     if KIND >= 0:
-        _store_kind(addr, base, offs, x, mask, KIND)
+        _store_kind(root, addr, base, offs, x, mask, KIND)
     else:
         if kind == 0:
-            _store_kind(addr, base, offs, x, mask, 0)
+            _store_kind(root, addr, base, offs, x, mask, 0)
         elif kind == 1:
-            _store_kind(addr, base, offs, x, mask, 1)
+            _store_kind(root, addr, base, offs, x, mask, 1)
         else:
-            _store_kind(addr, base, offs, x, mask, 2)
+            _store_kind(root, addr, base, offs, x, mask, 2)
 
 
 @triton.jit
@@ -178,6 +174,7 @@ def _nu_bits(nu, mask):
 
 @triton.jit
 def _update(
+    root,
     w_addr,
     g_addr,
     m_addr,
@@ -208,12 +205,12 @@ def _update(
     GS: tl.constexpr,
 ):
     """One tile of the update, op for op as ``_single_block``; writes ``w`` and ``m``, returns ``nu``."""
-    g = _load(g_addr, base, offs, mask, gkind, GK)
+    g = _load(root, g_addr, base, offs, mask, gkind, GK)
     if GS:
         g = tl.div_rn(g, gs)
     if MAXIMIZE:
         g = g * -1.0
-    w = _load(w_addr, base, offs, mask, pkind, PK)
+    w = _load(root, w_addr, base, offs, mask, pkind, PK)
     if WD:
         g = g + w * wd
     sq = g * g
@@ -231,22 +228,23 @@ def _update(
         u = tl.where(nh > 0, g * tl.div_rn(1.0, tl.sqrt_rn(nh)), 0.0)
     upd = u * lr
     if MK > 0:
-        m = _load(m_addr, base, offs, mask, MK - 1, MK - 1)
+        m = _load(root, m_addr, base, offs, mask, MK - 1, MK - 1)
         m = m * mom + u * omm
-        _store(m_addr, base, offs, m, mask, MK - 1, MK - 1)
+        _store(root, m_addr, base, offs, m, mask, MK - 1, MK - 1)
         upd = m * lr
     elif MK < 0:  # noqa: SIM102 (a constexpr test, then a run-time one)
         if mkind != 0:
-            m = _load(m_addr, base, offs, mask, mkind - 1, -1)
+            m = _load(root, m_addr, base, offs, mask, mkind - 1, -1)
             m = m * mom + u * omm
-            _store(m_addr, base, offs, m, mask, mkind - 1, -1)
+            _store(root, m_addr, base, offs, m, mask, mkind - 1, -1)
             upd = m * lr
-    _store(w_addr, base, offs, w - upd, mask, pkind, PK)
+    _store(root, w_addr, base, offs, w - upd, mask, pkind, PK)
     return nu
 
 
 @triton.jit
 def _tile_2d(
+    root,
     e,
     g_addr,
     gkind,
@@ -311,6 +309,7 @@ def _tile_2d(
         base = r0 * cols + c0
         mask = rmask[:, None] & cmask[None, :]
         nu = _update(
+            root,
             w_addr,
             g_addr,
             m_addr,
@@ -348,6 +347,7 @@ def _tile_2d(
 
 @triton.jit
 def _tile_flat(
+    root,
     e,
     g_addr,
     gkind,
@@ -394,6 +394,7 @@ def _tile_flat(
         mask = j < n - base
         mn = tl.load(acc_ptr + base + j, mask=mask, other=0.0)
         nu = _update(
+            root,
             w_addr,
             g_addr,
             m_addr,
@@ -428,6 +429,7 @@ def _tile_flat(
 
 @triton.jit
 def _sm3_step_kernel(
+    root,
     tab,
     gtab,
     prog_block,
@@ -497,19 +499,19 @@ def _sm3_step_kernel(
         if HAS_WIDE:  # noqa: SIM102
             if cls == 0:
                 _tile_2d(
-                    e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd,
+                    root, e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd,
                     PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, BR, BC, RI, ALIGNED,
                 )  # fmt: skip
         if HAS_NARROW:  # noqa: SIM102
             if cls == 1:
                 _tile_2d(
-                    e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd,
+                    root, e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd,
                     PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, BRN, BCN, RI, ALIGNED,
                 )  # fmt: skip
         if HAS_FLAT:  # noqa: SIM102
             if cls == 2:
                 _tile_flat(
-                    e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd,
+                    root, e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd,
                     PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, VB, VI, ALIGNED and FLAT_ALIGNED,
                 )  # fmt: skip
 
@@ -650,6 +652,10 @@ class TritonPlan:
         self._maxima = [list(m) for m in maxima_out]
         self.device = device
         n = len(self._params)
+        # w, g and m are addressed as byte offsets from one root tensor: a kernel argument, whose alignment the
+        # compiler knows (a pointer made from an integer has none it can see, and its loads stay scalar)
+        self._root = torch.empty(16, dtype=torch.uint8, device=device)
+        root = self._root.data_ptr()
         pkinds = [_KIND[p.dtype] for p in self._params]
         mkinds = [_MKIND[None if m is None else m.dtype] for m in self._buffers]
         self._pk = _common_kind(pkinds)
@@ -694,8 +700,8 @@ class TritonPlan:
             m = self._buffers[i]
             kinds = pkinds[i] | (mkinds[i] << 4) | (cls << 8)
             table += [
-                p.data_ptr(),
-                0 if m is None else m.data_ptr(),
+                p.data_ptr() - root,
+                0 if m is None else m.data_ptr() - root,
                 rowmin,
                 accs[-1].data_ptr(),
                 rowmax,
@@ -728,7 +734,7 @@ class TritonPlan:
         self._dummy = torch.zeros(1, dtype=torch.float32, device=device)
 
     def _aligned(self) -> bool:
-        ptrs = [*self._pptrs, *self._mptrs, *(self._gptrs or [1])]
+        ptrs = [self._root.data_ptr(), *self._pptrs, *self._mptrs, *(self._gptrs or [1])]
         return _ALIGN_HINTS["on"] and self._rows_aligned and all(x % 16 == 0 for x in ptrs)
 
     @staticmethod
@@ -822,7 +828,8 @@ class TritonPlan:
                     f"{self.device}, got {g.dtype} {tuple(g.shape)} on {g.device}"
                 )
             kinds.append(_KIND[g.dtype])
-        _upload([x for pair in zip(ptrs, kinds) for x in pair], self.device, out=self._gtab)
+        root = self._root.data_ptr()
+        _upload([x for ptr, kind in zip(ptrs, kinds) for x in (ptr - root, kind)], self.device, out=self._gtab)
         self._gptrs = ptrs
         self._gkinds = kinds
         self._gk = _common_kind(kinds)
@@ -838,8 +845,8 @@ class TritonPlan:
                 raise ValueError(f"params[{i}] changed dtype or layout since the plan was built: build a new one")
             if m is not None and not m.is_contiguous():
                 raise ValueError(f"momentum_buffers[{i}] is no longer contiguous: build a new plan")
-            self._table_host[_NF * i + _F_W] = pptrs[i]
-            self._table_host[_NF * i + _F_M] = mptrs[i]
+            self._table_host[_NF * i + _F_W] = pptrs[i] - self._root.data_ptr()
+            self._table_host[_NF * i + _F_M] = mptrs[i] and mptrs[i] - self._root.data_ptr()
         _upload(self._table_host, self.device, out=self._tab)
         self._pptrs, self._mptrs = pptrs, mptrs
 
@@ -879,6 +886,7 @@ class TritonPlan:
             _launch(
                 aligned,
                 (self._nprog,),
+                self._root,
                 self._tab,
                 self._gtab,
                 self._prog_block,

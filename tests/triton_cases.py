@@ -78,6 +78,9 @@ CASES: dict[str, dict] = {
     "aligned rows (vector loads on GPU)": dict(
         shapes=[(16, 256), (3, 512), (4, 2, 264), (24,), (40, 8)], momentum=0.9, mdtype="bf16", weight_decay=0.01
     ),
+    "parameter storage swapped between steps": dict(
+        shapes=[(5, 300), (3, 4, 5), (9,)], momentum=0.9, mdtype="f32", swap_storage=True, steps=3
+    ),
     "nonfinite in state": dict(shapes=[(6, 300), (20,)], nan_accumulator=True),
 }
 CASES = {name: {**_BASE, **spec} for name, spec in CASES.items()}
@@ -89,7 +92,9 @@ NONFINITE_CASES: dict[str, dict] = {
     "nan last element": dict(tensors=[("f32", 5000), ("bf16", 70), ("f32", 4097)], bad=[(2, 4096, "nan")], start=0.0),
     "-inf bf16 middle": dict(tensors=[("f32", 10), ("bf16", 9000), ("f16", 3)], bad=[(1, 4500, "-inf")], start=0.0),
     "fp16 nan": dict(tensors=[("f16", 4096), ("f16", 4097)], bad=[(1, 4096, "nan")], start=0.0),
-    "fp16 max finite": dict(tensors=[("f16", 100)], bad=[(0, 3, "f16max")], start=0.0),
+    "fp16 max finite": dict(
+        tensors=[("f16", 100), ("bf16", 9)], bad=[], extreme=[(0, 3, "f16max"), (1, 8, "bf16max")], start=0.0
+    ),
     "flag already 2": dict(tensors=[("f32", 100)], bad=[(0, 99, "inf")], start=2.0),
     "flag kept when finite": dict(tensors=[("f32", 100)], bad=[], start=1.0),
     "empty tensors among": dict(
@@ -239,6 +244,12 @@ def run_triton(case: dict) -> dict:
         plan.step(block_grads, rule, lr=lr, nu_divisor=nud, found_inf=found_inf, grad_scale=grad_scale)
         if step == 0:
             maxima_after_step = [t.clone() for t in flat_max]
+        if case.get("swap_storage"):  # `p.data = ...` as a user might: the plan must follow the new storage
+            for p in blocks["p"]:
+                p.data = p.data.clone()
+            for m in blocks["m"]:
+                if m is not None:
+                    m.data = m.data.clone()
         finalize.run(keep_max=case["keep_max"], found_inf=found_inf)
     return dict(
         params=params, buffers=buffers, accs=accs, maxima_after_first_step=maxima_after_step, maxima_now=flat_max
@@ -248,8 +259,8 @@ def run_triton(case: dict) -> dict:
 def make_nonfinite(case: dict, seed: int = 1) -> list[Tensor]:
     gen = torch.Generator().manual_seed(seed)
     tensors = [torch.randn(n, generator=gen).to(DTYPES[d]) for d, n in case["tensors"]]
-    values = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan"), "f16max": 65504.0}
-    for k, i, v in case["bad"]:
+    values = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan"), "f16max": 65504.0, "bf16max": 3.3895e38}
+    for k, i, v in case["bad"] + case.get("extreme", []):  # "extreme": finite values next to the exponent limit
         tensors[k][i] = values[v]
     return tensors
 
@@ -262,8 +273,60 @@ def run_nonfinite(case: dict) -> Tensor:
     return flag
 
 
+def _bad_inputs() -> dict[str, str | None]:
+    """What TritonPlan.build says about inputs it cannot take (its ``reason``), and the errors of a bad step."""
+    from sm3_dist import _triton
+
+    def reason(params, bufs=None, accs=None, outs=None):
+        bufs = [None] * len(params) if bufs is None else bufs
+        if accs is None:
+            accs = [[torch.zeros(n) for n in (p.shape if p.ndim >= 2 else (p.numel(),))] for p in params]
+        outs = [[torch.zeros_like(a) for a in aa] for aa in accs] if outs is None else outs
+        plan = _triton.TritonPlan.build(params, bufs, accs, outs)
+        return None if plan is not None else _triton.TritonPlan.reason
+
+    def error(fn):
+        try:
+            fn()
+        except (ValueError, TypeError) as exc:
+            return str(exc)
+        return None
+
+    w = torch.zeros(4, 8)
+    accs = [[torch.zeros(4), torch.zeros(8)]]
+    outs = [[torch.zeros(4), torch.zeros(8)]]
+    plan = _triton.TritonPlan.build([w], [None], accs, outs)
+    rule = _rule(CASES["ranks 0-4"])
+    shared = torch.zeros(5)
+    return {
+        "no blocks": reason([]),
+        "float64": reason([torch.zeros(3, 3, dtype=torch.float64)]),
+        "not contiguous": reason([torch.zeros(4, 6).t()]),
+        "rank 5": reason([torch.zeros(1, 1, 1, 1, 2)]),
+        "fp16 momentum": reason([torch.zeros(3, 4)], [torch.zeros(3, 4, dtype=torch.float16)]),
+        "accumulator length": reason([torch.zeros(3, 4)], accs=[[torch.zeros(3), torch.zeros(5)]]),
+        "accumulator dtype": reason([torch.zeros(3, 4)], accs=[[torch.zeros(3), torch.zeros(4, dtype=torch.bfloat16)]]),
+        "maxima overlap accumulators": reason(
+            [torch.zeros(3, 4)], accs=[[shared[:3], torch.zeros(4)]], outs=[[shared[2:], torch.zeros(4)]]
+        ),
+        "good": reason([torch.zeros(3, 4)]),
+        "holds same": str(plan.holds([w], [None], accs, outs)),
+        "holds other param": str(plan.holds([w.clone()], [None], accs, outs)),
+        "holds other maxima": str(plan.holds([w], [None], accs, [[torch.zeros(4), outs[0][1]]])),
+        "step grad shape": error(lambda: plan.step([torch.zeros(8, 4)], rule, lr=0.1)),
+        "step grad count": error(lambda: plan.step([torch.zeros(4, 8), torch.zeros(4, 8)], rule, lr=0.1)),
+        "step found_inf dtype": error(
+            lambda: plan.step([torch.zeros(4, 8)], rule, lr=0.1, found_inf=torch.zeros(1, dtype=torch.float64))
+        ),
+        "step lr shape": error(lambda: plan.step([torch.zeros(4, 8)], rule, lr=torch.zeros(2))),
+        "nonfinite dtype": error(lambda: _triton.nonfinite_([torch.zeros(3, dtype=torch.float64)], torch.zeros(1))),
+        "finalize lengths": error(lambda: _triton.finalize_([torch.zeros(3)], [torch.zeros(4)], keep_max=False)),
+    }
+
+
 def main(out: str) -> None:
     results = {"cases": {}, "nonfinite": {}, "errors": {}}
+    results["bad"] = _bad_inputs()
     for name, case in CASES.items():
         try:
             results["cases"][name] = run_triton(case)
