@@ -3,10 +3,14 @@
 A :class:`TritonPlan` is built once for a fixed list of dense blocks (the
 parameters, their momentum buffers, the accumulator slices they read and the
 maxima buffers they write). It holds a device-side table with one row per
-block (data addresses, ``rows x cols`` geometry, dtypes) and a map from
+block (where its tensors are, ``rows x cols`` geometry, dtypes) and a map from
 program to block, so that :meth:`TritonPlan.step` is one launch whose host
-work is a comparison of the gradients' data pointers with the previous step's
-(and one small host-to-device copy when they moved).
+work is a comparison of the data pointers with the previous step's (and one
+small asynchronous host-to-device copy when they moved). Parameters, gradients
+and momentum buffers are addressed as byte offsets from one small "root"
+tensor passed as a kernel argument: the compiler knows that argument's
+alignment and so emits 16-byte vector loads and stores where every row is
+aligned (a pointer made from an integer carries no alignment it can see).
 
 Each block is viewed as ``rows x cols``, its last dimension against the others,
 as the native CPU kernel views it (:mod:`sm3_dist._native`). A program takes a
@@ -833,13 +837,15 @@ class TritonPlan:
         self._gptrs = ptrs
         self._gkinds = kinds
         self._gk = _common_kind(kinds)
+        self._aligned_now = self._aligned()
 
     def _refresh_pointers(self) -> None:
-        """Parameters or momentum buffers whose storage moved (``p.data = ...``): their table entries again."""
+        """Parameters whose storage moved (``p.data = ...``): their table entries (and their momentum buffers')
+        again. Momentum buffers belong to the optimizer, which builds a new plan when it replaces one."""
         pptrs = [p.data_ptr() for p in self._params]
-        mptrs = [0 if m is None else m.data_ptr() for m in self._buffers]
-        if pptrs == self._pptrs and mptrs == self._mptrs:
+        if pptrs == self._pptrs:
             return
+        mptrs = [0 if m is None else m.data_ptr() for m in self._buffers]
         for i, (p, m) in enumerate(zip(self._params, self._buffers)):
             if not p.is_contiguous() or _KIND.get(p.dtype) != self._table_host[_NF * i + _F_KINDS] & 15:
                 raise ValueError(f"params[{i}] changed dtype or layout since the plan was built: build a new one")
@@ -849,6 +855,7 @@ class TritonPlan:
             self._table_host[_NF * i + _F_M] = mptrs[i] and mptrs[i] - self._root.data_ptr()
         _upload(self._table_host, self.device, out=self._tab)
         self._pptrs, self._mptrs = pptrs, mptrs
+        self._aligned_now = self._aligned()
 
     def step(self, grads: Sequence[Tensor], rule, *, lr, nu_divisor=None, found_inf=None, grad_scale=None) -> None:
         """One SM3 step of every block: one kernel launch (plus torch ops for blocks of rank > 2).
@@ -882,7 +889,7 @@ class TritonPlan:
         if self._nprog:
             dummy = self._dummy
             momentum, beta = float(rule.momentum), float(rule.beta)
-            aligned = self._aligned()
+            aligned = self._aligned_now and _ALIGN_HINTS["on"]
             _launch(
                 aligned,
                 (self._nprog,),
