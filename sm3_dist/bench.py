@@ -7,7 +7,12 @@ For each: the median and interquartile range of the step time, the ratio to
 ``torch.optim.Adam(fused=True)``, the optimizer state, the bytes the step must
 move at the least (its algorithm's reads and writes of per-parameter tensors),
 and the time those bytes take at the bandwidth of a large tensor copy measured
-in the same run.
+in the same run. On CUDA also the kernel launches of one step (counted with
+``torch.profiler``) and its host synchronizations (warnings of
+``torch.cuda.set_sync_debug_mode("warn")``); ``--sync-error`` runs one more step
+of every SM3 row under ``set_sync_debug_mode("error")``, ``--check`` first
+compares the CUDA kernels with the eager CPU kernel on a few shapes, and
+``--fsdp2`` adds the parameter set FSDP2-sharded on a one-rank mesh.
 
 ``sm3-dist bench --distributed ...`` runs :mod:`sm3_dist.bench_distributed` instead.
 """
@@ -18,9 +23,11 @@ import argparse
 import importlib
 import json
 import math
+import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -79,6 +86,12 @@ class Row:
     pct_of_bound: float
     samples: int
     times_ms: list[float] = field(default_factory=list, repr=False)
+    launches: int | None = None
+    """CUDA kernels one step launches (``None`` off CUDA)."""
+    syncs: int | None = None
+    """Host synchronizations in one step (``None`` off CUDA)."""
+    sync_error: str | None = None
+    """With ``--sync-error``: ``"ok"``, or the error a step raised under ``set_sync_debug_mode("error")``."""
 
 
 def _candidates(lr: float) -> list[Candidate]:
@@ -113,6 +126,90 @@ def _candidates(lr: float) -> list[Candidate]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def count_launches(step: Callable[[], object], device: torch.device) -> int | None:
+    """CUDA kernels launched by one call of ``step`` (memory copies and sets not counted); ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        _sync(device)
+    return sum(
+        1
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset", "[memory]"))
+    )
+
+
+def count_syncs(step: Callable[[], object], device: torch.device) -> int | None:
+    """Host synchronizations in one call of ``step`` (``set_sync_debug_mode("warn")`` warnings); ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    _sync(device)
+    return sum(1 for w in caught if "synchroniz" in str(w.message))
+
+
+def sync_error(step: Callable[[], object], device: torch.device) -> str | None:
+    """``"ok"`` if one call of ``step`` runs under ``set_sync_debug_mode("error")``, else the error; ``None`` off
+    CUDA."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    except RuntimeError as exc:
+        return f"error: {str(exc).splitlines()[0][:160]}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        _sync(device)
+    return "ok"
+
+
+FSDP2_ROW = "sm3 fused m=0.9 fsdp2 world-1"
+
+
+def _fsdp2_candidate(lr: float, device: torch.device) -> Candidate:
+    """SM3 on the parameter set sharded by FSDP2's ``fully_shard`` over a one-rank mesh (its own copies of the
+    parameters and gradients, as DTensors): the sharded path, with its reduction of maxima, through the same
+    block plan and fused kernel."""
+
+    def make(params: list[Tensor]) -> torch.optim.Optimizer:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import distribute_tensor
+
+        from sm3_dist.comm import free_port
+
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+        mesh = init_device_mesh(device.type, (1,))
+        module = torch.nn.ParameterList([torch.nn.Parameter(p.detach().clone()) for p in params])
+        fully_shard(module, mesh=mesh)
+        sharded = list(module.parameters())
+        for p, q in zip(sharded, params):
+            p.grad = distribute_tensor(q.grad, mesh, p.placements, src_data_rank=None)
+        opt = SM3(sharded, lr=lr, momentum=0.9, fused=True)
+        opt._bench_module = module  # kept alive with the optimizer
+        return opt
+
+    return Candidate(FSDP2_ROW, make, 24)
 
 
 class CopyBandwidth:
@@ -165,6 +262,8 @@ def run(
     steps_per_round: int,
     warmup: int,
     only: list[str] | None = None,
+    fsdp2: bool = False,
+    check_syncs: bool = False,
     progress: Callable[[str], None] = lambda s: None,
 ) -> dict:
     """Build, warm up and time every candidate; returns the table as a dict (see ``--json``)."""
@@ -174,7 +273,8 @@ def run(
         p.grad = torch.randn_like(p)
     numel = sum(p.numel() for p in params)
     sum_dims = sum(sum(p.shape) for p in params)
-    candidates = [c for c in _candidates(lr=1e-4) if only is None or any(o in c.name for o in only)]
+    candidates = _candidates(lr=1e-4) + ([_fsdp2_candidate(1e-4, device)] if fsdp2 else [])
+    candidates = [c for c in candidates if only is None or any(o in c.name for o in only)]
     if not candidates:
         raise ValueError(f"--only {only} matches no optimizer")
     progress(f"bandwidth: copying 128 MiB tensors on {device}")
@@ -190,6 +290,15 @@ def run(
         _sync(device)
         progress(f"  {c.name}: warm-up took {time.perf_counter() - t0:.1f} s")
         optimizers.append(opt)
+    counted = []
+    for c, opt in zip(candidates, optimizers):
+        launches, syncs = count_launches(opt.step, device), count_syncs(opt.step, device)
+        error = sync_error(opt.step, device) if check_syncs and c.name.startswith("sm3") else None
+        counted.append((launches, syncs, error))
+        if launches is not None:
+            progress(
+                f"  {c.name}: {launches} kernel launches, {syncs} host syncs per step" + (f"; {error}" if error else "")
+            )
     times: list[list[float]] = [[] for _ in candidates]
     for r in range(rounds):
         progress(f"round {r + 1}/{rounds}")
@@ -206,7 +315,7 @@ def run(
     medians = {c.name: statistics.median(t) for c, t in zip(candidates, times)}
     adam = medians.get("adam fused")
     rows = []
-    for c, opt, t in zip(candidates, optimizers, times):
+    for c, opt, t, (launches, syncs, error) in zip(candidates, optimizers, times, counted):
         q1, q2, q3 = _quartiles(t)
         # the per-parameter streams, plus the accumulators' read and the maxima's write for SM3
         moved = c.bytes_per_param * numel + (8 * sum_dims if "sm3" in c.name else 0)
@@ -224,6 +333,9 @@ def run(
                 pct_of_bound=100 * bound_ms / q2,
                 samples=len(t),
                 times_ms=t,
+                launches=launches,
+                syncs=syncs,
+                sync_error=error,
             )
         )
     return {
@@ -249,15 +361,21 @@ def format_table(result: dict) -> str:
         head,
         "",
         "| optimizer | ms/step (median) | IQR ms | min ms | vs Adam fused | state MiB | MB moved/step | bound ms "
-        "| % of bound |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| % of bound | launches/step | syncs/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         ratio = "-" if r["ratio_to_adam_fused"] is None else f"{r['ratio_to_adam_fused']:.2f}x"
+        launches = "-" if r.get("launches") is None else str(r["launches"])
+        syncs = "-" if r.get("syncs") is None else str(r["syncs"])
         lines.append(
             f"| {r['name']} | {r['median_ms']:.2f} | {r['iqr_ms']:.2f} | {r['min_ms']:.2f} | {ratio} | {r['state_mib']:.1f} "
-            f"| {r['moved_mb']:.0f} | {r['bound_ms']:.2f} | {r['pct_of_bound']:.0f}% |"
+            f"| {r['moved_mb']:.0f} | {r['bound_ms']:.2f} | {r['pct_of_bound']:.0f}% | {launches} | {syncs} |"
         )
+    errors = [(r["name"], r["sync_error"]) for r in result["rows"] if r.get("sync_error")]
+    if errors:
+        lines += ["", 'One more step of each SM3 row under torch.cuda.set_sync_debug_mode("error"):']
+        lines += [f"- {name}: {error}" for name, error in errors]
     return "\n".join(lines)
 
 
@@ -309,6 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results (with every sample) as JSON")
     parser.add_argument("--plot", metavar="PNG", help="also draw the step times against their bounds (matplotlib)")
     parser.add_argument("--distributed", action="store_true", help="run sm3_dist.bench_distributed instead")
+    parser.add_argument(
+        "--check", action="store_true", help="first compare the CUDA kernels with the eager CPU kernel (needs CUDA)"
+    )
+    parser.add_argument(
+        "--sync-error",
+        action="store_true",
+        help='one more step of every SM3 row under torch.cuda.set_sync_debug_mode("error") (CUDA)',
+    )
+    parser.add_argument("--fsdp2", action="store_true", help=f"add the row {FSDP2_ROW!r}")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     shapes = args.params
@@ -325,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"[bench {time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    status = 0
+    if args.check:
+        status = check(device, progress)
     result = run(
         shapes,
         device=device,
@@ -332,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         steps_per_round=args.steps,
         warmup=args.warmup,
         only=args.only,
+        fsdp2=args.fsdp2,
+        check_syncs=args.sync_error,
         progress=progress,
     )
     result["command"] = "sm3-dist bench " + " ".join(argv)
@@ -341,4 +473,27 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(result, f, indent=1)
     if args.plot:
         plot(result, args.plot)
-    return 0 if all(math.isfinite(r["median_ms"]) for r in result["rows"]) else 1
+    if any(r.get("sync_error") not in (None, "ok") for r in result["rows"]):
+        status = 1
+    return status if all(math.isfinite(r["median_ms"]) for r in result["rows"]) else 1
+
+
+def check(device: torch.device, progress: Callable[[str], None] = lambda s: None) -> int:
+    """The fused CUDA kernels against the eager CPU kernel on a few shapes (:func:`sm3_dist._triton.check`);
+    prints one line per case and returns 0 when all are bitwise equal."""
+    if device.type != "cuda":
+        print(f"--check compares the CUDA kernels with the eager CPU kernel: nothing to check on {device}")
+        return 0
+    try:
+        from sm3_dist import _triton
+    except ImportError as exc:
+        print(f"--check: the Triton kernel is unavailable ({exc}); install the gpu extra")
+        return 1
+    progress("check: the Triton kernels against the eager CPU kernel")
+    results = _triton.check(device)
+    for r in results:
+        detail = "" if r["ok"] else f": {r.get('error') or r.get('mismatches')}"
+        print(f"check {'ok  ' if r['ok'] else 'FAIL'} {r['name']}{detail}")
+    failed = sum(1 for r in results if not r["ok"])
+    print(f"check: {len(results) - failed}/{len(results)} cases bitwise equal to the eager CPU kernel\n")
+    return 1 if failed else 0

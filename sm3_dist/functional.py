@@ -373,6 +373,9 @@ class FusedKernel:
     """``finalize(accumulators, maxima, *, keep_max, found_inf, zero_maxima)`` in one launch."""
     finalize_plan: Callable[..., Any] | None = None
     """``finalize_plan(accumulators, maxima)``: :attr:`finalize` prepared once for fixed lists (``.run(...)``)."""
+    nonfinite_plan: Callable[..., Any] | None = None
+    """``nonfinite_plan(tensors)``: :attr:`nonfinite` prepared once (``.run(found_inf, tensors)`` re-points it to
+    tensors of the same sizes and dtypes, and raises ``ValueError`` for others)."""
 
     def takes(self, p: Tensor, g: Tensor, m: Tensor | None) -> bool:
         return p.dtype in self.param_dtypes and g.dtype == p.dtype and (m is None or m.dtype in _NATIVE_MOMENTUM)
@@ -626,6 +629,7 @@ def _triton_loader() -> FusedKernel | None:
         nonfinite=triton_kernel.nonfinite_,
         finalize=triton_kernel.finalize_,
         finalize_plan=triton_kernel.FinalizePlan,
+        nonfinite_plan=triton_kernel.NonfinitePlan,
     )
 
 

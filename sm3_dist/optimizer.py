@@ -161,8 +161,9 @@ class SM3(Optimizer):
         self._specs: dict[Tensor, ShardSpec] = {}
         self._checked: dict[Tensor, float] = {}
         """The momentum each parameter's state was last checked against (checked again after a load)."""
-        self._dense: dict[int, GroupPlan] = {}
-        """Each param group's block plan (by index), rebuilt when what it was built for changes."""
+        self._dense: dict[int | str, Any] = {}
+        """Each param group's block plan (by index), rebuilt when what it was built for changes; and under
+        ``"nonfinite"`` the device's prepared non-finite check."""
         self._reducers: dict[Any, MaxReducer] = {}
         # (finalizer of reduced accumulators, that step's device found_inf) awaiting the reduced maxima
         self._pending: list[tuple[Finalizer, Tensor | None]] = []
@@ -424,7 +425,7 @@ class SM3(Optimizer):
                 flag = torch.tensor(0.0 if bad is None else 1.0, device=device)
             else:
                 flag = torch.zeros((), dtype=torch.float32, device=device)
-                functional.nonfinite_(grads, flag)
+                self._check_nonfinite_on_device(grads, flag)
         groups = {_group_key(s.group): s.group for s in self._specs.values() if s.group is not None}
         all_reduce_flag_(flag, list(groups.values()))
         if flag.device.type not in functional.HOST_READ_DEVICES and self.nonfinite != "raise":
@@ -439,6 +440,24 @@ class SM3(Optimizer):
         for group in self.param_groups:
             group[SKIPPED_KEY] = group.get(SKIPPED_KEY, 0) + 1
         return True, None
+
+    def _check_nonfinite_on_device(self, grads: list[Tensor], flag: Tensor) -> None:
+        """``functional.nonfinite_``, through the device kernel's prepared check, kept (in the plan cache) while
+        the gradients keep their sizes and dtypes."""
+        kernel = functional.fused_kernel(flag.device.type)
+        make = None if kernel is None else kernel.nonfinite_plan
+        if make is None or any(g.dtype not in functional._FINITE_KINDS or not g.is_contiguous() for g in grads):
+            functional.nonfinite_(grads, flag)
+            return
+        plan = self._dense.get("nonfinite")
+        if plan is not None:
+            try:
+                plan.run(flag, grads)
+                return
+            except ValueError:  # other sizes or dtypes than the plan's
+                pass
+        plan = self._dense["nonfinite"] = make(grads)
+        plan.run(flag)
 
     def _fold_skipped(self) -> None:
         """Add the steps skipped on the device to the groups' counts (reads the device counter)."""
@@ -470,15 +489,16 @@ class SM3(Optimizer):
         grads: list[Tensor | None] = []
         state = self.state
         for p in group["params"]:
-            local = to_local(p)
+            local = _local(p)
             g = p.grad
             if g is not None:
-                g = to_local(g)
+                g = _local(g)
                 gsig = (g.dtype, g.shape, g.is_sparse or g.is_contiguous(), g.is_sparse, g.device)
             else:
                 gsig = None
             st = state.get(p)
-            sig.append((id(p), id(local), local.data_ptr(), gsig, None if st is None else tuple(map(id, st.values()))))
+            ids = None if st is None else tuple(map(id, st.values()))
+            sig.append((id(p), local.data_ptr(), local.dtype, local.shape, local.stride(), gsig, ids))
             grads.append(g)
         return tuple(sig), grads
 
@@ -781,6 +801,13 @@ class SM3(Optimizer):
                     # a copy, so training on does not write into the caller's dict; the step count stays on CPU
                     device = value.device if key == STEP_KEY else to_local(p).device
                     self.state[p][key] = value.to(device=device, copy=True)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local tensor of a DTensor (its storage, without ``to_local``'s autograd wrapper: the step runs under
+    ``no_grad`` and only reads and writes the data); anything else as it is."""
+    local = getattr(t, "_local_tensor", None)
+    return t if local is None else local
 
 
 def _update_rule(group: dict[str, Any]) -> UpdateRule:

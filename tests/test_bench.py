@@ -26,12 +26,14 @@ EXPECTED = [
     "adagrad",
     "pytorch_optimizer sm3 m=0.9",
 ]
+COLUMNS = "| optimizer | ms/step (median) | IQR ms | min ms | vs Adam fused | state MiB | MB moved/step | bound ms"
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "bench.json"
     argv = ["bench", "--params", "tiny", "--rounds", "2", "--steps", "1", "--warmup", "1", "--json", str(path)]
+    argv += ["--check", "--sync-error"]  # on CPU: nothing to compare, no syncs to count (the columns say "-")
     return argv, path
 
 
@@ -40,6 +42,7 @@ def test_bench_prints_every_row_with_sane_numbers(tiny_run, capsys):
     assert cli.main(argv) == 0
     out, err = capsys.readouterr()
     assert "round 2/2" in err  # progress goes to stderr
+    assert COLUMNS + " | % of bound | launches/step | syncs/step |" in out
     table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| optimizer")]
     assert [line.split(" | ")[0][2:] for line in table] == EXPECTED
     result = json.loads(path.read_text())
@@ -49,6 +52,7 @@ def test_bench_prints_every_row_with_sane_numbers(tiny_run, capsys):
     assert result["parameters"] == numel and result["bandwidth_gb_s"] > 0
     for r in rows.values():
         assert r["samples"] == 2 and len(r["times_ms"]) == 2
+        assert r["launches"] is None and r["syncs"] is None and r["sync_error"] is None
         assert 0 < r["median_ms"] < 60_000 and r["iqr_ms"] >= 0
         assert r["bound_ms"] > 0 and r["pct_of_bound"] > 0
     assert rows["adam fused"]["ratio_to_adam_fused"] == pytest.approx(1.0)
@@ -88,3 +92,53 @@ def test_gpt_preset_is_about_27m_parameters():
     shapes = bench.gpt_shapes(*bench.PRESETS["gpt"])
     assert 27e6 <= sum(math.prod(s) for s in shapes) <= 28e6
     assert (16384, 512) in shapes and (1536, 512) in shapes and (512, 2048) in shapes
+
+
+def _fsdp2_world1_worker(rank: int, world_size: int) -> dict:
+    import torch
+
+    from sm3_dist import SM3
+
+    shapes = bench.gpt_shapes(*bench.PRESETS["tiny"])
+    torch.manual_seed(0)
+    params = [torch.randn(s, requires_grad=True) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = bench._fsdp2_candidate(0.01, torch.device("cpu")).make(params)
+    builds = []
+    original = opt._init_group
+    opt._init_group = lambda gi, group: builds.append(gi) or original(gi, group)
+    ref = SM3(params, lr=0.01, momentum=0.9, fused=True)
+    for _ in range(4):
+        opt.step()
+        ref.step()
+    opt.state_dict()  # the last reduction of maxima
+    plan = opt._dense[0]
+    sharded = list(opt.param_groups[0]["params"])
+    return dict(
+        builds=len(builds),
+        equal=all(torch.equal(s.full_tensor(), p) for s, p in zip(sharded, params)),
+        whole=all(b.whole for b in plan.blocks) and len(plan.blocks) == len(params),
+        reduced=all(pr.reduced for pr in plan.pieces),
+        fused=type(plan.fused).__name__,
+        other=len(plan.other_blocks),
+    )
+
+
+def test_fsdp2_world1_row_steps_through_the_block_plan():
+    """The bench's FSDP2 row: DTensor parameters on a one-rank mesh, one block per parameter (the local tensor
+    itself, maxima to the reducer), one fused plan built once for all steps, equal to plain SM3."""
+    from tests.spawn import run_distributed
+
+    (result,) = run_distributed(_fsdp2_world1_worker, 1)
+    assert result["builds"] == 1 and result["equal"] and result["whole"] and result["reduced"]
+    if result["fused"] != "NoneType":
+        assert result["fused"] == "NativePlan" and result["other"] == 0
+
+
+def test_launch_and_sync_counters_are_cuda_only():
+    import torch
+
+    assert bench.count_launches(lambda: None, torch.device("cpu")) is None
+    assert bench.count_syncs(lambda: None, torch.device("cpu")) is None
+    assert bench.sync_error(lambda: None, torch.device("cpu")) is None
