@@ -355,22 +355,25 @@ MARGIN = 30.0
 """Seconds allowed after a timeout for the error, the launcher stopping the other rank, and exiting."""
 
 HANGS = [
-    # (setup, fault, the step metrics.jsonl shows when the hang begins, timeout that must end it, message)
-    ("sharded", "hang@step:4:1", 3, PG_TIMEOUT,
+    # (setup, fault, the step metrics.jsonl shows when the hang begins, --step-timeout, timeout that must end it,
+    #  message); the gloo row's watchdog waits past the margin, so the process-group timeout alone must end it
+    ("sharded", "hang@step:4:1", 3, PG_TIMEOUT + MARGIN + 30.0, PG_TIMEOUT,
      "rank 0, step 4 (training step): a collective did not complete within the process-group timeout "
      "(--pg-timeout 5 s): another rank hung or died"),
     # DeepSpeed's CPU all-reduce spins on shared memory with no timeout: the watchdog ends it
-    ("deepspeed", "hang@step:4:1", 3, STEP_TIMEOUT,
+    ("deepspeed", "hang@step:4:1", 3, STEP_TIMEOUT, STEP_TIMEOUT,
      "step 4 made no progress for 10 s (--step-timeout 10 s): another rank died or hung"),
 ]  # fmt: skip
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("setup", "fault", "shown", "limit", "message"), HANGS, ids=[f"{h[0]}-{h[1]}" for h in HANGS])
-def test_hung_rank_stops_the_job_within_the_timeout(setup, fault, shown, limit, message, tmp_path):
+@pytest.mark.parametrize(
+    ("setup", "fault", "shown", "step_timeout", "limit", "message"), HANGS, ids=[f"{h[0]}-{h[1]}" for h in HANGS]
+)
+def test_hung_rank_stops_the_job_within_the_timeout(setup, fault, shown, step_timeout, limit, message, tmp_path):
     out = tmp_path / "run"
     args = [*SMALL, "--setup", setup, "--steps", "8", "--eval-every", "0", "--checkpoint-every", "4", "--out", str(out),
-            "--pg-timeout", str(PG_TIMEOUT), "--step-timeout", str(STEP_TIMEOUT)]  # fmt: skip
+            "--pg-timeout", str(PG_TIMEOUT), "--step-timeout", str(step_timeout)]  # fmt: skip
     log = tmp_path / "stderr.log"
     with open(log, "w") as stderr:
         proc = subprocess.Popen(
