@@ -110,9 +110,19 @@ def sm3_error_inputs(device: str | torch.device, dtype: torch.dtype = torch.floa
             error_regex=regex,
         )
 
-    p = [_param(device, dtype)]
+    # what the step checks runs on the device (on accelerators, the non-finite check is a device flag)
+    errors.append(
+        at_step(
+            [_with_grad(_param(device), torch.tensor([[1.0, float("nan")], [0.0, 0.0]], device=device))],
+            dict(nonfinite="raise"),
+            FloatingPointError,
+            r"non-finite gradient in param_groups\[0\]\['params'\]\[0\]",
+            "nan gradient under nonfinite='raise'",
+        )
+    )
     if torch.device(device).type != "cpu":
-        return errors  # the hyperparameter checks do not depend on the device; they run once, on CPU
+        return errors  # the constructor's checks do not depend on the device; they run once, on CPU
+    p = [_param(device, dtype)]
     errors += [
         bad(dict(lr=-0.1), ValueError, r"Invalid lr: -0\.1", "negative lr", p),
         bad(dict(lr=float("nan")), ValueError, r"Invalid lr: nan", "nan lr", p),
@@ -142,13 +152,6 @@ def sm3_error_inputs(device: str | torch.device, dtype: torch.dtype = torch.floa
             r"SM3 does not support torch\.int64",
             "integer parameter",
             [torch.ones(2, 2, dtype=torch.int64)],
-        ),
-        at_step(
-            [_with_grad(_param(device), torch.tensor([[1.0, float("nan")], [0.0, 0.0]], device=device))],
-            dict(nonfinite="raise"),
-            FloatingPointError,
-            r"non-finite gradient in param_groups\[0\]\['params'\]\[0\]",
-            "nan gradient under nonfinite='raise'",
         ),
     ]
     return errors
