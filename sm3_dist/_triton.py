@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -991,10 +992,18 @@ class NonfinitePlan:
     def _table(self) -> list[int]:
         return [x for row in zip(self._ptrs, self._numels, self._kinds) for x in row]
 
+    def detached(self) -> NonfinitePlan:
+        """This plan without its tensors: :meth:`run` then scans the addresses it was built for."""
+        self._tensors = None
+        return self
+
     def run(self, found_inf: Tensor, tensors: Sequence[Tensor] | None = None) -> None:
         """``found_inf = max(found_inf, 1)`` if any of the tensors (the plan's, re-pointed, or ``tensors`` of the
         same sizes and dtypes in the same order) holds an inf or NaN. One launch, no host synchronization."""
         if not self._nprog:
+            return
+        if tensors is None and self._tensors is None:  # a prepared table of exactly these pointers
+            self._launch(found_inf)
             return
         if tensors is not None:
             tensors = [t for t in tensors if t.numel()]
@@ -1005,6 +1014,9 @@ class NonfinitePlan:
         if ptrs != self._ptrs:
             self._ptrs = ptrs
             _upload(self._table(), self.device, out=self._tab)
+        self._launch(found_inf)
+
+    def _launch(self, found_inf: Tensor) -> None:
         _nonfinite_kernel[(self._nprog,)](
             self._tab, self._starts, len(self._numels), found_inf, LOG2N=self._log2n, CHUNK=self.CHUNK, num_warps=4
         )
@@ -1017,7 +1029,29 @@ def nonfinite_(tensors: Sequence[Tensor], found_inf: Tensor) -> None:
     :class:`NonfinitePlan` saves re-building the table.
     """
     _check_flag(found_inf, "found_inf")
-    NonfinitePlan(tensors).run(found_inf)
+    tensors = [t for t in tensors if t.numel()]
+    key = ("nonfinite", *((t.data_ptr(), t.numel(), t.dtype, t.is_contiguous()) for t in tensors))
+    _prepared(key, lambda: NonfinitePlan(tensors).detached()).run(found_inf)
+
+
+_PREPARED: OrderedDict[tuple, object] = OrderedDict()
+_PREPARED_MAX = 16
+
+
+def _prepared(key: tuple, make):
+    """The plan prepared for ``key`` (data pointers, sizes, dtypes: what its table holds), made on first use.
+
+    Keyed by addresses rather than tensors, so that the next step's gradients, allocated where the last ones
+    were, find the same table; the plans hold no tensors, so the cache keeps no memory alive.
+    """
+    plan = _PREPARED.get(key)
+    if plan is None:
+        plan = _PREPARED[key] = make()
+        if len(_PREPARED) > _PREPARED_MAX:
+            _PREPARED.popitem(last=False)
+    else:
+        _PREPARED.move_to_end(key)
+    return plan
 
 
 def _check_flag(flag: Tensor, name: str) -> None:
@@ -1039,8 +1073,7 @@ class FinalizePlan:
                     raise ValueError(f"{what}[{i}] must be a contiguous fp32 tensor, got {t.dtype}")
             if a.numel() != m.numel() or a.device != m.device:
                 raise ValueError(f"accumulators[{i}] and maxima[{i}] differ in size or device")
-        pairs = [(a, m) for a, m in zip(accumulators, maxima) if a.numel()]
-        self._pairs = pairs
+        pairs = [(a, m) for a, m in zip(accumulators, maxima) if a.numel()]  # not kept: the table is enough
         self.device = pairs[0][0].device if pairs else None
         table, counts, first = [], [], 0
         for a, m in pairs:
@@ -1085,7 +1118,12 @@ def finalize_(
 ) -> None:
     """``acc <- maxima`` (or ``max(acc, maxima)`` under ``keep_max``) unless ``found_inf`` is set; then
     ``maxima <- 0``. One launch over lists of fp32 tensors; :class:`FinalizePlan` prepares it once."""
-    FinalizePlan(accumulators, maxima).run(keep_max=keep_max, found_inf=found_inf, zero_maxima=zero_maxima)
+    key = ("finalize", *((a.data_ptr(), m.data_ptr(), a.numel(), m.numel(), a.dtype, m.dtype, a.device, m.device,
+                          a.is_contiguous(), m.is_contiguous()) for a, m in zip(accumulators, maxima)))  # fmt: skip
+    if len(accumulators) != len(maxima):
+        raise ValueError(f"{len(accumulators)} accumulators but {len(maxima)} maxima buffers")
+    plan = _prepared(key, lambda: FinalizePlan(accumulators, maxima))
+    plan.run(keep_max=keep_max, found_inf=found_inf, zero_maxima=zero_maxima)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -131,3 +131,10 @@ def test_plan_builds_and_holds_its_tensors(interpreted):
     assert bad["holds same"] == "True"
     assert bad["holds other param"] == "False"
     assert bad["holds other maxima"] == "False"
+
+
+def test_prepared_tables_follow_the_tensors(interpreted):
+    # the same tensors again (their prepared table reused), then new ones: every call sees the values now there
+    repeated = interpreted["repeated"]
+    assert repeated["nonfinite flags"] == [0.0, 1.0, 0.0, 1.0]
+    assert repeated["finalize acc, maxima"] == [1.0, 0.0, 3.0, 0.0]

@@ -324,9 +324,37 @@ def _bad_inputs() -> dict[str, str | None]:
     }
 
 
+def _repeated_calls() -> dict[str, list[float]]:
+    """nonfinite_ and finalize_ called again on the same tensors (a prepared table reused) and on new ones."""
+    from sm3_dist import _triton
+
+    def scan(ts):
+        flag = torch.zeros(1)
+        _triton.nonfinite_(ts, flag)
+        return flag.item()
+
+    first = [torch.zeros(5000), torch.zeros(70, dtype=torch.bfloat16)]
+    flags = [scan(first)]
+    first[1][69] = float("inf")
+    flags.append(scan(first))  # the same pointers: the prepared table again
+    second = [torch.zeros(5000), torch.zeros(70, dtype=torch.bfloat16)]
+    flags.append(scan(second))
+    second[0][4999] = float("nan")
+    flags.append(scan(second))
+    acc, new = [torch.zeros(10), torch.zeros(3)], [torch.ones(10), torch.full((3,), 2.0)]
+    seen = []
+    for value in (1.0, 3.0):
+        new[0].fill_(value)
+        _triton.finalize_(acc, new, keep_max=False)
+        seen.append(acc[0][0].item())
+        seen.append(new[0][0].item())
+    return {"nonfinite flags": flags, "finalize acc, maxima": seen}
+
+
 def main(out: str) -> None:
     results = {"cases": {}, "nonfinite": {}, "errors": {}}
     results["bad"] = _bad_inputs()
+    results["repeated"] = _repeated_calls()
     for name, case in CASES.items():
         try:
             results["cases"][name] = run_triton(case)
