@@ -148,9 +148,8 @@ def _divisor(value: float | Tensor | None, like: Tensor) -> float | Tensor | Non
         if like.dtype != torch.float64:
             value = struct.unpack("f", struct.pack("f", value))[0]
         return value if like.is_cpu else torch.full((), value, dtype=like.dtype, device=like.device)
-    if like.is_cpu and value.is_cpu:
-        return value
-    return value.to(like.device, non_blocking=True)
+    # rounded to like's dtype here: a 0-d fp64 divisor of a 0-d fp32 tensor would otherwise promote the quotient
+    return value.to(like.device, like.dtype, non_blocking=True)
 
 
 def _single_block(

@@ -631,7 +631,12 @@ class SM3(Optimizer):
                 fused_blocks = tuple(take)
                 other_blocks = tuple(i for i in range(len(blocks)) if i not in set(take))
         counts = None
-        if steps and all(type(s) is Tensor and not s.is_cpu for s in steps) and len({s.device for s in steps}) == 1:
+        host = functional.HOST_READ_DEVICES
+        if (
+            steps
+            and all(type(s) is Tensor and s.device.type not in host for s in steps)
+            and len({s.device for s in steps}) == 1
+        ):
             # one tensor of counts, every state's "step" a 0-d view of its element: one add counts a step
             counts = torch.stack(steps)
             views = list(counts.unbind())
@@ -739,7 +744,7 @@ class SM3(Optimizer):
         if not rule.bias_correction or rule.beta == 0.0:
             return [(None, None)]
         first = plan.steps[0]
-        if plan.uniform_steps and not first.is_cpu:
+        if plan.uniform_steps and first.device.type not in functional.HOST_READ_DEVICES:
             # 1 - beta ** step in fp64, as UpdateRule.nu_divisor computes it on the host (the kernels round it)
             power = torch.pow(rule.beta, first.reshape(()).to(torch.float64))
             return [(power.neg_().add_(1.0), None)]

@@ -146,3 +146,51 @@ def test_found_inf_from_the_scaler_skips_the_step_bitwise(kernel):
         for key, value in entry.items():
             assert torch.equal(opt.state_dict()["state"][k][key], value), key
     assert opt.skipped_steps == 1
+
+
+class HostReadError(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """While armed, reading a tensor's value on the host (what synchronizes with an accelerator) raises: the
+    CPU stand-in for ``torch.cuda.set_sync_debug_mode("error")``."""
+    armed = []
+
+    def guard(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if armed:
+                raise HostReadError(f"Tensor.{name} inside step()")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"):
+        guard(name)
+    return armed
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "ignore"])
+@pytest.mark.parametrize("kernel", ["eager", "foreach"])
+def test_device_path_reads_nothing_on_the_host(device_path, no_host_reads, kernel, nonfinite):
+    """After the plan is built, a step reads no tensor value on the host: the flag, the step counts, the
+    bias-correction divisor, a GradScaler's scale and flag stay tensors. (The CPU-only native kernel reads its
+    flag on the host, which is free there: it is not part of this check.)"""
+    torch.manual_seed(0)
+    params = [torch.randn(s, requires_grad=True) for s in SHAPES]
+    opt = SM3(params, **HYPER, **KERNELS[kernel], nonfinite=nonfinite, capturable=True)
+    for step in range(4):
+        for p, g in zip(params, _grads(step, bad=step == 2)):
+            p.grad = g
+        if step == 3:
+            opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(0.0)
+        if step >= 1:
+            no_host_reads.append(True)
+        opt.step()
+        no_host_reads.clear()
+    assert all(isinstance(opt.state[p]["step"], torch.Tensor) for p in params)
+    assert opt.state[params[0]]["step"].item() == (3.0 if nonfinite == "skip" else 4.0)
+    assert opt.skipped_steps == (1 if nonfinite == "skip" else 0)
