@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from sm3_dist.launch.quality_run import OPTIMIZERS, VARIANT_TOKENS, RunSpec, Setup, parse_variant, run
@@ -292,7 +293,8 @@ def load_results(path: Path, setup: Setup) -> dict[str, dict]:
     if not path.exists():
         return {}
     data = json.loads(path.read_text())
-    if data.get("setup") != setup.to_json():
+    defaults = {f.name: f.default for f in fields(Setup) if f.default is not MISSING}
+    if {**defaults, **data.get("setup", {})} != setup.to_json():
         raise ValueError(
             f"{path} holds runs of another setup ({data.get('setup')}), not {setup.to_json()}: "
             "use another --out or the same options"
@@ -381,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"rates to sweep (repeatable); default {DEFAULT_POINTS} log-spaced over {grids}")  # fmt: skip
     p.add_argument("--seeds", default="0", help="sweep seeds (every rate), comma-separated")
     p.add_argument("--best-seeds", default="1", help="extra seeds run at each optimizer-variant's best rate ('' none)")
-    p.add_argument("--workers", type=int, default=2, help="parallel worker processes")
+    p.add_argument("--workers", type=int, default=2, help="parallel worker processes (CPU)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: runs one after another on the GPU")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-windows", type=int, default=128, help="held-out windows, spread over the held-out text")
@@ -419,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             momentum=args.momentum,
             beta=args.beta,
             polyak_decay=args.polyak_decay,
+            device=args.device,
         )
         from sm3_dist.launch.model import SIZES
 
@@ -435,6 +439,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--seeds: at least one seed")
         if args.workers < 1 or args.threads < 1:
             raise ValueError("--workers and --threads must be at least 1")
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda: no CUDA device is available")
+            args.workers = 1
         if args.data not in ("default", "stdlib") and not Path(args.data).is_file():
             raise ValueError(f"--data {args.data!r}: not 'default', 'stdlib' or an existing file")
     except ValueError as e:

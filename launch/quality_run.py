@@ -7,9 +7,9 @@ trained weights and of their Polyak average (:func:`sm3_dist.averaging.polyak`).
 Every optimizer gets the same schedule family (:func:`sm3_dist.schedules.warmup_cooldown`:
 quadratic warm-up over ``warmup_fraction`` of the steps, then constant, or with
 the ``cooldown`` variant a linear decay to zero over the last
-``cooldown_fraction``). The run is a pure function of its :class:`Setup` and
-:class:`RunSpec` on one CPU thread: the model's initial weights and every batch
-come from the seed.
+``cooldown_fraction``). On one CPU thread a run is a pure function of its
+:class:`Setup` and :class:`RunSpec`: the model's initial weights and every batch
+come from the seed (on CUDA up to the nondeterminism of its kernels).
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ class Setup:
     """SM3's moving-average decay with ``ema``."""
     polyak_decay: float = 0.0
     """Decay of the Polyak average of the weights; 0 means ``1 - 10 / steps`` (a time constant of 10% of the run)."""
+    device: str = "cpu"
+    """Where runs train: ``cpu`` (deterministic, one thread per worker) or ``cuda`` (one run at a time)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows"):
@@ -112,6 +114,8 @@ class Setup:
             raise ValueError(f"beta must be in (0, 1), got {self.beta}")
         if not 0.0 <= self.polyak_decay < 1.0:
             raise ValueError(f"polyak_decay must be in [0, 1), got {self.polyak_decay}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
 
     @property
     def polyak(self) -> float:
@@ -181,7 +185,7 @@ def corpus_for(data: str):
     return _CORPORA[data]
 
 
-def _held_out_loss(model, windows, chunk: int = 32) -> float:
+def _held_out_loss(model, windows, chunk: int = 64) -> float:
     import torch
     import torch.nn.functional as F
 
@@ -216,7 +220,8 @@ def run(spec: RunSpec, setup: Setup) -> dict:
     start = time.perf_counter()
     corpus = corpus_for(setup.data)
     torch.manual_seed(spec.seed)
-    model = build_model(setup.model_size, n_positions=setup.seq_len, seed=spec.seed)
+    device = torch.device(setup.device)
+    model = build_model(setup.model_size, n_positions=setup.seq_len, seed=spec.seed).to(device)
     model.train()
     optimizer = make_optimizer(spec, setup, model.parameters())
     scheduler = warmup_cooldown(
@@ -226,7 +231,7 @@ def run(spec: RunSpec, setup: Setup) -> dict:
         cooldown_fraction=setup.cooldown_fraction if variant.has("cooldown") else 0.0,
     )
     averaged = polyak(model, setup.polyak)
-    windows = spread_windows(corpus.held_out, seq_len=setup.seq_len, count=setup.eval_windows)
+    windows = spread_windows(corpus.held_out, seq_len=setup.seq_len, count=setup.eval_windows).to(device)
     evals: list[list[float]] = []
     train_losses: list[float] = []
     diverged = False
@@ -234,7 +239,7 @@ def run(spec: RunSpec, setup: Setup) -> dict:
     for step in range(1, setup.steps + 1):
         batch = train_batch(
             corpus.train, step=step - 1, global_batch=setup.batch_size, seq_len=setup.seq_len, seed=spec.seed
-        )
+        ).to(device)
         logits = model(input_ids=batch[:, :-1]).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         loss.backward()

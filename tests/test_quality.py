@@ -143,7 +143,9 @@ def test_plan_skips_sm3_only_variants_for_the_others():
     assert ema == set(grid(*quality.DEFAULT_GRIDS["sm3:ema"], quality.DEFAULT_POINTS))
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(warmup_fraction=0.6, cooldown_fraction=0.5), dict(beta=1.0)])
+@pytest.mark.parametrize(
+    "bad", [dict(steps=0), dict(warmup_fraction=0.6, cooldown_fraction=0.5), dict(beta=1.0), dict(device="tpu")]
+)
 def test_bad_setups(bad):
     with pytest.raises(ValueError):
         Setup(data="default", **bad)
@@ -244,6 +246,11 @@ def test_execute_resumes_from_results(tmp_path, monkeypatch):
     assert json.loads((tmp_path / quality.RESULTS_FILE).read_text())["setup"] == setup.to_json()
     with pytest.raises(ValueError, match="another setup"):
         quality.execute(specs, Setup(data="stdlib", **TINY), tmp_path, workers=1)
+    # a results file written before a setup field existed (here: device) is read with that field's default
+    saved = json.loads((tmp_path / quality.RESULTS_FILE).read_text())
+    del saved["setup"]["device"]
+    (tmp_path / quality.RESULTS_FILE).write_text(json.dumps(saved))
+    assert len(quality.load_results(tmp_path / quality.RESULTS_FILE, setup)) == 3
 
 
 def test_command_end_to_end(tmp_path, capsys):
