@@ -1334,3 +1334,17 @@ def test_peak_memory_foreach(desc):
         peaks.append(torch.cuda.max_memory_allocated())
     intermediate = 10 * 16 * 8 * 4
     assert peaks[1] <= peaks[0] + 4 * intermediate, (peaks, intermediate)
+
+
+def test_sharded_copy_across_ranks():
+    """At two ranks, a copy of a ShardedSM3 over the default group rebuilds its shard on the same rank and
+    steps as the original (parameters and consolidated state); over another group it refuses clearly."""
+    from tests.common import run_distributed
+    from tests.optim_copy_worker import sharded_copy_worker
+
+    for rank, result in enumerate(run_distributed(sharded_copy_worker, 2)):
+        for how in ("deepcopy", "pickle"):
+            same, world, copied_rank, sm3_settings = result[how]
+            assert same and (world, copied_rank) == (2, rank), (how, result[how])
+            assert sm3_settings == (torch.float32, True, "raise")
+        assert "cannot be copied or pickled" in result["subgroup"] and "state_dict()" in result["subgroup"]
