@@ -382,11 +382,13 @@ def format_table(result: dict) -> str:
 def plot(result: dict, path: str) -> None:
     """Each optimizer's step time (median, bar; interquartile range, whisker) against the time its bytes take at
     the measured copy bandwidth (tick), from :func:`run`'s result or its ``--json`` file."""
-    from sm3_dist.memory import _axes_grid
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     rows = result["rows"][::-1]
-    plt, fig, (ax,) = _axes_grid(1)
-    fig.set_size_inches(9, 0.32 * len(rows) + 1.6)
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.6))
     ys = range(len(rows))
     colors = ["tab:blue" if r["name"].startswith("sm3") else "tab:gray" for r in rows]
     ax.barh(ys, [r["median_ms"] for r in rows], xerr=[r["iqr_ms"] / 2 for r in rows], color=colors, alpha=0.8)
