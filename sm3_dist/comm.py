@@ -10,9 +10,18 @@
   MAX-reduced in place, with no host synchronization on accelerators.
 * :func:`all_reduce_` - one in-place ``all_reduce`` of a bucket (``"sum"`` or
   ``"max"``), for consolidating sharded state into a checkpoint.
+* :func:`barrier`, :func:`all_gather_object`, :func:`broadcast_object` - what
+  the training job's ranks agree on (a checkpoint's files, process ids, each
+  rank's summary).
+* :func:`free_port` - a rendezvous port for a process group on this machine.
 * :func:`end_process` - how a process that ran gloo collectives ends.
 
-Nothing else in the package calls ``torch.distributed`` collectives.
+The optimizers (``sm3_dist``), the framework adapters (``integrations/``) and the
+training job (``launch/``) call collectives only through these functions; the
+one module that still calls ``torch.distributed`` directly is
+``sm3_dist/bench_distributed.py``, which times DDP's gradient all-reduce beside
+SM3's. The frameworks' own communication (DDP, FSDP, DeepSpeed) is theirs.
+``tests/test_launch.py`` checks this paragraph against the source.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -24,7 +25,7 @@ from sm3_dist.launch import checkpoint, launcher, train
 from sm3_dist.launch import config as job_config
 from sm3_dist.launch.backends import BACKENDS, Backend
 from sm3_dist.launch.backends.deepspeed import fill_config
-from sm3_dist.launch.data import eval_windows, load_corpus, train_batch
+from sm3_dist.launch.data import STDLIB, eval_windows, load_corpus, train_batch
 from sm3_dist.launch.model import SIZES, build_model
 from sm3_dist.launch.plot import plot_runs, read_metrics
 
@@ -222,7 +223,7 @@ def test_stdlib_corpus_needs_no_file(tmp_path):
     plan = job_config.validate(
         job_config.build_parser().parse_args(["--data", "stdlib", "--out", str(tmp_path)]), env={}
     )
-    assert plan.args.data == job_config.STDLIB_CORPUS
+    assert plan.args.data == STDLIB and load_corpus(plan.args.data).name.startswith("stdlib")
 
 
 def test_resume_of_another_setup_is_refused(tmp_path, capsys):
@@ -276,6 +277,25 @@ def test_wheel_builds_quietly_and_the_cli_runs_from_the_repository_root(tmp_path
     run = subprocess.run([sys.executable, "-S", "-m", "sm3_dist.cli", "train", "--help"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 0 and "usage: sm3-dist train" in run.stdout, run.stderr[-3000:]
+
+
+COLLECTIVE = re.compile(
+    r"\b(?:dist|torch\.distributed)\.(all_reduce|all_gather\w*|reduce_scatter\w*|broadcast\w*|barrier|send|recv|"
+    r"isend|irecv|gather\w*|scatter\w*|all_to_all\w*|reduce)\("
+)
+
+
+def test_collectives_go_through_comm_as_its_docstring_says():
+    import sm3_dist.comm
+
+    callers = set()
+    for folder in ("sm3_dist", "integrations", "launch", "tools"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name != "comm.py" and COLLECTIVE.search(path.read_text()):
+                callers.add(path.relative_to(ROOT).as_posix())
+    assert not {c for c in callers if c.startswith("launch/")}, callers
+    for caller in callers:
+        assert f"``{caller}``" in sm3_dist.comm.__doc__, f"{caller} calls collectives; comm.py's docstring says not"
 
 
 # ---------------------------------------------------------------------------------------------- configs
