@@ -89,12 +89,16 @@ def lrs_for(optimizer: str, variant: str, given: dict[str, tuple[float, ...]]) -
 def plan_runs(
     optimizers: list[str], variants: list[str], lrs: dict[str, tuple[float, ...]], seeds: list[int]
 ) -> list[RunSpec]:
-    """The sweep's runs: every optimizer x (applicable) variant x rate x seed."""
+    """The sweep's runs: every optimizer x (applicable) variant x rate x seed.
+
+    A variant written ``OPT:VARIANT`` is run for that optimizer only.
+    """
     specs = []
     for optimizer in optimizers:
         for text in variants:
+            only, _, text = text.rpartition(":")
             variant = parse_variant(text)
-            if not variant.applies_to(optimizer):
+            if (only and only != optimizer) or not variant.applies_to(optimizer):
                 continue
             for lr in lrs_for(optimizer, variant.name, lrs):
                 specs.extend(RunSpec(optimizer, variant.name, lr, seed) for seed in seeds)
@@ -378,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", default="sm3,adamw,adafactor", help=f"comma-separated, from {', '.join(OPTIMIZERS)}")
     p.add_argument("--variants", default="cooldown",
                    help=f"comma-separated variants, each tokens joined by '+' ({tokens}); SM3-only ones are skipped "
-                   "for the others")  # fmt: skip
+                   "for the others; OPT:VARIANT runs for OPT only")  # fmt: skip
     p.add_argument("--lrs", action="append", default=[], metavar="OPT[:VARIANT]=LR,LR",
                    help=f"rates to sweep (repeatable); default {DEFAULT_POINTS} log-spaced over {grids}")  # fmt: skip
     p.add_argument("--seeds", default="0", help="sweep seeds (every rate), comma-separated")
@@ -432,7 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [o for o in optimizers if o not in OPTIMIZERS]
         if unknown or not optimizers:
             raise ValueError(f"--optimizers: unknown {unknown}; choose from {', '.join(OPTIMIZERS)}")
-        variants = [parse_variant(v).name for v in args.variants.split(",")]
+        variants = []
+        for item in args.variants.split(","):
+            only, sep, text = item.rpartition(":")
+            if sep and only not in OPTIMIZERS:
+                raise ValueError(f"--variants {item!r}: {only!r} is not one of {', '.join(OPTIMIZERS)}")
+            variants.append(f"{only}{sep}{parse_variant(text).name}")
         lrs = parse_lrs(args.lrs)
         seeds, best_seeds = _ints(args.seeds, "--seeds"), _ints(args.best_seeds, "--best-seeds")
         if not seeds:

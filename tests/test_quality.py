@@ -139,6 +139,8 @@ def test_plan_skips_sm3_only_variants_for_the_others():
     for s in specs:
         counts[(s.optimizer, s.variant)] = counts.get((s.optimizer, s.variant), 0) + 1
     assert counts == {("sm3", "cooldown"): 8, ("sm3", "cooldown+ema"): 8, ("adamw", "cooldown"): 4}
+    only = plan_runs(["sm3", "adamw"], ["sm3:ema+bc+cooldown", "adamw:cooldown"], {}, [0])
+    assert {(s.optimizer, s.variant) for s in only} == {("sm3", "cooldown+ema+bc"), ("adamw", "cooldown")}
     ema = {s.lr for s in specs if s.variant == "cooldown+ema"}
     assert ema == set(grid(*quality.DEFAULT_GRIDS["sm3:ema"], quality.DEFAULT_POINTS))
 
@@ -270,7 +272,7 @@ def test_command_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "bad",
-    [["--optimizers", "sgd"], ["--variants", "cooldown+nope"], ["--lrs", "sm3=0"], ["--seeds", "a"], ["--workers", "0"],
+    [["--optimizers", "sgd"], ["--variants", "cooldown+nope"], ["--variants", "sgd:cooldown"], ["--lrs", "sm3=0"], ["--seeds", "a"], ["--workers", "0"],
      ["--data", "/no/such/file"], ["--model-size", "huge"], ["--steps", "0"]],
 )  # fmt: skip
 def test_command_refuses_bad_input(bad, tmp_path, capsys):
