@@ -278,3 +278,22 @@ def test_command_end_to_end(tmp_path, capsys):
 def test_command_refuses_bad_input(bad, tmp_path, capsys):
     assert quality.main([*bad, "--out", str(tmp_path)]) == 2
     assert "sm3-dist quality: error:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- defaults
+
+
+def test_default_lr_scales_with_width():
+    from sm3_dist.launch import defaults
+
+    for optimizer in ("sm3", "adamw", "adagrad"):
+        tiny = defaults.default_lr(optimizer, "tiny")
+        assert tiny == defaults.TINY_LR[optimizer]
+        assert defaults.default_lr(optimizer, "gpt2") == pytest.approx(tiny / 6, rel=0.03)
+        assert defaults.default_lr(optimizer, "xl") < defaults.default_lr(optimizer, "small") < tiny
+    assert defaults.default_lr("adafactor", "xl") == defaults.default_lr("adafactor", "tiny")
+    assert defaults.default_lr("sm3", "tiny", beta=0.999) == defaults.TINY_LR["sm3-ema"]
+    assert defaults.default_lr("sm3", 256) == pytest.approx(defaults.TINY_LR["sm3"] / 2, rel=0.03)
+    for bad in (("sgd", "tiny"), ("adamw", "huge"), ("adamw", 0)):
+        with pytest.raises(ValueError):
+            defaults.default_lr(*bad)

@@ -1,0 +1,70 @@
+"""Each optimizer's default peak learning rate, as a function of model size.
+
+**Measured** (``sm3-dist quality``, tiny model: 2 layers x 128, batch 8 x 64
+bytes, 1,500 steps, quadratic warm-up over 5% and a linear cool-down over the
+last 10%, CPU)::
+
+    sm3-dist quality --data stdlib --batch-size 8 --eval-every 150 \\
+        --variants cooldown,sm3:cooldown+ema+bc --lrs sm3:cooldown+ema+bc=1e-3,3e-3,1e-2
+
+The best rate of each optimizer on the stdlib corpus is :data:`TINY_LR` (the
+full tables are in README.md, "Training quality"). SM3 has two forms whose
+rates differ by an order of magnitude: the running sum of squares
+(``beta=0``, the paper's SM3-II: its steps shrink like ``1/sqrt(t)``) and the
+moving average (``beta > 0``, Adam-like steps), so the default depends on
+``beta``.
+
+**Extrapolated** (not measured here): the rate at other widths. Adam-like
+optimizers (AdamW, Adagrad and both SM3 forms, whose per-coordinate steps are
+normalised by a root mean square) take ``lr ~ 1 / width`` (the hidden
+matrices' fan-in; muP's rule for Adam), i.e.
+``lr(size) = TINY_LR * 128 / n_embd``. At 12 x 768 this gives AdamW a sixth of
+its tiny rate, consistent with what was seen on one H200 (AdamW at 3e-3 rose
+from step 350 on at 12 x 768; SM3 at 0.1 beat 0.3
+there). Adafactor (``torch.optim.Adafactor``) scales its step by each
+parameter's RMS and caps the rate at ``1/sqrt(t)``, so its rate is relative and
+stays the same at every width. ``sm3-dist quality --model-size small`` (or
+``--device cuda --model-size gpt2`` on a GPU) measures a size directly.
+"""
+
+from __future__ import annotations
+
+__all__ = ["REFERENCE_WIDTH", "TINY_LR", "WIDTH_EXPONENT", "default_lr"]
+
+REFERENCE_WIDTH = 128
+"""The width (``n_embd``) of the ``tiny`` model, where :data:`TINY_LR` was measured."""
+
+TINY_LR = {
+    "sm3": 0.046,
+    "sm3-ema": 3e-3,
+    "adamw": 3e-3,
+    "adafactor": 1e-2,
+    "adagrad": 0.05,
+}
+"""Best peak rate at the tiny model (stdlib corpus, 1,500 steps). ``sm3``: ``beta=0``; ``sm3-ema``: ``beta > 0``
+(measured with bias correction). Adagrad was not swept: its value is the previous default."""
+
+WIDTH_EXPONENT = {"sm3": 1.0, "sm3-ema": 1.0, "adamw": 1.0, "adagrad": 1.0, "adafactor": 0.0}
+"""``lr ~ width ** -exponent``: 1 for Adam-like steps, 0 for Adafactor's parameter-relative steps."""
+
+
+def default_lr(optimizer: str, model_size: str | int = "tiny", *, beta: float = 0.0) -> float:
+    """The default peak learning rate of ``optimizer`` for a ``launch.model`` size (or a width given as an int).
+
+    ``beta`` is SM3's: ``beta > 0`` (the moving-average form) takes an Adam-like rate.
+    """
+    from sm3_dist.launch.model import SIZES
+
+    if isinstance(model_size, int):
+        width = model_size
+    elif model_size in SIZES:
+        width = SIZES[model_size].n_embd
+    else:
+        raise ValueError(f"unknown model size {model_size!r}: choose one of {', '.join(SIZES)} or give a width")
+    if width <= 0:
+        raise ValueError(f"the width must be positive, got {width}")
+    key = "sm3-ema" if optimizer == "sm3" and beta > 0.0 else optimizer
+    if key not in TINY_LR:
+        raise ValueError(f"unknown optimizer {optimizer!r}: choose one of sm3, adamw, adafactor, adagrad")
+    rate = TINY_LR[key] * (REFERENCE_WIDTH / width) ** WIDTH_EXPONENT[key]
+    return float(f"{rate:.2g}")
