@@ -675,8 +675,10 @@ def sm3(
     bias-correction divisor (:meth:`UpdateRule.nu_divisor`; ``None``: none),
     ``grad_scale`` a one-element tensor the raw gradients are divided by (a
     ``GradScaler``'s scale), ``found_inf`` a one-element tensor: where it is
-    nonzero nothing is written at all (read on the device, without a host
-    synchronization, by the fused kernels).
+    nonzero the parameters and momentum stay bitwise unchanged and the maxima
+    are the accumulators as they were (nothing is accumulated under
+    ``keep_max``). Off CPU it is read on the device, without a host
+    synchronization.
 
     With ``maxima_out`` the maxima are written into ``maxima_out[i][d]`` instead
     and ``None`` is returned: assigned, or under ``keep_max`` the elementwise max
@@ -720,11 +722,18 @@ def sm3(
         maxima = _foreach_sm3(params, grads, momentum_buffers, accumulators, **args)
     else:
         maxima = _single_tensor_sm3(params, grads, momentum_buffers, accumulators, **args)
-    if found_inf is not None:  # a fused kernel skipped the update on the device: the maxima stay the old values
-        maxima = [
-            tuple(torch.where(found_inf != 0, a, new) for a, new in zip(accs, block))
-            for accs, block in zip(accumulators, maxima)
-        ]
+    flag = found_inf if found_inf is not None else gate
+    if flag is not None:  # skipped on the device: the maxima are the accumulators as they were, nothing collected
+        skip = flag != 0
+        if maxima_out is None:
+            return [
+                tuple(torch.where(skip, a, new) for a, new in zip(accs, block))
+                for accs, block in zip(accumulators, maxima)
+            ]
+        for outs, accs, block in zip(maxima_out, accumulators, maxima):
+            for o, a, new in zip(outs, accs, block):
+                o.copy_(torch.where(skip, o, torch.maximum(o, new)) if keep_max else torch.where(skip, a, new))
+        return None
     if maxima_out is None:
         return maxima
     outs = [o for block in maxima_out for o in block]
@@ -744,9 +753,7 @@ def _gated(kind, params, grads, momentum_buffers, accumulators, found_inf, args)
         p.copy_(torch.where(skip, p, w))
         if m is not None:
             m.copy_(torch.where(skip, m, wm))
-    return [
-        tuple(torch.where(skip, a, new) for a, new in zip(accs, block)) for accs, block in zip(accumulators, maxima)
-    ]
+    return maxima
 
 
 def store_maxima(accumulators: list[Tensor], maxima: list[Tensor], keep_max: bool = False) -> None:

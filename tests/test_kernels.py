@@ -304,17 +304,26 @@ def test_non_contiguous_params_and_grads_equal_the_contiguous_case(kernel):
     _same(expected, got)
 
 
+@pytest.mark.parametrize("read", ["host", "device"])
 @pytest.mark.parametrize("kernel", list(KERNELS))
-def test_found_inf_writes_nothing(kernel):
+def test_found_inf_writes_nothing(kernel, read, monkeypatch):
+    if read == "device":  # the flag stays a tensor the kernels read, as on an accelerator
+        monkeypatch.setattr(functional, "HOST_READ_DEVICES", set())
     blocks = _blocks()
     before = _clone(blocks)
     outs = [[torch.full_like(a, 7.0) for a in accs] for accs in blocks[3]]
-    functional.sm3(*blocks, rule=RULE, lr=0.1, found_inf=torch.tensor(1.0), maxima_out=outs, keep_max=True)
+    functional.sm3(
+        *blocks, rule=RULE, lr=0.1, found_inf=torch.tensor(1.0), maxima_out=outs, keep_max=True, **KERNELS[kernel]
+    )
     _same(before, blocks)
     assert all(torch.equal(o, torch.full_like(o, 7.0)) for block in outs for o in block)
     returned = functional.sm3(*blocks, rule=RULE, lr=0.1, found_inf=torch.ones(1), **KERNELS[kernel])
     _same(before, blocks)
     _same(before[3], returned)  # the maxima a skipped step returns are the accumulators as they were
+    assigned = [[torch.full_like(a, 7.0) for a in accs] for accs in blocks[3]]
+    functional.sm3(*blocks, rule=RULE, lr=0.1, found_inf=torch.ones(()), maxima_out=assigned, **KERNELS[kernel])
+    _same(before, blocks)
+    _same(before[3], assigned)
     functional.sm3(*blocks, rule=RULE, lr=0.1, found_inf=torch.zeros(()), **KERNELS[kernel])
     assert not torch.equal(blocks[0][0], before[0][0])
 
