@@ -428,7 +428,7 @@ def test_rosenbrock_sparse(device, kname, desc):
     start = torch.tensor([1.5, 1.5], device=device)
     sparse_p, dense_p = Parameter(start.clone()), Parameter(start.clone())
     sparse_opt, dense_opt = SM3([sparse_p], **copy.deepcopy(kwargs)), SM3([dense_p], **copy.deepcopy(kwargs))
-    for i in range(100):
+    for i in range(30):
         w = i % 2
         for p, sparse in ((sparse_p, True), (dense_p, False)):
             grad = drosenbrock(p.detach())
@@ -1348,3 +1348,14 @@ def test_sharded_copy_across_ranks():
             assert same and (world, copied_rank) == (2, rank), (how, result[how])
             assert sm3_settings == (torch.float32, True, "raise")
         assert "cannot be copied or pickled" in result["subgroup"] and "state_dict()" in result["subgroup"]
+
+
+# ---------------------------------------------------------------------------------------------- not applicable
+
+
+def test_second_order_optims_return_consistent_types():
+    pytest.skip("for optimizers whose step requires a closure (LBFGS); SM3 is first-order and takes one optionally")
+
+
+def test_differentiable():
+    pytest.skip("SM3 offers no differentiable=True: its step runs under torch.no_grad, as torch's fused kernels do")
