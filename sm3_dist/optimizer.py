@@ -212,7 +212,11 @@ class SM3(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         # also what Optimizer.load_state_dict calls with just "state" and "param_groups": caches that exist
         # are kept there (load_state_dict resets what it must); a fresh copy gets empty ones
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        differentiable = "differentiable" in defaults
         super().__setstate__(state)
+        if not differentiable:  # the base class adds torch's own flag, which SM3 does not take
+            self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_specs", {})
         self.__dict__.setdefault("_checked", {})
         self.__dict__.setdefault("_dense", {})
