@@ -180,6 +180,7 @@ def sync_error(step: Callable[[], object], device: torch.device) -> str | None:
 
 
 FSDP2_ROW = "sm3 fused m=0.9 fsdp2 world-1"
+_STARTED_GROUP: list[bool] = []
 
 
 def _fsdp2_candidate(lr: float, device: torch.device) -> Candidate:
@@ -199,6 +200,7 @@ def _fsdp2_candidate(lr: float, device: torch.device) -> Candidate:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+            _STARTED_GROUP.append(True)
         mesh = init_device_mesh(device.type, (1,))
         module = torch.nn.ParameterList([torch.nn.Parameter(p.detach().clone()) for p in params])
         fully_shard(module, mesh=mesh)
@@ -312,6 +314,12 @@ def run(
                 times[k].append((time.perf_counter() - t0) * 1e3)
     bandwidth = copy.bytes_per_second
     del copy
+    if _STARTED_GROUP:  # the FSDP2 row's one-rank process group
+        import torch.distributed as dist
+
+        _sync(device)
+        dist.destroy_process_group()
+        _STARTED_GROUP.clear()
     medians = {c.name: statistics.median(t) for c, t in zip(candidates, times)}
     adam = medians.get("adam fused")
     rows = []

@@ -295,7 +295,7 @@ class SM3(Optimizer):
         state = self.state[p]
         local = to_local(p)
         wrap = spec.wrap_state or (lambda t, dim: t)
-        state[STEP_KEY] = torch.tensor(0.0, dtype=torch.float32, device=self._step_device(local))
+        state[STEP_KEY] = torch.zeros((), dtype=torch.float32, device=self._step_device(local))  # no host copy
         if momentum > 0.0:
             state[MOMENTUM_KEY] = wrap(torch.zeros_like(local, dtype=self._momentum_dtype_of(local)), None)
         several = len(spec.layout.pieces) > 1
