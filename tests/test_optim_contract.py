@@ -296,7 +296,7 @@ def test_goes_right_direction(device, kname, desc, contiguous, sched):
         loss = closure()
         optimizer.step()
         for scheduler in schedulers:
-            scheduler.step(loss) if isinstance(scheduler, ReduceLROnPlateau) else scheduler.step()
+            scheduler.step(loss.item()) if isinstance(scheduler, ReduceLROnPlateau) else scheduler.step()
     final = closure().item()
     assert final > initial if maximizing(kwargs) else final < initial
 
@@ -349,7 +349,7 @@ def test_param_group_with_lrscheduler_goes_right_direction(device, kname, sched)
     for _ in range(20):
         loss = optimizer.step(closure)
         for scheduler in schedulers:
-            scheduler.step(loss) if isinstance(scheduler, ReduceLROnPlateau) else scheduler.step()
+            scheduler.step(loss.item()) if isinstance(scheduler, ReduceLROnPlateau) else scheduler.step()
     assert closure().item() < initial
 
 
