@@ -1,28 +1,30 @@
-"""``sm3-dist memory``: the model's predicted optimizer-state bytes against real optimizer instances."""
+"""``sm3-dist memory``: the model's bytes against real optimizers, the storages autograd keeps and whole steps."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
-
-from sm3_dist import memory
-from sm3_dist.memory import (
+from sm3_dist.tools import memory
+from sm3_dist.tools.memory import activations, cuda, measure, saved, step
+from sm3_dist.tools.memory.activations import ActivationModel, activation_bytes, activation_bytes_per_token
+from sm3_dist.tools.memory.measure import make_optimizer, measure_optimizer_state, measure_sm3_on_layouts
+from sm3_dist.tools.memory.model import (
     GIB,
     OPTIMIZERS,
     SIZES,
-    ActivationModel,
-    activation_bytes_per_token,
-    measure_optimizer_state,
-    measure_sm3_on_layouts,
-    optimizer_state_bytes,
+    ZERO_ALIGNMENT,
     rank_counts,
     rank_memory,
     resolve_size,
     state_bytes,
 )
+
+from sm3_dist import local_state_bytes
 from tests.spawn import run_distributed
 
 TINY = SIZES["tiny"]
@@ -95,7 +97,7 @@ def test_flat_partitions_cut_weights_mid_row():
 
 
 def _params(config):
-    return memory._params_with_grads(shape for _, shape in config.param_shapes())
+    return measure.params_with_grads(shape for _, shape in config.param_shapes())
 
 
 def _sharded_sm3(rank, world):
@@ -103,10 +105,10 @@ def _sharded_sm3(rank, world):
 
     out = {}
     for name in SM3_VARIANTS:
-        opt = ShardedSM3(_params(TINY), **memory._sm3_kwargs(name))
+        opt = ShardedSM3(_params(TINY), **measure.sm3_kwargs(name))
         opt.step()
         opt.state_dict()
-        out[name] = optimizer_state_bytes(opt)
+        out[name] = local_state_bytes(opt)
     return out
 
 
@@ -147,9 +149,9 @@ def _fsdp2(rank, world):
         model(torch.ones(2)).backward()
         params = list(model.parameters())
         if name.startswith("sm3"):
-            opt = SM3(params, **memory._sm3_kwargs(name))
+            opt = SM3(params, **measure.sm3_kwargs(name))
         else:
-            opt = memory._make_optimizer(name, params)
+            opt = make_optimizer(name, params)
         if name == "adafactor":
             # torch 2.13's Adafactor allocates its state, then fails on the DTensor math; the bytes are still real
             with pytest.raises(RuntimeError, match="placement"):
@@ -158,7 +160,7 @@ def _fsdp2(rank, world):
             opt.step()
         if name.startswith("sm3"):
             opt.state_dict()
-        out[name] = optimizer_state_bytes(opt)
+        out[name] = local_state_bytes(opt)
     return out
 
 
@@ -184,7 +186,7 @@ def _deepspeed(rank, world, stage, name):
         "gradient_clipping": 0.0,
     }
     if name.startswith("sm3"):
-        kwargs = memory._sm3_kwargs(name)
+        kwargs = measure.sm3_kwargs(name)
         kwargs.pop("momentum_dtype", None)
         config["optimizer"] = {"type": "SM3", "params": kwargs}
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
@@ -196,7 +198,7 @@ def _deepspeed(rank, world, stage, name):
     base = engine.basic_optimizer
     if name.startswith("sm3"):
         base._wait_for_maxima()  # the step's all-reduce of maxima (ZeRO-3 empties param_groups between steps)
-    return optimizer_state_bytes(base)
+    return local_state_bytes(base)
 
 
 @pytest.mark.slow
@@ -228,7 +230,7 @@ def test_adam_matches_the_zero_paper_formulas():
 def test_owned_elements_cover_the_model(setup, world):
     config = SIZES["124M"]
     owned = sum(c.owned for c in rank_counts(config, setup, world))
-    assert config.numel <= owned <= config.numel + world * (len(config.param_shapes()) + memory.ZERO_ALIGNMENT)
+    assert config.numel <= owned <= config.numel + world * (len(config.param_shapes()) + ZERO_ALIGNMENT)
 
 
 def test_sm3_state_under_sharding_is_far_below_adam():
@@ -244,31 +246,50 @@ def test_sm3_state_under_sharding_is_far_below_adam():
 
 
 def test_activation_formula_is_korthikanti_for_eager_attention():
-    """34h + 5as bytes per token per layer with 16-bit activations, eager attention and dropout."""
+    """34h + 5as bytes per token per layer with 16-bit activations, eager attention, dropout and a fused GELU
+    (plus the LayerNorm statistics, 4 per LayerNorm); transformers' gelu_new keeps 24h more."""
     config = SIZES["1.5B"]
-    act = ActivationModel(seq_len=1024, checkpointing=False, flash_attention=False, dropout=True)
     h, a, s = config.n_embd, config.n_head, 1024
-    layer = memory._layer_bytes_per_token(config, act, 2)
-    assert layer == 34 * h + 5 * a * s
-    total = activation_bytes_per_token(config, act, "bf16-mixed")
-    assert total == config.n_layer * layer + (2 * h + h + 4 * h) + config.vocab_size * 10
+    fused = ActivationModel(seq_len=s, checkpointing=False, attention="eager", dropout=True, fused_gelu=True)
+    layer = sum(v for _, v in activations._layer_terms(config, fused, "bf16-mixed"))
+    assert layer == 34 * h + 5 * a * s + 8
+    gelu_new = ActivationModel(seq_len=s, checkpointing=False, attention="eager", dropout=True)
+    assert sum(v for _, v in activations._layer_terms(config, gelu_new, "bf16-mixed")) == layer + 24 * h
+    per_token = activation_bytes_per_token(config, fused, "bf16-mixed")
+    outside = 8 * (s + 1) / s + 8 + h + (2 * h + 4 + 2 * h) + 4 * config.vocab_size
+    assert per_token == round(config.n_layer * layer + outside)
 
 
 def test_checkpointing_and_flash_shrink_activations():
     config = SIZES["1.5B"]
     sizes = [
-        activation_bytes_per_token(config, ActivationModel(checkpointing=ck, flash_attention=fl))
-        for ck, fl in ((False, False), (False, True), (True, True))
+        activation_bytes_per_token(config, ActivationModel(checkpointing=ck, attention=att))
+        for ck, att in ((False, "eager"), (False, "flash"), (True, "flash"))
     ]
     assert sizes[0] > sizes[1] > sizes[2]
 
 
+BAD_ACTIVATION_MODELS = [
+    (dict(attention="xformers"), "unknown attention 'xformers'"),
+    (dict(device="tpu"), "unknown device 'tpu'"),
+    (dict(seq_len=0), "seq_len must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_ACTIVATION_MODELS)
+def test_bad_activation_model_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ActivationModel(**kwargs)
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        activation_bytes(SIZES["tiny"], ActivationModel(), "fp16")
+
+
 def test_max_micro_batch_grows_with_budget_and_sm3():
     config, act = SIZES["1.5B"], ActivationModel()
-    adam = [memory.max_micro_batch(config, "zero1", 8, "adam", b * GIB, act) for b in (16, 40, 80)]
-    sm3 = [memory.max_micro_batch(config, "zero1", 8, "sm3", b * GIB, act) for b in (16, 40, 80)]
+    adam = [activations.max_micro_batch(config, "zero1", 8, "adam", b * GIB, act) for b in (16, 40, 80)]
+    sm3 = [activations.max_micro_batch(config, "zero1", 8, "sm3", b * GIB, act) for b in (16, 40, 80)]
     assert adam == sorted(adam) and all(s >= a for s, a in zip(sm3, adam))
-    assert memory.max_micro_batch(config, "ddp", 1, "adam", 16 * GIB, act) == -1
+    assert activations.max_micro_batch(config, "ddp", 1, "adam", 16 * GIB, act) == -1
 
 
 # ------------------------------------------------------------------ the command
@@ -282,8 +303,20 @@ def test_command_writes_tables_and_valid_pngs(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Validation" in printed and "MISMATCH" not in printed
-    for name in ("memory.csv", "fit.csv", "largest-model.csv", "validation.csv", "memory.json"):
+    assert "activation bytes" in printed and "whole training steps" in printed
+    for name in (
+        "memory.csv",
+        "fit.csv",
+        "largest-model.csv",
+        "validation.csv",
+        "activation-validation.csv",
+        "step-validation.csv",
+        "memory.json",
+    ):
         assert (out / name).stat().st_size > 0, name
+    result = json.loads((out / "memory.json").read_text())
+    assert result["activation_validation"] and all(r["ok"] for r in result["activation_validation"])
+    assert result["step_validation"] and all(r["ok"] for r in result["step_validation"])
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,6 +339,8 @@ BAD_INPUTS = [
     (["--world-sizes", "0"], "world sizes must be integers >= 1"),
     (["--sizes", "1.5B", "--world-sizes", "1,8", "--budgets", "0.3"], "smaller than the parameters alone"),
     (["--budgets", "-3"], "budgets must be positive"),
+    (["--activation-tolerance", "0"], "--activation-tolerance must be positive"),
+    (["--precision", "fp32,bf16"], "unknown precision 'bf16'"),
 ]
 
 
@@ -315,3 +350,171 @@ def test_bad_input_exits_2_with_a_clear_message(argv, message, tmp_path, capsys)
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ activations measured (the storages autograd keeps)
+
+
+def test_saved_storages_count_aliases_once_and_only_live_ones():
+    x = torch.randn(4, 6, requires_grad=True)
+    with saved.SavedStorages() as counted:
+        qkv = x * 2  # saves nothing (a scalar factor)
+        q, k, v = qkv.split(2, dim=1)
+        y = (q * k).sum()  # saves q and k: two views of one storage of 4 x 6 floats
+        z = x.exp()  # saves its result
+        dropped = z.sin()  # saves z (already counted)
+        del dropped
+    assert counted.live == 4 * 6 * 4 + 4 * 6 * 4
+    del y, q, k, v, qkv
+    assert counted.live == 4 * 6 * 4  # q and k freed with their graph
+    w = torch.randn(3, requires_grad=True)
+    with saved.SavedStorages(exclude=[w]) as only_inputs:
+        out = (w * torch.randn(3)).sum()
+    assert only_inputs.live == 3 * 4 and out.requires_grad  # the parameter left out, the other factor counted
+
+
+@pytest.mark.parametrize(
+    "case",
+    saved.QUICK_ACTIVATION_TABLE,
+    ids=lambda c: (
+        f"{c.config.name}-s{c.seq_len}-"
+        f"{c.precision}-{'ckpt' if c.checkpointing else 'full'}-{c.attention}{'-dropout' * c.dropout}"
+    ),
+)
+def test_activation_model_matches_saved_storages(case):
+    if case.precision != "fp32" and not saved.autocast_supported("cpu"):
+        pytest.skip("this CPU's autocast does not run bf16")
+    (check,) = saved.validate_activations([case])
+    assert check.ok(0.05), check.row()
+    if case.checkpointing:
+        assert 0 < check.measured_recompute == check.predicted_recompute
+
+
+def test_activation_checks_cover_three_sizes_two_lengths_checkpointing_and_precisions():
+    table = saved.ACTIVATION_TABLE
+    assert len({c.config.name for c in table}) >= 3 and len({c.seq_len for c in table}) >= 2
+    assert {c.checkpointing for c in table} == {False, True}
+    assert {c.precision for c in table} == {"fp32", "bf16-mixed", "bf16-autocast"}
+
+
+def test_checkpoint_blocks_keeps_results_and_saves_memory():
+    from sm3_dist.launch.model import build_model, checkpoint_blocks
+
+    windows = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+    results = []
+    for ckpt in (False, True):
+        model = build_model("tiny", n_positions=32).train()
+        if ckpt:
+            checkpoint_blocks(model)
+        with saved.SavedStorages(exclude=list(model.parameters())) as kept:
+            loss = saved.training_loss(model, windows, "fp32")
+        held = kept.live
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()], held))
+    (loss0, grads0, kept0), (loss1, grads1, kept1) = results
+    assert torch.equal(loss0, loss1)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads0, grads1))
+    assert kept1 < kept0 / 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [(dict(dropout=1.0), "dropout must be in"), (dict(attention="flash3"), "unknown attention"), (dict(), None)],
+)
+def test_build_model_options(kwargs, message):
+    from sm3_dist.launch.model import build_model
+
+    if message:
+        with pytest.raises(ValueError, match=message):
+            build_model("tiny", n_positions=16, **kwargs)
+    else:
+        assert build_model("tiny", n_positions=16).config.use_cache is False
+
+
+# ------------------------------------------------------------------ whole steps
+
+
+@pytest.mark.parametrize("case", step.QUICK_STEP_TABLE, ids=lambda c: c.optimizer)
+def test_step_peak_on_cpu_matches_prediction(case):
+    measured = step.measure_step_cpu(case)
+    predicted = step.predict_step(case, "cpu")
+    assert abs(predicted.peak - measured) / measured < 0.05, (predicted, measured)
+    # the measurement is the allocator's: more than the states and the activations alone
+    assert measured > predicted.params + predicted.state + predicted.activations
+
+
+def test_step_prediction_phases():
+    base = step.StepCase(n_layer=6, n_embd=384, n_head=6, seq_len=64, batch=1)
+    adamw, sm3 = (step.predict_step(replace(base, optimizer=o)) for o in ("adamw", "sm3"))
+    assert adamw.peak == adamw.optimizer_step == 5 * adamw.params  # params, grads, exp_avg, exp_avg_sq, sqrt(v)
+    assert sm3.state < sm3.params / 100 and sm3.peak < adamw.peak / 2
+    wide = step.predict_step(step.StepCase(n_layer=2, n_embd=128, n_head=4, seq_len=256, batch=64))
+    assert wide.peak == max(wide.backward_start, wide.block_backward) > wide.optimizer_step
+
+
+@pytest.mark.parametrize(
+    ("threshold", "start", "limit", "expected"),
+    [(0, 1, 100, 0), (1, 1, 100, 1), (7, 1, 100, 7), (8, 1, 100, 8), (9, 1, 100, 9), (1000, 1, 100, 100),
+     (64, 1, 64, 64), (37, 5, 4096, 37), (4, 5, 10, 4)],
+)  # fmt: skip
+def test_largest_fitting_finds_the_threshold(threshold, start, limit, expected):
+    calls = []
+
+    def fits(n):
+        calls.append(n)
+        return n <= threshold
+
+    assert step.largest_fitting(fits, start=start, limit=limit) == expected
+    assert len(calls) <= 2 * math.log2(max(limit, 2)) + 2
+    assert all(start <= n <= limit for n in calls)
+
+
+def test_largest_fitting_refuses_bad_bounds():
+    with pytest.raises(ValueError, match="need 1 <= start <= limit"):
+        step.largest_fitting(lambda n: True, start=0)
+    with pytest.raises(ValueError, match="need 1 <= start <= limit"):
+        step.largest_fitting(lambda n: True, start=8, limit=4)
+
+
+def test_cuda_study_path_on_cpu(tmp_path):
+    """The --measure-cuda path end to end on CPU: allocator peaks, searches against a budget predicate."""
+    cases = step.QUICK_STEP_TABLE
+    budget = 64 * 2**20
+    search_base = step.StepCase(n_layer=2, n_embd=128, n_head=4, seq_len=64, batch=1)
+
+    def fits(case):  # what a device with 10% less room than the model thinks would allow
+        return step.predict_step(case, "cpu").peak <= 0.9 * budget
+
+    searches = (("micro-batch", search_base, "batch", 4096), ("depth", search_base, "n_layer", 256))
+    rc = cuda.run_cuda_study(
+        str(tmp_path), budget_gib=budget / 2**30, device="cpu", peak_cases=cases, search_cases=searches,
+        measure=step.measure_step_cpu, fits=fits,
+    )  # fmt: skip
+    assert rc == 0
+    result = json.loads((tmp_path / "cuda-memory.json").read_text())
+    assert [p["optimizer"] for p in result["peaks"]] == [c.optimizer for c in cases]
+    assert all(abs(p["rel_error"]) < 0.05 for p in result["peaks"])
+    by = {(s["search"], s["optimizer"]): s for s in result["searches"]}
+    for what in ("micro-batch", "depth"):
+        for o in ("adamw", "sm3"):
+            s = by[what, o]
+            assert 1 <= s["measured"] <= s["predicted"]
+        assert by[what, "sm3"]["predicted"] > by[what, "adamw"]["predicted"]
+    text = (tmp_path / "cuda-memory.md").read_text()
+    assert "| micro-batch of 2x128" in text and "SM3 / AdamW" in text
+
+
+def test_measure_cuda_without_a_device_is_an_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = memory.main(["--measure-cuda", "--out", str(tmp_path / "out")])
+    assert rc == 2
+    assert "--measure-cuda needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_peak_matches_prediction():
+    case = step.StepCase(n_layer=4, n_embd=256, n_head=4, seq_len=128, batch=8, optimizer="sm3")
+    measured = step.measure_step_cuda(case)
+    assert abs(step.predict_step(case, "cuda").peak - measured) / measured < 0.10
+    assert cuda.fits_cuda(case)

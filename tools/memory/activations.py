@@ -212,11 +212,6 @@ def activation_bytes_per_token(config: GPT2Config, act: ActivationModel, precisi
     return round((b.per_sample + b.recompute_per_sample) / act.seq_len)
 
 
-def _state_precision(precision: str) -> str:
-    """The model-state precision matching an activation precision (autocast keeps fp32 parameters)."""
-    return "fp32" if precision == "bf16-autocast" else precision
-
-
 def max_micro_batch(
     config: GPT2Config,
     setup: str,
@@ -227,7 +222,7 @@ def max_micro_batch(
     precision: str = "bf16-mixed",
 ) -> int:
     """Largest micro-batch (samples of ``act.seq_len`` tokens) that fits; -1 if the model states alone do not."""
-    states = rank_memory(config, setup, world, optimizer, _state_precision(precision)).total
+    states = rank_memory(config, setup, world, optimizer, precision).total
     b = activation_bytes(config, act, precision)
     fixed = states + b.per_batch + b.recompute_per_batch
     if fixed > budget_bytes:

@@ -14,7 +14,7 @@ momentum, SM3 with bf16 momentum) and setup (DDP, DeepSpeed ZeRO-1/2/3, FSDP2):
 the bytes a rank holds before any activation exists.
 
 **Where each byte comes from** (``N`` ranks; ``P`` parameters; ``e`` = 2 for
-``bf16-mixed``, 4 for ``fp32``):
+``bf16-mixed``, 4 for ``fp32`` and ``bf16-autocast``):
 
 =======  ====================  =================  ==================  ==================================
 setup    params                grads              master (mixed)      elements the optimizer updates
@@ -97,7 +97,8 @@ __all__ = [
 GIB = 1024**3
 SETUPS = ("ddp", "ddp-sharded", "zero1", "zero2", "zero3", "fsdp2")
 OPTIMIZERS = ("adam", "adamw", "adagrad", "adafactor", "sm3", "sm3-momentum", "sm3-bf16-momentum")
-PRECISIONS = ("fp32", "bf16-mixed")
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-autocast")
+"""bf16-autocast keeps fp32 parameters, gradients and state (``torch.autocast`` computes in bf16)."""
 WORLD_SIZES = (1, 2, 4, 8, 64, 1024)
 BUDGETS_GIB = (16, 40, 80)
 ZERO3_PERSISTENCE_THRESHOLD = 100_000

@@ -23,6 +23,7 @@ from sm3_dist.tools.memory.model import GPT2Config
 
 __all__ = [
     "ACTIVATION_TABLE",
+    "QUICK_ACTIVATION_TABLE",
     "ActivationCase",
     "ActivationCheck",
     "SavedStorages",
@@ -211,26 +212,31 @@ _SHAPES = ((2, 128, 4), (4, 256, 4), (6, 384, 6))
 """Three of the job's shapes (``tiny``, one between, ``small``)."""
 
 
-def _table(precisions: Sequence[str]) -> tuple[ActivationCase, ...]:
+def _table(
+    shapes: Sequence[tuple[int, int, int]], seq_lens: Sequence[int], precisions: Sequence[str]
+) -> tuple[ActivationCase, ...]:
     cases = [
         ActivationCase(n_layer=n, n_embd=h, n_head=a, seq_len=s, precision=p, checkpointing=ck)
         for p in precisions
-        for n, h, a in _SHAPES
-        for s in (64, 256)
+        for n, h, a in shapes
+        for s in seq_lens
         for ck in (False, True)
     ]
+    n, h, a = shapes[0] if shapes[0][0] > 1 else shapes[1]
     cases += [
-        ActivationCase(n_layer=2, n_embd=128, n_head=4, seq_len=s, attention=att, dropout=drop, checkpointing=ck)
+        ActivationCase(n_layer=n, n_embd=h, n_head=a, seq_len=s, attention=att, dropout=drop, checkpointing=ck)
         for att, drop in (("eager", False), ("flash", True))
-        for s in (64, 256)
+        for s in seq_lens
         for ck in (False, True)
     ]
     return tuple(cases)
 
 
-ACTIVATION_TABLE = _table(("fp32", "bf16-mixed", "bf16-autocast"))
+ACTIVATION_TABLE = _table(_SHAPES, (64, 256), ("fp32", "bf16-mixed", "bf16-autocast"))
 """The validation table: 3 shapes x 2 sequence lengths x checkpointing off/on x 3 precisions, and eager
 attention and dropout at the smallest shape."""
+QUICK_ACTIVATION_TABLE = _table(((1, 64, 2), (2, 64, 4), (2, 128, 4)), (16, 64), ("fp32", "bf16-autocast"))
+"""The same rows at smaller shapes and sequences, two precisions (a few seconds)."""
 
 
 def validate_activations(

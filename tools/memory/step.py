@@ -19,14 +19,16 @@ the largest value a ``fits`` predicate accepts.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from sm3_dist.tools.memory.activations import ActivationModel, activation_bytes
 from sm3_dist.tools.memory.model import GPT2Config, rank_memory
 
 __all__ = [
+    "QUICK_STEP_TABLE",
+    "STEP_TABLE",
     "StepCase",
     "StepPrediction",
     "largest_fitting",
@@ -34,6 +36,7 @@ __all__ = [
     "measure_step_cuda",
     "predict_step",
     "run_steps",
+    "validate_steps",
 ]
 
 
@@ -238,3 +241,37 @@ def largest_fitting(fits: Callable[[int], bool], *, start: int = 1, limit: int =
         else:
             hi = mid
     return lo
+
+
+def _cases(shapes, optimizers, checkpointing=(False, True)) -> tuple[StepCase, ...]:
+    return tuple(
+        StepCase(n_layer=n, n_embd=h, n_head=a, seq_len=s, batch=b, optimizer=o, checkpointing=ck)
+        for n, h, a, s, b in shapes
+        for o in optimizers
+        for ck in checkpointing
+    )
+
+
+STEP_TABLE = _cases(
+    ((2, 128, 4, 64, 4), (4, 256, 4, 128, 4), (6, 384, 6, 256, 2), (6, 384, 6, 64, 1)), ("adamw", "sm3")
+)
+"""The CPU whole-step table: activation-bound and state-bound shapes, AdamW and SM3, checkpointing off/on."""
+QUICK_STEP_TABLE = _cases(((2, 128, 4, 64, 4),), ("adamw", "sm3"), (False,))
+"""Two small steps (a few seconds)."""
+
+
+def validate_steps(cases: Sequence[StepCase] = STEP_TABLE) -> list[dict]:
+    """Each case's peak measured on CPU (allocator events) beside :func:`predict_step`'s, as table rows."""
+    rows = []
+    for case in cases:
+        measured = measure_step_cpu(case)
+        predicted = predict_step(case, "cpu").peak
+        rows.append(
+            {
+                **asdict(case),
+                "predicted": predicted,
+                "measured": measured,
+                "rel_error": (predicted - measured) / measured,
+            }
+        )
+    return rows
