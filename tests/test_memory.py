@@ -255,9 +255,14 @@ def test_activation_formula_is_korthikanti_for_eager_attention():
     assert layer == 34 * h + 5 * a * s + 8
     gelu_new = ActivationModel(seq_len=s, checkpointing=False, attention="eager", dropout=True)
     assert sum(v for _, v in activations._layer_terms(config, gelu_new, "bf16-mixed")) == layer + 24 * h
-    per_token = activation_bytes_per_token(config, fused, "bf16-mixed")
+    kept = activation_bytes(config, fused, "bf16-mixed")
     outside = 8 * (s + 1) / s + 8 + h + (2 * h + 4 + 2 * h) + 4 * config.vocab_size
-    assert per_token == round(config.n_layer * layer + outside)
+    assert kept.per_sample == round(s * (config.n_layer * layer + outside))
+    # the backward's transient gradients: the loss's (fp32 log-softmax output and input, bf16 logits) at its start
+    assert kept.loss_grad_per_sample == s * config.vocab_size * 10
+    assert activation_bytes_per_token(config, fused, "bf16-mixed") == round(
+        config.n_layer * layer + outside + 10 * config.vocab_size
+    )
 
 
 def test_checkpointing_and_flash_shrink_activations():

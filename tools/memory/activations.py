@@ -52,6 +52,15 @@ weights it saves (``2(12h²L + Vh)``).
 each layer keeps only its input (``r·h`` per token; with autocast no weight copy
 is kept for the blocks), and the backward pass recomputes one layer at a time,
 which briefly holds that layer's activations (and its weight copies).
+
+**Transient gradients** (:meth:`ActivationBytes.with_gradients`): the backward
+pass starts with the loss's gradients (the fp32 log-softmax output's and input's,
+``8V`` per token, and ``2V`` more for 16-bit logits), which at GPT-2's vocabulary
+outweigh a checkpointed model's activations; later, a block's ``gelu_new``
+backward holds ``8c·h`` per token beyond the output it frees. The largest
+micro-batch (:func:`max_micro_batch`) counts every model state for the whole step
+and the larger of the two moments; :mod:`~sm3_dist.tools.memory.step` resolves the
+phases of a single-rank step more finely and is checked against measured peaks.
 """
 
 from __future__ import annotations
@@ -121,14 +130,26 @@ class ActivationBytes:
     """Checkpointing: one layer's activations, recomputed and held during its backward pass, per sample."""
     recompute_per_batch: int = 0
     """Checkpointing with autocast: that layer's weight copies."""
+    loss_grad_per_sample: int = 0
+    """The gradients the loss's backward makes first, per sample: the log-softmax output's and input's (fp32,
+    ``8V`` per token) and, for 16-bit logits, theirs (``2V``)."""
+    gelu_grad_per_sample: int = 0
+    """The gradients ``gelu_new``'s backward holds beyond its freed output, per sample (``8c·h`` per token)."""
 
     def kept(self, batch: int) -> int:
         """Bytes autograd holds when the forward pass ends."""
         return self.per_batch + batch * self.per_sample
 
     def peak(self, batch: int) -> int:
-        """Kept bytes plus the recomputed layer (the most the activations reach in the backward pass)."""
+        """Kept bytes plus the recomputed layer (the most the saved activations reach in the backward pass)."""
         return self.kept(batch) + self.recompute_per_batch + batch * self.recompute_per_sample
+
+    def with_gradients(self, batch: int) -> int:
+        """The most activations and their transient gradients hold at once: at the start of the backward pass
+        (kept + the loss's gradients) or in a block's GELU backward (kept + the recomputed layer + its gradients)."""
+        start = self.kept(batch) + batch * self.loss_grad_per_sample
+        block = self.peak(batch) + batch * self.gelu_grad_per_sample
+        return max(start, block)
 
 
 def _sizes(precision: str) -> tuple[int, int]:
@@ -195,21 +216,27 @@ def activation_bytes(config: GPT2Config, act: ActivationModel, precision: str = 
     layer = sum(v for _, v in terms["layer"])
     outside = sum(v for _, v in terms["outside"])
     batch = round(sum(v for _, v in terms["batch"]))
+    gradients = dict(
+        loss_grad_per_sample=s * config.vocab_size * (8 + (2 if c == 2 else 0)),
+        gelu_grad_per_sample=s * (4 if act.fused_gelu else 8) * c * config.n_embd,
+    )
     if not act.checkpointing:
-        return ActivationBytes(per_sample=round(s * (config.n_layer * layer + outside)), per_batch=batch)
+        return ActivationBytes(per_sample=round(s * (config.n_layer * layer + outside)), per_batch=batch, **gradients)
     recompute_batch = c * _block_weight_numel(config) if precision == "bf16-autocast" else 0
     return ActivationBytes(
         per_sample=round(s * (config.n_layer * r * config.n_embd + outside)),
         per_batch=batch,
         recompute_per_sample=round(s * layer),
         recompute_per_batch=recompute_batch,
+        **gradients,
     )
 
 
 def activation_bytes_per_token(config: GPT2Config, act: ActivationModel, precision: str = "bf16-mixed") -> int:
-    """Peak activation bytes per token of a micro-batch (the per-micro-batch constant left out)."""
+    """Bytes per token of a micro-batch's activations and transient gradients at their most
+    (:meth:`ActivationBytes.with_gradients`; the per-micro-batch constant left out)."""
     b = activation_bytes(config, act, precision)
-    return round((b.per_sample + b.recompute_per_sample) / act.seq_len)
+    return round((b.with_gradients(1) - b.with_gradients(0)) / act.seq_len)
 
 
 def max_micro_batch(
@@ -221,13 +248,25 @@ def max_micro_batch(
     act: ActivationModel,
     precision: str = "bf16-mixed",
 ) -> int:
-    """Largest micro-batch (samples of ``act.seq_len`` tokens) that fits; -1 if the model states alone do not."""
+    """Largest micro-batch (samples of ``act.seq_len`` tokens) that fits; -1 if the model states alone do not.
+
+    Every model state counts for the whole step (:func:`~sm3_dist.tools.memory.model.rank_memory`), with the
+    activations and their transient gradients at their most (:meth:`ActivationBytes.with_gradients`).
+    """
     states = rank_memory(config, setup, world, optimizer, precision).total
     b = activation_bytes(config, act, precision)
-    fixed = states + b.per_batch + b.recompute_per_batch
+    fixed = states + b.with_gradients(0)
     if fixed > budget_bytes:
         return -1
-    return (budget_bytes - fixed) // (b.per_sample + b.recompute_per_sample)
+    per_sample = b.with_gradients(1) - b.with_gradients(0)  # linear in the batch: both phases are
+    lo, hi = 0, max(1, (budget_bytes - fixed) // max(1, min(b.per_sample, per_sample)) + 1)
+    while hi - lo > 1:  # with_gradients is a max of two lines: bisect rather than divide
+        mid = (lo + hi) // 2
+        if states + b.with_gradients(mid) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 _FAMILY_WIDTHS = tuple(128 * k for k in range(2, 161))

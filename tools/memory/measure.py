@@ -8,6 +8,7 @@ processes. Bytes are counted by :func:`sm3_dist.local_state_bytes`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,6 +30,7 @@ __all__ = [
     "measure_sharded_sm3",
     "measure_sm3_on_layouts",
     "params_with_grads",
+    "run_ranks",
     "sm3_kwargs",
     "validate",
 ]
@@ -141,44 +143,71 @@ def sm3_kwargs(optimizer: str) -> dict[str, Any]:
     raise ValueError(f"{optimizer!r} is not an SM3 variant")
 
 
-def _sharded_sm3_worker(rank: int, world: int, init_file: str, shapes: list, optimizers: list, out: str) -> None:
+def _rank_worker(rank: int, world: int, port: int, out: str, fn: Callable, args: tuple, env: dict) -> None:
     import torch.distributed as dist
 
-    from sm3_dist import ShardedSM3
     from sm3_dist.comm import end_process
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    os.environ.update(env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        measured = {}
-        for name in optimizers:
-            params = params_with_grads(shapes)
-            opt = ShardedSM3(params, **sm3_kwargs(name))
-            opt.step()
-            opt.state_dict()  # waits for the last all_reduce of maxima (a collective: every rank calls it)
-            measured[name] = local_state_bytes(opt)
+        result = fn(rank, world, *args)
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump(measured, f)
+            json.dump(result, f)
     finally:
         dist.destroy_process_group()
     end_process(0)
 
 
-def measure_sharded_sm3(config: GPT2Config, world: int, optimizers: Sequence[str]) -> list[dict[str, int]]:
-    """State bytes of :class:`sm3_dist.ShardedSM3` on each of ``world`` CPU processes (gloo), per optimizer."""
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, env: dict[str, str] | None = None) -> list[Any]:
+    """``fn(rank, world, *args)`` on ``world`` CPU processes in one gloo group; each rank's JSON-able result.
+
+    ``fn`` must be importable by name (a module-level function); ``env`` is set in every process first.
+    """
+    import glob
     import tempfile
 
     import torch.multiprocessing as mp
 
+    from sm3_dist.comm import free_port
+
+    port = free_port()
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            mp.spawn(_rank_worker, args=(world, port, out, fn, args, dict(env or {})), nprocs=world, join=True)
+            results = []
+            for r in range(world):
+                with open(os.path.join(out, f"rank{r}.json")) as f:
+                    results.append(json.load(f))
+        return results
+    finally:  # DeepSpeed's CPU backend leaves shared-memory buffers named after the port
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def _sharded_sm3_rank(rank: int, world: int, shapes: list, optimizers: list) -> dict[str, int]:
+    from sm3_dist import ShardedSM3
+
+    measured = {}
+    for name in optimizers:
+        params = params_with_grads(shapes)
+        opt = ShardedSM3(params, **sm3_kwargs(name))
+        opt.step()
+        opt.state_dict()  # waits for the last all_reduce of maxima (a collective: every rank calls it)
+        measured[name] = local_state_bytes(opt)
+    return measured
+
+
+def measure_sharded_sm3(config: GPT2Config, world: int, optimizers: Sequence[str]) -> list[dict[str, int]]:
+    """State bytes of :class:`sm3_dist.ShardedSM3` on each of ``world`` CPU processes (gloo), per optimizer."""
     shapes = [list(shape) for _, shape in config.param_shapes()]
     names = [n for n in optimizers if n.startswith("sm3")]
-    with tempfile.TemporaryDirectory() as out:
-        init_file = os.path.join(out, "init")
-        mp.spawn(_sharded_sm3_worker, args=(world, init_file, shapes, names, out), nprocs=world, join=True)
-        results = []
-        for r in range(world):
-            with open(os.path.join(out, f"rank{r}.json")) as f:
-                results.append(json.load(f))
-    return results
+    return run_ranks(_sharded_sm3_rank, world, shapes, names)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

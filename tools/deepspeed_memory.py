@@ -1,6 +1,6 @@
 """Per-rank optimizer-state memory under DeepSpeed ZeRO 0-3: SM3 vs DeepSpeed's Adam and Adagrad.
 
-Run: ``DS_ACCELERATOR=cpu python -m tests.deepspeed_memory [--world 2]``. Prints a
+Run: ``python -m sm3_dist.tools.deepspeed_memory [--world 2]`` (DeepSpeed on CPU). Prints a
 markdown table of the bytes of optimizer state tensors each rank holds after
 one step (largest rank; ``step`` counters excluded), the same small model
 (an embedding, two MLP blocks and a head; 1.18M parameters) for every row.
@@ -12,8 +12,7 @@ import argparse
 import os
 
 import torch
-
-from tests.spawn import run_distributed
+from sm3_dist.tools.memory.measure import run_ranks
 
 OPTIMIZERS = {
     "SM3 (momentum 0.9)": {"type": "SM3", "params": {"lr": 0.1, "momentum": 0.9}},
@@ -71,7 +70,7 @@ def _measure(rank: int, world: int, stage: int) -> dict[str, int]:
 def table(world: int = 2, stages: tuple[int, ...] = (0, 1, 2, 3)) -> str:
     """The markdown table: one row per optimizer, one column per ZeRO stage (KiB of state on the largest rank)."""
     env = {"DS_ACCELERATOR": "cpu"}
-    per_stage = {stage: run_distributed(_measure, world, stage, env=env) for stage in stages}
+    per_stage = {stage: run_ranks(_measure, world, stage, env=env) for stage in stages}
     numel = per_stage[stages[0]][0]["params"]
     lines = [
         f"Optimizer state per rank, KiB (largest rank; {numel / 1e6:.2f}M fp32 parameters = "
@@ -88,8 +87,10 @@ def table(world: int = 2, stages: tuple[int, ...] = (0, 1, 2, 3)) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--world", type=int, default=2, help="data-parallel ranks (CPU processes, default 2)")
     args = parser.parse_args()
+    if args.world < 1:
+        parser.error(f"--world must be >= 1, got {args.world}")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     print(table(args.world))
 
