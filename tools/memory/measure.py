@@ -17,13 +17,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from sm3_dist.tools.memory.model import OPTIMIZERS, SIZES, GPT2Config, flat_bounds, rank_counts, state_bytes
+from sm3_dist.tools.memory.model import (
+    OPTIMIZERS,
+    SIZES,
+    SM3_MOMENTUM,
+    GPT2Config,
+    flat_bounds,
+    rank_counts,
+    state_bytes,
+)
 
 from sm3_dist import SM3, local_state_bytes
 from sm3_dist.layout import box_piece, flat_range_piece
 
 __all__ = [
-    "SM3_MOMENTUM",
     "Check",
     "make_optimizer",
     "measure_optimizer_state",
@@ -34,8 +41,6 @@ __all__ = [
     "sm3_kwargs",
     "validate",
 ]
-
-SM3_MOMENTUM = 0.9
 
 
 def make_optimizer(name: str, params: list) -> torch.optim.Optimizer:

@@ -88,6 +88,7 @@ __all__ = [
     "RankMemory",
     "family_config",
     "flat_bounds",
+    "job_config",
     "rank_counts",
     "rank_memory",
     "resolve_size",
@@ -106,24 +107,6 @@ ZERO3_PERSISTENCE_THRESHOLD = 100_000
 ZERO_ALIGNMENT = 2
 """DeepSpeed ZeRO-1/2 pads each flat group to a multiple of ``ZERO_ALIGNMENT * world_size`` elements."""
 SM3_MOMENTUM = 0.9
-
-_SETUP_LABELS = {
-    "ddp": "DDP",
-    "ddp-sharded": "DDP+sharded",
-    "zero1": "ZeRO-1",
-    "zero2": "ZeRO-2",
-    "zero3": "ZeRO-3",
-    "fsdp2": "FSDP2",
-}
-_OPTIMIZER_LABELS = {
-    "adam": "Adam",
-    "adamw": "AdamW",
-    "adagrad": "Adagrad",
-    "adafactor": "Adafactor",
-    "sm3": "SM3",
-    "sm3-momentum": "SM3 + momentum",
-    "sm3-bf16-momentum": "SM3 + bf16 momentum",
-}
 
 
 # ---------------------------------------------------------------------------------------------- model shapes
@@ -227,6 +210,18 @@ def resolve_size(text: str) -> GPT2Config:
         return GPT2Config(name=key, n_layer=n_layer, n_embd=n_embd, n_head=n_embd // 64)
     names = ", ".join([*SIZES, *_ALIASES])
     raise ValueError(f"unknown model size {text!r}: choose from {names}, or LAYERSxHIDDEN such as 48x1600")
+
+
+def job_config(n_layer: int, n_embd: int, n_head: int, seq_len: int, vocab_size: int = 256) -> GPT2Config:
+    """The training job's GPT-2 (:mod:`sm3_dist.launch.model`: byte vocabulary, ``seq_len`` positions)."""
+    return GPT2Config(
+        name=f"{n_layer}x{n_embd}",
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=vocab_size,
+        n_positions=seq_len,
+    )
 
 
 def family_config(n_embd: int, *, aspect: int = 128) -> GPT2Config:

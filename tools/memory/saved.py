@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from sm3_dist.tools.memory.activations import ActivationModel, activation_bytes
-from sm3_dist.tools.memory.model import GPT2Config
+from sm3_dist.tools.memory.model import GPT2Config, job_config
 
 __all__ = [
     "ACTIVATION_TABLE",
@@ -122,14 +122,7 @@ class ActivationCase:
 
     @property
     def config(self) -> GPT2Config:
-        return GPT2Config(
-            name=f"{self.n_layer}x{self.n_embd}",
-            n_layer=self.n_layer,
-            n_embd=self.n_embd,
-            n_head=self.n_head,
-            vocab_size=256,
-            n_positions=self.seq_len,
-        )
+        return job_config(self.n_layer, self.n_embd, self.n_head, self.seq_len, 256)
 
     def model(self, device: str = "cpu") -> ActivationModel:
         return ActivationModel(

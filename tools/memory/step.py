@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from sm3_dist.tools.memory.activations import ActivationModel, activation_bytes
-from sm3_dist.tools.memory.model import GPT2Config, rank_memory
+from sm3_dist.tools.memory.model import GPT2Config, job_config, rank_memory
 
 __all__ = [
     "QUICK_STEP_TABLE",
@@ -58,14 +58,7 @@ class StepCase:
 
     @property
     def config(self) -> GPT2Config:
-        return GPT2Config(
-            name=f"{self.n_layer}x{self.n_embd}",
-            n_layer=self.n_layer,
-            n_embd=self.n_embd,
-            n_head=self.n_head,
-            vocab_size=self.vocab_size,
-            n_positions=self.seq_len,
-        )
+        return job_config(self.n_layer, self.n_embd, self.n_head, self.seq_len, self.vocab_size)
 
     def activation_model(self, device: str) -> ActivationModel:
         return ActivationModel(seq_len=self.seq_len, checkpointing=self.checkpointing, dropout=False, device=device)
