@@ -194,3 +194,21 @@ def test_device_path_reads_nothing_on_the_host(device_path, no_host_reads, kerne
     assert all(isinstance(opt.state[p]["step"], torch.Tensor) for p in params)
     assert opt.state[params[0]]["step"].item() == (3.0 if nonfinite == "skip" else 4.0)
     assert opt.skipped_steps == (1 if nonfinite == "skip" else 0)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_capturable_and_an_lr_tensor_of_any_shape_step_alike(kernel):
+    """``capturable=True`` and ``lr`` as a (1, 1) tensor change where values live, not a bit of the result."""
+    plain, plain_opt, _ = _train(kernel, bad_at=())
+    torch.manual_seed(0)
+    params = [torch.randn(s, requires_grad=True) for s in SHAPES]
+    hyper = {**HYPER, "lr": torch.tensor([[HYPER["lr"]]])}
+    opt = SM3(params, **hyper, **KERNELS[kernel], capturable=True)
+    for step in range(5):
+        for p, g in zip(params, _grads(step)):
+            p.grad = g
+        opt.step()
+    for p, q in zip(plain, params):
+        assert torch.equal(p, q)
+        for key, value in plain_opt.state[p].items():
+            assert torch.equal(opt.state[q][key], value), key
