@@ -22,6 +22,9 @@ import torch
 from sm3_dist import SM3, _native, functional
 from sm3_dist.layout import split_flat_range
 from sm3_dist.rule import UpdateRule
+from tests.test_fast_path import _assert_same as _same
+from tests.test_fast_path import _blocks as blocks_of
+from tests.test_fast_path import _clone
 
 SHAPES = [(37,), (13, 11), (5, 7, 9), (3, 4, 5, 6), (2, 70)]
 HYPERS = {
@@ -233,31 +236,11 @@ def test_nonfinite_values_propagate_alike(monkeypatch, kernel, shape):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
-def _blocks(seed=0, shapes=((13, 11), (37,), (5, 7, 9), ())):
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen) for s in shapes]
-    grads = [torch.randn(s, generator=gen) for s in shapes]
-    bufs = [torch.randn(s, generator=gen) for s in shapes]
-    accs = [[torch.rand(n, generator=gen) for n in (s or (1,))] for s in shapes]
-    return params, grads, bufs, accs
+SHAPES_WITH_SCALAR = ((13, 11), (37,), (5, 7, 9), ())
 
 
-def _clone(blocks):
-    params, grads, bufs, accs = blocks
-    return (
-        [p.clone() for p in params],
-        [g.clone() for g in grads],
-        [b.clone() for b in bufs],
-        [[a.clone() for a in acc] for acc in accs],
-    )
-
-
-def _same(a, b):
-    for x, y in zip(a, b):
-        if isinstance(x, (list, tuple)):
-            _same(x, y)
-        else:
-            assert torch.equal(x, y)
+def _blocks(seed=0, shapes=SHAPES_WITH_SCALAR):
+    return blocks_of(seed, shapes)
 
 
 RULE = UpdateRule(momentum=0.9, beta=0.9, weight_decay=0.01, bias_correction=True)
