@@ -167,7 +167,7 @@ SM3_INFO = OptimizerInfo(
     supports_sparse=True,
     has_capturable_arg=takes("capturable"),
     supports_complex=False,
-    supports_fused_on=("cpu", "cuda") if functional.native_available() else ("cuda",),
+    supports_fused_on=tuple(device for device in ("cpu", "cuda") if functional.fused_kernel(device) is not None),
 )
 """SM3 as PyTorch's generic optimizer tests see it.
 

@@ -61,8 +61,11 @@ def config(device: str, desc: str) -> dict:
 
 
 def kernel(device: str, name: str) -> dict:
-    if name == "fused" and device == "cpu" and not functional.native_available():
-        pytest.skip("no fused CPU kernel here: the native kernel did not build (no C++ compiler)")
+    if name == "fused" and functional.fused_kernel(torch.device(device).type) is None:
+        pytest.skip(
+            f"no fused {device} kernel here (the CPU one needs a C++ compiler, the CUDA one Triton); "
+            "test_fused_without_a_kernel_is_refused covers that case"
+        )
     return dict(KERNELS[name])
 
 
@@ -594,6 +597,19 @@ def test_large_tensor(device, kname):
     param.grad = torch.zeros_like(param)
     SM3([param], **KERNELS[kname]).step()
     assert torch.all(param == 1)
+
+
+def test_fused_without_a_kernel_is_refused(monkeypatch):
+    """``fused=True`` where the device has no fused kernel (no compiler, no Triton) is a clear error at the
+    step, which names the device type and the way out, and changes nothing."""
+    monkeypatch.setattr(functional, "fused_kernel", lambda device_type: None)
+    param = Parameter(torch.randn(3, 2))
+    before = param.detach().clone()
+    optimizer = SM3([param], fused=True)
+    param.grad = torch.randn_like(param)
+    with pytest.raises(RuntimeError, match=r"fused=True: no fused SM3 kernel for device type 'cpu'.*foreach=True"):
+        optimizer.step()
+    assert torch.equal(param, before)
 
 
 @pytest.mark.parametrize("device", DEVICES)
