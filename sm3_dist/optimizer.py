@@ -489,22 +489,26 @@ class SM3(Optimizer):
         gradient and the gradient's dtype, shape, layout and sparsity, and the identity of every state tensor;
         per group: whether there is momentum, the kernel flags and ``capturable``.
         """
-        sig: list = [group["momentum"] > 0.0, group["foreach"], group["fused"], group.get("capturable", False)]
-        grads: list[Tensor | None] = []
+        params = group["params"]
+        locals_ = [_local(p) for p in params]
+        grads = [None if g is None else _local(g) for g in [p.grad for p in params]]
         state = self.state
-        for p in group["params"]:
-            local = _local(p)
-            g = p.grad
-            if g is not None:
-                g = _local(g)
-                gsig = (g.dtype, g.shape, g.is_sparse or g.is_contiguous(), g.is_sparse, g.device)
-            else:
-                gsig = None
-            st = state.get(p)
-            ids = None if st is None else tuple(map(id, st.values()))
-            sig.append((id(p), local.data_ptr(), local.dtype, local.shape, local.stride(), gsig, ids))
-            grads.append(g)
-        return tuple(sig), grads
+        states = [state.get(p) for p in params]
+        sig = (
+            group["momentum"] > 0.0,
+            group["foreach"],
+            group["fused"],
+            group.get("capturable", False),
+            tuple(map(id, params)),
+            tuple([t.data_ptr() for t in locals_]),
+            tuple([(t.shape, t.is_contiguous()) for t in locals_]),
+            tuple(
+                [None if g is None else (g.layout, g.dtype, g.shape, g.is_sparse or g.is_contiguous()) for g in grads]
+            ),
+            tuple([None if st is None else len(st) for st in states]),
+            tuple([id(v) for st in states if st is not None for v in st.values()]),
+        )
+        return sig, grads
 
     def _init_group(self, gi: int, group: dict[str, Any]) -> GroupPlan:
         """Initialize and check the group's state (torch's ``_init_group``) and build its block plan."""
