@@ -109,14 +109,14 @@ def _exact_batch(step: int) -> tuple[torch.Tensor, ...]:
     )
 
 
-def loss_of(model, kind: str, step: int, poison: bool = False, dtype=torch.float32) -> torch.Tensor:
+def loss_of(model, kind: str, step: int, poison: bool = False, dtype=torch.float32, scale: float = 1.0):
     """The loss of batch ``step`` (inputs in ``dtype``); ``poison`` puts a NaN into the input (every gradient of
-    the rank turns NaN)."""
+    the rank turns NaN); ``scale`` multiplies :class:`Net`'s loss."""
     if kind == "net":
         x, y = _batch(step)
         if poison:
             x[0, 0] = float("nan")
-        return ((model(x.to(dtype)) - y.to(dtype)) ** 2).mean()
+        return ((model(x.to(dtype)) - y.to(dtype)) ** 2).mean() * scale
     inputs = list(_exact_batch(step))
     if poison:
         inputs[0][0, 0] = float("nan")

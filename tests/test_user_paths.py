@@ -57,7 +57,8 @@ def _summary(engine) -> dict:
 
 
 def _deepspeed_run(stage: int, route: str) -> dict:
-    """``route``: ``config`` (``"type": "SM3"``) or ``client`` (``optimizer=SM3(...)``), 5 steps."""
+    """``route``: ``config`` (``"type": "SM3"``), ``client`` (``optimizer=SM3(...)``) or ``default-clipping``
+    (``client`` with DeepSpeed's default ``gradient_clipping``), 5 steps."""
     from sm3_dist import SM3
 
     torch.manual_seed(0)
@@ -65,13 +66,15 @@ def _deepspeed_run(stage: int, route: str) -> dict:
     if route == "config":
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=_config(stage))
     else:
-        engine, *_ = deepspeed.initialize(
-            model=model, optimizer=SM3(model.parameters(), **HYPER), config=_client_config(stage)
-        )
+        config = _client_config(stage)
+        if route == "default-clipping":
+            del config["gradient_clipping"]
+        engine, *_ = deepspeed.initialize(model=model, optimizer=SM3(model.parameters(), **HYPER), config=config)
     for step in range(STEPS):
-        engine.backward(loss_of(engine, "net", step))
+        engine.backward(loss_of(engine, "net", step, scale=4.0 if route == "default-clipping" else 1.0))
         engine.step()
     out = _summary(engine)
+    out["clipping"] = engine.gradient_clipping()
     engine.destroy()
     return out
 
@@ -123,6 +126,7 @@ def _session(rank: int, world: int) -> dict:
         for s in (1, 2, 3)
         for route in ("config", "client")
     }
+    runs["default-clipping-zero2"] = lambda: _deepspeed_run(2, "default-clipping")
     runs["accelerate-zero2"] = _accelerate_run
     runs["unexplained"] = _unexplained_swap
     out = {}
@@ -186,6 +190,49 @@ def test_a_tensor_swapped_in_that_nothing_explains_is_refused_before_any_update(
         assert "not one of the parameters SM3 was built on" in message
         assert "per-element accumulators" in message
         assert result["unchanged"] and result["state"] == 0
+
+
+@pytest.mark.slow
+def test_deepspeed_clips_to_norm_one_unless_the_config_says_otherwise(session):
+    """README: a DeepSpeed run equals plain SM3 with ``"gradient_clipping": 0``; DeepSpeed's default is 1.0."""
+    for result in _pick(session, "default-clipping-zero2"):
+        assert result["clipping"] == 1.0
+        unclipped = _scaled_reference(clip=None)
+        clipped = _scaled_reference(clip=1.0)
+        assert any(not torch.allclose(v, unclipped[n]) for n, v in result["params"].items())
+        for name, value in result["params"].items():  # DeepSpeed computes the norm in its own order: close
+            torch.testing.assert_close(value, clipped[name], rtol=1e-5, atol=1e-6)
+
+
+def _scaled_reference(clip: float | None) -> dict:
+    """Single-process SM3 on the default-clipping run's loss (scaled so the gradient norm exceeds 1)."""
+    from sm3_dist import SM3
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = SM3(model.parameters(), **HYPER)
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss_of(model, "net", step, scale=4.0).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def test_deepspeed_shm_buffers_of_one_port_are_removed(tmp_path):
+    from sm3_dist.integrations.shm import remove_deepspeed_shm
+
+    mine = [tmp_path / f"deepspeed_allreduce_buffer_{k}_127.0.0.1_29512_{r}" for k in range(2) for r in range(2)]
+    others = [tmp_path / "deepspeed_allreduce_buffer_0_127.0.0.1_29513_0", tmp_path / "unrelated_29512_0"]
+    for path in mine + others:
+        path.write_bytes(b"x")
+    removed = remove_deepspeed_shm(29512, directory=str(tmp_path))
+    assert sorted(removed) == sorted(str(p) for p in mine)
+    assert all(not p.exists() for p in mine) and all(p.exists() for p in others)
+    with pytest.raises(ValueError, match="MASTER_PORT is not set"):
+        os.environ.pop("MASTER_PORT", None)
+        remove_deepspeed_shm(directory=str(tmp_path))
 
 
 # ---------------------------------------------------------------------- registration whatever imported what
