@@ -402,48 +402,66 @@ class SM3(Optimizer):
         """Decide on this step's non-finite gradients: ``(skip it now, device flag the kernels read)``.
 
         ``given`` is a ``GradScaler``'s ``found_inf``: it replaces the check (its inf/NaN are the scaler's
-        business, never an error). The flag is MAX-reduced over every process group the state is reduced
-        over, so all ranks decide alike. Where it can be read without a host synchronization (CPU) or must be
-        (``"raise"``), the step is skipped or raised here; otherwise the kernels read it on the device, and
-        ``skipped_steps`` counts it there.
+        business, never an error). Where the flag can be read without a host synchronization (CPU) or must
+        be (``"raise"``), :meth:`_found_nonfinite` decides here; otherwise the flag is set on the device,
+        MAX-reduced over every process group the state is reduced over (so all ranks decide alike) without
+        the host waiting, and the kernels read it; ``skipped_steps`` counts it there.
         """
         device = _first_device(self.param_groups)
-        local_bad = None
-        if given is not None:
-            flag = (given.reshape(()).to(device, non_blocking=True) != 0).to(torch.float32)
-        elif self.nonfinite == "ignore":
-            return False, None
+        host = device.type in functional.HOST_READ_DEVICES
+        if given is None:
+            if self.nonfinite == "ignore":
+                return False, None
+            if host or self.nonfinite == "raise":
+                return self._found_nonfinite(), None
+            flag = torch.zeros((), dtype=torch.float32, device=device)
+            self._check_nonfinite_on_device([g for _, g in self._local_grads()], flag)
         else:
-            named, grads = [], []
-            for gi, group in enumerate(self.param_groups):
-                for pi, p in enumerate(group["params"]):
-                    if p.grad is not None:
-                        g = to_local(p.grad)
-                        g = g.coalesce().values() if g.is_sparse else g
-                        if g.numel():
-                            grads.append(g)
-                            named.append((gi, pi, p))
-            if device.type in functional.HOST_READ_DEVICES or self.nonfinite == "raise":
-                bad = functional.first_nonfinite(grads)
-                local_bad = None if bad is None else self._name(*named[bad])
-                flag = torch.tensor(0.0 if bad is None else 1.0, device=device)
-            else:
-                flag = torch.zeros((), dtype=torch.float32, device=device)
-                self._check_nonfinite_on_device(grads, flag)
-        groups = {_group_key(s.group): s.group for s in self._specs.values() if s.group is not None}
-        all_reduce_flag_(flag, list(groups.values()))
-        if flag.device.type not in functional.HOST_READ_DEVICES and self.nonfinite != "raise":
-            skipped = self.__dict__.get("_skipped_device")
-            self._skipped_device = flag.clone() if skipped is None else skipped.add_(flag)
-            return False, flag
-        if not bool(flag):
-            return False, None
-        if self.nonfinite == "raise" and given is None:
+            flag = (given.reshape(()).to(device, non_blocking=True) != 0).to(torch.float32)
+        all_reduce_flag_(flag, self._reduction_groups())
+        if host:
+            if not bool(flag):
+                return False, None
+            self._count_skipped(1)
+            return True, None
+        skipped = self.__dict__.get("_skipped_device")
+        self._skipped_device = flag.clone() if skipped is None else skipped.add_(flag)
+        return False, flag
+
+    def _found_nonfinite(self) -> bool:
+        """Whether any rank's gradient holds an inf/NaN, read on the host (every rank decides alike); raises
+        ``FloatingPointError`` naming the parameter under ``nonfinite="raise"``, else counts a skipped step."""
+        named = self._local_grads()
+        bad = functional.first_nonfinite([g for _, g in named])
+        local_bad = None if bad is None else self._name(*named[bad][0])
+        device = _first_device(self.param_groups)
+        flag = torch.full((), 0.0 if bad is None else 1.0, dtype=torch.float32, device=device)
+        if not bool(all_reduce_flag_(flag, self._reduction_groups())):
+            return False
+        if self.nonfinite == "raise":
             where = f"in {local_bad}" if local_bad is not None else "on another rank"
             raise FloatingPointError(f"SM3: non-finite gradient {where}{_rank_suffix()}; no state was changed")
+        self._count_skipped(1)
+        return True
+
+    def _local_grads(self) -> list[tuple[tuple[int, int, Tensor], Tensor]]:
+        """``((group index, parameter index, parameter), local gradient values)`` of every non-empty gradient."""
+        named = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    g = to_local(p.grad)
+                    g = g.coalesce().values() if g.is_sparse else g
+                    if g.numel():
+                        named.append(((gi, pi, p), g))
+        return named
+
+    def _reduction_groups(self) -> list[Any]:
+        return list({_group_key(s.group): s.group for s in self._specs.values() if s.group is not None}.values())
+
+    def _count_skipped(self, n: int) -> None:
         for group in self.param_groups:
-            group[SKIPPED_KEY] = group.get(SKIPPED_KEY, 0) + 1
-        return True, None
+            group[SKIPPED_KEY] = group.get(SKIPPED_KEY, 0) + n
 
     def _check_nonfinite_on_device(self, grads: list[Tensor], flag: Tensor) -> None:
         """``functional.nonfinite_``, through the device kernel's prepared check, kept (in the plan cache) while
@@ -470,8 +488,7 @@ class SM3(Optimizer):
             self._skipped_device = None
             n = int(skipped.item())
             if n:
-                for group in self.param_groups:
-                    group[SKIPPED_KEY] = group.get(SKIPPED_KEY, 0) + n
+                self._count_skipped(n)
 
     @property
     def skipped_steps(self) -> int:
