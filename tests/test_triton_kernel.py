@@ -138,3 +138,43 @@ def test_prepared_tables_follow_the_tensors(interpreted):
     repeated = interpreted["repeated"]
     assert repeated["nonfinite flags"] == [0.0, 1.0, 0.0, 1.0]
     assert repeated["finalize acc, maxima"] == [1.0, 0.0, 3.0, 0.0]
+
+
+def test_device_check_passes_every_case(interpreted):
+    # sm3_dist._triton.check, which the GPU run relies on, on CPU under the interpreter (small shapes)
+    check = interpreted["check"]
+    results = {r["name"]: r for r in check["results"]}
+    assert set(check["cases"]) <= set(results)
+    assert [name for name in results if name.startswith("nonfinite_ ")] == [
+        "nonfinite_ float32",
+        "nonfinite_ bfloat16",
+        "nonfinite_ float16",
+    ]
+    for name, r in results.items():
+        assert r["ok"], f"{name}: {r.get('error') or r.get('mismatches')}"
+
+
+CLI = {
+    "no mode": ([], 2, "give --check and/or --bench"),
+    "bench": (
+        ["--bench", "--device", "cpu", "--params", "64,32,1", "--steps", "1", "--rounds", "1"],
+        0,
+        "| sm3 triton update kernel alone |",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CLI))
+def test_module_command_line(name):
+    args, code, text = CLI[name]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sm3_dist._triton", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == code, proc.stderr[-4000:]
+    assert text in proc.stdout + proc.stderr

@@ -351,10 +351,29 @@ def _repeated_calls() -> dict[str, list[float]]:
     return {"nonfinite flags": flags, "finalize acc, maxima": seen}
 
 
+CHECK_SHAPES = [(5, 300), (3, 40), (2, 3, 4, 9), (7,), ()]
+"""Small shapes (wide, narrow, rank 4, flat, scalar) for :func:`sm3_dist._triton.check` on CPU."""
+
+
+def _device_check() -> dict[str, list]:
+    """``_triton.check("cpu")`` (what ``python -m sm3_dist._triton --check`` runs on a GPU), its cases on the
+    small :data:`CHECK_SHAPES` so that the interpreter gets through them."""
+    from sm3_dist._triton import check, checking
+
+    full = checking._check_cases
+    cases = [(name, {**spec, "shapes": CHECK_SHAPES}) for name, spec in full()]
+    checking._check_cases = lambda: cases
+    try:
+        return {"cases": [name for name, _ in cases], "results": check("cpu")}
+    finally:
+        checking._check_cases = full
+
+
 def main(out: str) -> None:
     results = {"cases": {}, "nonfinite": {}, "errors": {}}
     results["bad"] = _bad_inputs()
     results["repeated"] = _repeated_calls()
+    results["check"] = _device_check()
     for name, case in CASES.items():
         try:
             results["cases"][name] = run_triton(case)
