@@ -250,7 +250,8 @@ class ShardedSM3(Optimizer):
             if not _aliases(view, p, start) or not p.is_contiguous():
                 raise RuntimeError(
                     f"{name}: the parameter's storage was replaced or made non-contiguous after ShardedSM3 was "
-                    "built (e.g. `p.data = ...` or moving the model); build the optimizer after the model is final"
+                    "built (e.g. `p.data = ...` or moving the model); build the optimizer after the model is final "
+                    "(under accelerate: after accelerator.prepare(model))"
                 )
             g = p.grad
             if g is None:
@@ -298,7 +299,9 @@ class ShardedSM3(Optimizer):
         ):
             raise ValueError(
                 "ShardedSM3: param_groups' parameters changed after construction (the optimizer state is "
-                "partitioned over the original parameters); build a new ShardedSM3 instead"
+                "partitioned over the original parameters); build a new ShardedSM3 instead. If a wrapper swapped "
+                "them (DeepSpeed ZeRO puts its flat partitions there), ShardedSM3 is the wrong optimizer: ZeRO "
+                "shards the state itself, so pass sm3_dist.SM3"
             )
 
     def _chunk(self, indices: list[int]) -> int:
