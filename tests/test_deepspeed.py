@@ -36,150 +36,32 @@ from __future__ import annotations
 import fcntl
 import math
 import os
-import re
 import traceback
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
+from tests.deepspeed_models import (  # noqa: F401  (shared with the other DeepSpeed tests through this module)
+    BATCH,
+    ENV,
+    HYPER,
+    MODELS,
+    STEPS,
+    ExactNet,
+    Net,
+    _batch,
+    _config,
+    _describe_state,
+    _exact_batch,
+    _full_params,
+    loss_of,
+)
 from tests.spawn import run_distributed
 
 deepspeed = pytest.importorskip("deepspeed")
 
 pytestmark = pytest.mark.xdist_group("deepspeed")
-
-ENV = {"DS_ACCELERATOR": "cpu"}
-os.environ.update(ENV)
-
-HYPER = {"lr": 0.05, "momentum": 0.9}
-STEPS = 10
-BATCH = 4
-
-
-class Net(torch.nn.Module):
-    """Shapes chosen so that ZeRO partition boundaries cut weights mid-row at world sizes 2 and 3."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(5, 7)
-        self.mix = torch.nn.Parameter(torch.randn(2, 3, 7) * 0.3)
-        self.fc2 = torch.nn.Linear(7, 3)
-        self.scale = torch.nn.Parameter(torch.tensor([1.5]))  # 0-dim: DeepSpeed's broadcast rejects it
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.fc1(x))
-        h = h + torch.einsum("bk,ijk->bk", h, self.mix) * 0.1
-        return self.fc2(h) * self.scale
-
-
-class ExactNet(Net):
-    """:class:`Net`'s parameters under a loss linear in each: gradients ``3 m``, ``m`` a small multiple of 1/8."""
-
-    def forward(self, x1, d1, x2, d2, c_mix, c_scale):  # type: ignore[override]
-        return (
-            (self.fc1(x1) * d1).sum()
-            + (self.fc2(x2) * d2).sum()
-            + (self.mix * c_mix).sum()
-            + (self.scale * c_scale).sum()
-        )
-
-
-MODELS = {"net": Net, "exact": ExactNet}
-
-
-def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(100 + step)
-    return torch.randn(BATCH, 5, generator=gen), torch.randn(BATCH, 3, generator=gen)
-
-
-def _exact_batch(step: int) -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator().manual_seed(200 + step)
-
-    def ints(*shape):
-        return torch.randint(-2, 3, shape, generator=gen).float()
-
-    return (
-        ints(BATCH, 5),
-        ints(BATCH, 7) * 3 / 8,
-        ints(BATCH, 7),
-        ints(BATCH, 3) * 3 / 8,
-        ints(2, 3, 7) * 3 / 8,
-        ints(1) * 3 / 8,
-    )
-
-
-def loss_of(model, kind: str, step: int, poison: bool = False, dtype=torch.float32, scale: float = 1.0):
-    """The loss of batch ``step`` (inputs in ``dtype``); ``poison`` puts a NaN into the input (every gradient of
-    the rank turns NaN); ``scale`` multiplies :class:`Net`'s loss."""
-    if kind == "net":
-        x, y = _batch(step)
-        if poison:
-            x[0, 0] = float("nan")
-        return ((model(x.to(dtype)) - y.to(dtype)) ** 2).mean() * scale
-    inputs = list(_exact_batch(step))
-    if poison:
-        inputs[0][0, 0] = float("nan")
-    return model(*(t.to(dtype) for t in inputs))
-
-
-def _config(stage: int, params: dict | None = None, **extra) -> dict:
-    cfg = {
-        "train_micro_batch_size_per_gpu": BATCH,
-        "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "SM3", "params": {**HYPER, **(params or {})}},
-        "zero_optimization": {"stage": stage},
-        "steps_per_print": 10**9,
-        "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips to norm 1.0 unless told otherwise
-    }
-    if stage == 3:
-        cfg["zero_optimization"]["sub_group_size"] = 40  # several sub-groups: one optimizer step each
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key].update(value)
-        else:
-            cfg[key] = value
-    return cfg
-
-
-def _full_params(engine) -> dict[str, torch.Tensor]:
-    if engine.zero_optimization_stage() == 3:
-        params = list(engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params):
-            return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-
-
-def _describe_state(opt) -> list[dict]:
-    """Per optimizer tensor: its pieces (tensor_id, shape, ranges, straddle) and its state tensors."""
-    out = []
-    for p, spec in opt._specs.items():  # ZeRO-3 empties param_groups between steps: walk the resolved tensors
-        if p in opt.state:
-            pieces = []
-            for piece in spec.layout.pieces:
-                mid_row = piece.ndim >= 2 and any(
-                    b.starts[-1] != 0 or b.lengths[-1] != piece.shape[-1] for b in piece.blocks
-                )
-                pieces.append(
-                    dict(
-                        tensor_id=piece.tensor_id,
-                        shape=piece.shape,
-                        ranges=piece.ranges,
-                        numel=piece.numel,
-                        mid_row=mid_row,
-                        partial=not piece.is_full,
-                    )
-                )
-            out.append(
-                dict(
-                    numel=p.numel(),
-                    pieces=pieces,
-                    reduced=spec.group is not None,
-                    state={k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)},
-                )
-            )
-    return out
-
 
 # ---------------------------------------------------------------------- the spawned sessions
 
@@ -682,105 +564,3 @@ def test_unrecoverable_partition_raises_naming_version_and_stage(sessions):
             assert f"DeepSpeed {deepspeed.__version__}, ZeRO stage 2" in message
             assert reason in message
             assert "diagonal" in message
-
-
-# ---------------------------------------------------------------------- registration, config values, errors
-
-
-def test_registration_is_explicit_and_idempotent():
-    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
-    from sm3_dist.integrations import deepspeed as integration
-
-    from sm3_dist import SM3
-
-    integration.register()
-    integration.register()
-    assert torch.optim.SM3 is integration.DeepSpeedSM3
-    assert ZERO_SUPPORTED_OPTIMIZERS.count(integration.DeepSpeedSM3) == 1
-    assert ZERO_SUPPORTED_OPTIMIZERS.count(SM3) == 1  # a plain SM3 gets ZeRO's partitions mapped too
-    assert torch.optim.lr_scheduler.SM3WarmupCooldown is not None
-
-
-@pytest.mark.parametrize(
-    ("version", "ok"),
-    [("0.19.0", True), ("0.19.8", True), ("0.19.9+abc123", True), ("0.18.5", False), ("0.20.0", False), ("1.0", False)],
-)
-def test_version_guard(version, ok):
-    from sm3_dist.integrations.deepspeed import check_deepspeed_version
-
-    if ok:
-        assert check_deepspeed_version(version) == version
-    else:
-        with pytest.raises(ImportError, match=rf"DeepSpeed >=0\.19\.0,<0\.20\.0, found {re.escape(version)}"):
-            check_deepspeed_version(version)
-
-
-def test_deepspeed_sm3_refuses_a_foreign_resolver():
-    from sm3_dist.integrations.deepspeed import DeepSpeedSM3
-
-    with pytest.raises(TypeError, match="its own shard_resolver"):
-        DeepSpeedSM3([torch.nn.Parameter(torch.ones(2))], shard_resolver=lambda t: None)
-
-
-@pytest.mark.parametrize(
-    ("value", "dtype"),
-    [
-        ("bfloat16", torch.bfloat16),
-        ("bf16", torch.bfloat16),
-        ("torch.bfloat16", torch.bfloat16),
-        (" BFloat16 ", torch.bfloat16),
-        ("float32", torch.float32),
-        ("fp32", torch.float32),
-        (torch.bfloat16, torch.bfloat16),
-        ("float16", None),
-        ("int8", None),
-        ("", None),
-        (16, None),
-    ],
-)
-def test_momentum_dtype_from_the_json_config(value, dtype):
-    from sm3_dist.integrations.deepspeed import DeepSpeedSM3
-
-    params = [torch.nn.Parameter(torch.ones(2, 3))]
-    if dtype is None:
-        with pytest.raises(ValueError, match=r"momentum_dtype .* is not a known name: use one of \['bf16', 'bfloat16'"):
-            DeepSpeedSM3(params, momentum=0.9, momentum_dtype=value)
-    else:
-        assert DeepSpeedSM3(params, momentum=0.9, momentum_dtype=value).momentum_dtype is dtype
-
-
-ENGINE_CASES = {
-    "deepspeed-sm3": ("DeepSpeedSM3", {}, None),
-    "plain-sm3": ("SM3", {}, None),
-    "config-section": (
-        "Adam",
-        {"optimizer": {"type": "AdamW"}},
-        r"is Adam, not SM3: the config's \"optimizer\" section names 'AdamW'.*\"type\": \"SM3\"",
-    ),
-    "offload-swap": (
-        "DeepSpeedCPUAdam",
-        {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
-        r'accelerate\'s DeepSpeed plugin replaced your optimizer with DeepSpeedCPUAdam.*"zero_force_ds_cpu_optimizer": false',
-    ),
-    "given": ("Adam", {}, r"is Adam, not SM3: Adam is the optimizer the engine was given"),
-}
-
-
-@pytest.mark.parametrize("case", list(ENGINE_CASES), ids=list(ENGINE_CASES))
-def test_check_engine_names_the_cause(case):
-    from types import SimpleNamespace
-
-    from sm3_dist.integrations.deepspeed import DeepSpeedSM3, check_engine
-
-    from sm3_dist import SM3
-
-    kind, config, message = ENGINE_CASES[case]
-    params = [torch.nn.Parameter(torch.ones(2))]
-    types = {"DeepSpeedSM3": DeepSpeedSM3, "SM3": SM3, "Adam": torch.optim.Adam}
-    base = types[kind](params) if kind in types else type(kind, (), {})()
-    engine = SimpleNamespace(basic_optimizer=base, _config=SimpleNamespace(_param_dict=config))
-    if message is None:
-        check_engine(engine)
-    else:
-        with pytest.raises(RuntimeError, match=message):
-            check_engine(engine)
