@@ -162,7 +162,8 @@ def to_universal(input_folder: str, output_folder: str) -> None:
         if not isinstance(base, dict) or LAYOUT_KEY not in base:
             raise ValueError(
                 f"{where}: the optimizer state was not saved by sm3_dist's DeepSpeedSM3 (no {LAYOUT_KEY!r} "
-                "record); for other optimizers use DeepSpeed's ds_to_universal"
+                "record; a plain SM3 handed to deepspeed.initialize writes none: build DeepSpeedSM3(...) or use the "
+                'config entry "optimizer": {"type": "SM3"}); for other optimizers use DeepSpeed\'s ds_to_universal'
             )
         record = base[LAYOUT_KEY]
         if plan is None:
