@@ -8,7 +8,6 @@ processes. Bytes are counted by :func:`sm3_dist.local_state_bytes`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -173,10 +172,10 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, env: dict[str, str
 
     ``fn`` must be importable by name (a module-level function); ``env`` is set in every process first.
     """
-    import glob
     import tempfile
 
     import torch.multiprocessing as mp
+    from sm3_dist.integrations.shm import remove_deepspeed_shm
 
     from sm3_dist.comm import free_port
 
@@ -190,9 +189,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, env: dict[str, str
                     results.append(json.load(f))
         return results
     finally:  # DeepSpeed's CPU backend leaves shared-memory buffers named after the port
-        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        remove_deepspeed_shm(port)
 
 
 def _sharded_sm3_rank(rank: int, world: int, shapes: list, optimizers: list) -> dict[str, int]:
