@@ -142,7 +142,11 @@ def summarize(runs: dict[str, dict]) -> dict:
                     "reading": reading,
                     "score": sum(scored) / len(scored),
                     "mean": sum(values.values()) / len(values),
-                    "spread": (max(finite) - min(finite)) if len(finite) == len(values) else math.inf,
+                    "spread": (
+                        (max(finite) - min(finite) if len(finite) == len(values) else math.inf)
+                        if len(values) > 1
+                        else None
+                    ),
                     "seeds": {str(s): v for s, v in values.items()},
                 }
             )
@@ -195,9 +199,10 @@ def _fmt(x: float) -> str:
 
 def _row_md(row: dict) -> str:
     seeds = ", ".join(f"{s}: {_fmt(v)}" for s, v in row["seeds"].items())
+    spread = "-" if row["spread"] is None else _fmt(row["spread"])
     return (
         f"| {row['optimizer']} | {row['variant']} | {row['lr']:g} | {row['reading']} | **{_fmt(row['mean'])}** | "
-        f"{_fmt(row['spread'])} | {len(row['seeds'])} ({seeds}) |"
+        f"{spread} | {len(row['seeds'])} ({seeds}) |"
     )
 
 
@@ -236,7 +241,10 @@ def markdown(summary: dict, setup: Setup, command: str, corpus: str) -> str:
 
 
 def plot(summary: dict, runs: dict[str, dict], path: Path, title: str) -> None:
-    """Held-out loss against steps for each optimizer's best setting (mean over seeds, band = min..max)."""
+    """Held-out loss against steps for each optimizer's best setting (mean over seeds, band = min..max).
+
+    SM3's other variants (each at its best rate) are drawn dashed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,10 +252,14 @@ def plot(summary: dict, runs: dict[str, dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     settings = _settings(runs)
-    for optimizer in OPTIMIZERS:
-        row = summary["best"].get(optimizer)
-        if row is None:
-            continue
+    chosen = [(summary["best"][o], "-") for o in OPTIMIZERS if o in summary["best"]]
+    chosen += [
+        (row, "--")
+        for row in summary["best_by_variant"].values()
+        if row["optimizer"] == "sm3" and row["variant"] != summary["best"].get("sm3", {}).get("variant")
+    ]
+    for row, style in chosen:
+        optimizer = row["optimizer"]
         column = 1 if row["reading"] == "last" else 2
         curves = [r["evals"] for r in settings[(optimizer, row["variant"], row["lr"])].values() if not r["diverged"]]
         if not curves:
@@ -256,7 +268,7 @@ def plot(summary: dict, runs: dict[str, dict], path: Path, title: str) -> None:
         values = [[c[i][column] for c in curves] for i in range(min(len(c) for c in curves))]
         mean = [sum(v) / len(v) for v in values]
         label = f"{optimizer} {row['variant']} lr {row['lr']:g}{' polyak' if column == 2 else ''}: {row['mean']:.3f}"
-        (line,) = ax.plot(steps[: len(mean)], mean, label=label)
+        (line,) = ax.plot(steps[: len(mean)], mean, style, label=label)
         ax.fill_between(steps[: len(mean)], [min(v) for v in values], [max(v) for v in values], alpha=0.2,
                         color=line.get_color())  # fmt: skip
     ax.set_xlabel("step")
@@ -460,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sm3-dist quality: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or f"runs/quality-{Path(args.data).name}-{args.model_size}")
-    command = "sm3-dist quality " + " ".join(argv)
+    command = "sm3-dist quality " + " ".join(a for a in argv if a != "--report-only")
     if not args.report_only:
         specs = plan_runs(optimizers, variants, lrs, seeds)
         runs = execute(specs, setup, out, workers=args.workers, threads=args.threads)

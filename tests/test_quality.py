@@ -196,12 +196,13 @@ def test_polyak_reading_and_divergence():
     )
     summary = summarize(runs)
     assert (summary["best"]["sm3"]["lr"], summary["best"]["sm3"]["reading"]) == (0.1, "polyak")
+    assert summary["best"]["sm3"]["spread"] is None  # one seed: no spread
     diverged = [r for r in summary["rows"] if r["lr"] == 1.0]
     assert all(math.isinf(r["score"]) for r in diverged)
     assert summary["gap"]["relative"] == pytest.approx(1.8 / 1.7 - 1)
     assert summary["gap"]["vs_adafactor"] == pytest.approx(1.8 / 1.9 - 1)
     md = quality.markdown(summary, Setup(data="default"), "sm3-dist quality", "c")
-    assert "| sm3 | cooldown | 0.1 | polyak | **1.8000** |" in md and "1: diverged" in md
+    assert "| sm3 | cooldown | 0.1 | polyak | **1.8000** | - |" in md and "1: diverged" in md
 
 
 # ---------------------------------------------------------------------------------------------- runs
