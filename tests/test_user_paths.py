@@ -79,6 +79,32 @@ def _deepspeed_run(stage: int, route: str) -> dict:
     return out
 
 
+def _checkpoint_run(stage: int, root: str) -> dict:
+    """A user-built SM3 under ZeRO: 3 steps, ``save_checkpoint``, a fresh engine and SM3 ``load_checkpoint``, 2 more."""
+    from sm3_dist import SM3
+
+    path = os.path.join(root, f"client-zero{stage}")
+    engines = []
+    for phase in ("save", "load"):
+        torch.manual_seed(0)
+        model = Net()
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=SM3(model.parameters(), **HYPER), config=_client_config(stage)
+        )
+        if phase == "load":
+            engine.load_checkpoint(path)
+        for step in range(3) if phase == "save" else range(3, STEPS):
+            engine.backward(loss_of(engine, "net", step))
+            engine.step()
+        if phase == "save":
+            engine.save_checkpoint(path)
+        engines.append(engine)
+    out = _summary(engines[1])
+    for engine in engines:
+        engine.destroy()
+    return out
+
+
 def _accelerate_run() -> dict:
     """accelerate's DeepSpeed plugin (ZeRO-2, no optimizer section), a user-built SM3, accelerate's own loop."""
     from accelerate import Accelerator
@@ -120,13 +146,15 @@ def _unexplained_swap() -> dict:
     return dict(message=None)
 
 
-def _session(rank: int, world: int) -> dict:
+def _session(rank: int, world: int, root: str) -> dict:
     runs = {
         f"{route}-zero{s}": (lambda s=s, r=route: _deepspeed_run(s, r))
         for s in (1, 2, 3)
         for route in ("config", "client")
     }
     runs["default-clipping-zero2"] = lambda: _deepspeed_run(2, "default-clipping")
+    for stage in (2, 3):
+        runs[f"checkpoint-zero{stage}"] = lambda s=stage: _checkpoint_run(s, root)
     runs["accelerate-zero2"] = _accelerate_run
     runs["unexplained"] = _unexplained_swap
     out = {}
@@ -139,8 +167,9 @@ def _session(rank: int, world: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def session():
-    return run_distributed(_session, 2, env=ENV, timeout=600)
+def session(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("user-paths"))
+    return run_distributed(_session, 2, root, env=ENV, timeout=600)
 
 
 def _pick(session, name):
@@ -180,6 +209,18 @@ def test_user_built_sm3_under_zero_holds_the_config_routes_state_and_matches_one
             assert tensor["reduced"]  # maxima reduced over the data-parallel group
             # per dimension: no accumulator longer than a dimension (a flat partition read as a vector: numel)
             assert all(v.numel() <= longest_dim for k, v in tensor["state"].items() if "mu_" in k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_user_built_sm3_checkpoint_resumes_exactly(session, stage):
+    """DeepSpeed's save_checkpoint / load_checkpoint with a plain SM3: the load is checked against the recovered
+    layouts and the resumed run equals the uninterrupted one."""
+    for resumed, straight in zip(_pick(session, f"checkpoint-zero{stage}"), _pick(session, f"client-zero{stage}")):
+        assert resumed["base"] == "SM3"
+        for name, value in resumed["params"].items():
+            assert torch.equal(value, straight["params"][name]), name
+        assert _same_state(resumed["state"], straight["state"])
 
 
 @pytest.mark.slow
