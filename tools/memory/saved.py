@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -183,16 +183,8 @@ class ActivationCheck:
 
     def row(self) -> dict[str, Any]:
         """The check as one flat table row."""
-        c = self.case
         return dict(
-            size=f"{c.n_layer}x{c.n_embd}",
-            heads=c.n_head,
-            seq_len=c.seq_len,
-            batch=c.batch,
-            precision=c.precision,
-            checkpointing=c.checkpointing,
-            attention=c.attention,
-            dropout=c.dropout,
+            **asdict(self.case),
             predicted=self.predicted,
             measured=self.measured,
             predicted_recompute=self.predicted_recompute,
