@@ -151,9 +151,10 @@ def default_spec(param: Tensor, name: str) -> ShardSpec:
 
 # ---------------------------------------------------------------------- tensors swapped in by a wrapper
 
-SwapExplainer = Callable[[Tensor], "ShardSpec | None"]
-"""A framework adapter's hook for a tensor a wrapper put into an optimizer's param groups after construction:
-its spec, or ``None`` if the adapter does not know the tensor (it raises if it knows it but cannot map it)."""
+SwapExplainer = Callable[[Tensor, Any], "ShardSpec | None"]
+"""A framework adapter's hook for a tensor a wrapper put into an optimizer's param groups after construction
+(called with the tensor and the optimizer): its spec, or ``None`` if the adapter does not know the tensor (it
+raises if it knows it but cannot map it)."""
 
 _EXPLAINERS: list[SwapExplainer] = []
 _LAZY_EXPLAINERS = {"deepspeed": "sm3_dist.integrations.deepspeed.layouts"}
@@ -167,13 +168,13 @@ def register_swap_explainer(explainer: SwapExplainer) -> None:
         _EXPLAINERS.append(explainer)
 
 
-def explain_swapped(tensor: Tensor) -> ShardSpec | None:
+def explain_swapped(tensor: Tensor, optimizer: Any = None) -> ShardSpec | None:
     """The spec a registered adapter gives a tensor swapped into param groups, or ``None`` if none knows it."""
     for framework, module in _LAZY_EXPLAINERS.items():
         if framework in sys.modules:
             importlib.import_module(module)
     for explainer in _EXPLAINERS:
-        spec = explainer(tensor)
+        spec = explainer(tensor, optimizer)
         if spec is not None:
             return spec
     return None
@@ -221,7 +222,7 @@ class LayoutGuard:
         )
         if position is None or position[0] >= len(self.built_on):
             return None  # not in the param groups, or in a group added after construction
-        spec = explain_swapped(tensor)
+        spec = explain_swapped(tensor, self.optimizer)
         if spec is not None:
             return spec
         gi, pi = position

@@ -100,6 +100,7 @@ def _checkpoint_run(stage: int, root: str) -> dict:
             engine.save_checkpoint(path)
         engines.append(engine)
     out = _summary(engines[1])
+    out["path"] = path
     for engine in engines:
         engine.destroy()
     return out
@@ -221,6 +222,26 @@ def test_user_built_sm3_checkpoint_resumes_exactly(session, stage):
         for name, value in resumed["params"].items():
             assert torch.equal(value, straight["params"][name]), name
         assert _same_state(resumed["state"], straight["state"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_user_built_sm3_checkpoint_converts_to_universal(session, stage, tmp_path):
+    """A plain SM3's ZeRO state carries the piece record too: ``to_universal`` rebuilds the global state."""
+    from sm3_dist.integrations.deepspeed import to_universal
+
+    path = _pick(session, f"checkpoint-zero{stage}")[0]["path"]
+    to_universal(os.path.join(path, "global_step3"), str(tmp_path / "universal"))
+    model, opt = _reference(steps=3)
+    carrier = torch.load(tmp_path / "universal" / "zero" / "optimizer_state.pt", weights_only=False)
+    carrier = carrier["param_groups"][0]["sm3_universal"]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for tid, name in enumerate(carrier["names"]):
+        p = dict(model.named_parameters())[name]
+        saved = torch.load(tmp_path / "universal" / "zero" / name / "fp32.pt", weights_only=False)["param"]
+        assert torch.equal(saved, p.detach()), name
+        for d, mu in enumerate(carrier["accumulators"][tid]):
+            assert torch.equal(mu, opt.state[params[tid]][f"mu_{d}"]), (name, d)
 
 
 @pytest.mark.slow

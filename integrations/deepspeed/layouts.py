@@ -81,8 +81,13 @@ _HOLDERS = (
 )
 
 
-def explain_swapped(tensor: Tensor) -> ShardSpec | None:
-    """The spec of a tensor a DeepSpeed wrapper put into a plain SM3's param groups; ``None`` if none did."""
+def explain_swapped(tensor: Tensor, optimizer: Any = None) -> ShardSpec | None:
+    """The spec of a tensor a DeepSpeed wrapper put into a plain SM3's param groups; ``None`` if none did.
+
+    ``optimizer``'s ``state_dict`` then carries the piece record
+    (:data:`~sm3_dist.integrations.deepspeed.universal.LAYOUT_KEY`) as
+    ``DeepSpeedSM3``'s does, so its ZeRO checkpoints convert with ``to_universal``.
+    """
     found = _find_holder(tensor)
     if found is None:
         return None
@@ -105,7 +110,28 @@ def explain_swapped(tensor: Tensor) -> ShardSpec | None:
         if stage == "1 or 2" and "partition_gradients" in attrs:
             stage = 2 if attrs["partition_gradients"] else 1
         raise layout_error(tensor, str(err), stage) from None
+    if optimizer is not None:
+        _record_layouts(optimizer, plan)
     return ShardSpec(TensorLayout(pieces=pieces, numel=tensor.numel()), group=group, plan=plan)
+
+
+_RECORDING: weakref.WeakSet = weakref.WeakSet()
+
+
+def _record_layouts(optimizer: Any, plan: tuple[tuple[int, ...], ...]) -> None:
+    """Make ``optimizer.state_dict()`` carry the piece record of its ZeRO partitions (once per optimizer)."""
+    if optimizer in _RECORDING or not hasattr(optimizer, "register_state_dict_post_hook"):
+        return
+    from sm3_dist.integrations.deepspeed.universal import LAYOUT_KEY, layout_record
+
+    def add_record(opt: Any, state_dict: dict) -> dict:
+        record = layout_record(opt, opt._specs, plan)
+        if record is not None:
+            state_dict[LAYOUT_KEY] = record
+        return state_dict
+
+    optimizer.register_state_dict_post_hook(add_record)
+    _RECORDING.add(optimizer)
 
 
 def _find_holder(tensor: Tensor) -> tuple[dict, tuple[str, str, str], tuple[int, int | None]] | None:

@@ -8,8 +8,9 @@ in the optimizer's param groups (:data:`UNIVERSAL_KEY`), so that
 ``engine.load_checkpoint`` with ``"checkpoint": {"load_universal": true}``
 resumes at another data-parallel size (ZeRO-1/2/3) with every accumulator;
 :class:`~sm3_dist.integrations.deepspeed.DeepSpeedSM3` takes them from there at
-its next step. It reads the piece record :data:`LAYOUT_KEY` that
-``DeepSpeedSM3.state_dict`` (and a plain ``SM3`` under ZeRO) adds.
+its next step (load universal checkpoints with ``DeepSpeedSM3``: the config
+entry, or built yourself). It reads the piece record :data:`LAYOUT_KEY` that the
+``state_dict`` of ``DeepSpeedSM3`` and of a plain ``SM3`` under ZeRO carries.
 """
 
 from __future__ import annotations
@@ -161,9 +162,8 @@ def to_universal(input_folder: str, output_folder: str) -> None:
         base = sd[ds.BASE_OPTIMIZER_STATE] if stage <= 2 else sd[ds.OPTIMIZER_STATE_DICT]
         if not isinstance(base, dict) or LAYOUT_KEY not in base:
             raise ValueError(
-                f"{where}: the optimizer state was not saved by sm3_dist's DeepSpeedSM3 (no {LAYOUT_KEY!r} "
-                "record; a plain SM3 handed to deepspeed.initialize writes none: build DeepSpeedSM3(...) or use the "
-                'config entry "optimizer": {"type": "SM3"}); for other optimizers use DeepSpeed\'s ds_to_universal'
+                f"{where}: the optimizer state was not saved by sm3_dist's SM3 under ZeRO (no {LAYOUT_KEY!r} "
+                "record); for other optimizers use DeepSpeed's ds_to_universal"
             )
         record = base[LAYOUT_KEY]
         if plan is None:
