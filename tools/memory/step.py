@@ -236,9 +236,9 @@ def largest_fitting(fits: Callable[[int], bool], *, start: int = 1, limit: int =
     return lo
 
 
-def _cases(shapes, optimizers, checkpointing=(False, True)) -> tuple[StepCase, ...]:
+def _cases(shapes, optimizers, checkpointing=(False, True), precision="fp32") -> tuple[StepCase, ...]:
     return tuple(
-        StepCase(n_layer=n, n_embd=h, n_head=a, seq_len=s, batch=b, optimizer=o, checkpointing=ck)
+        StepCase(n_layer=n, n_embd=h, n_head=a, seq_len=s, batch=b, optimizer=o, checkpointing=ck, precision=precision)
         for n, h, a, s, b in shapes
         for o in optimizers
         for ck in checkpointing
@@ -247,8 +247,9 @@ def _cases(shapes, optimizers, checkpointing=(False, True)) -> tuple[StepCase, .
 
 STEP_TABLE = _cases(
     ((2, 128, 4, 64, 4), (4, 256, 4, 128, 4), (6, 384, 6, 256, 2), (6, 384, 6, 64, 1)), ("adamw", "sm3")
-)
-"""The CPU whole-step table: activation-bound and state-bound shapes, AdamW and SM3, checkpointing off/on."""
+) + _cases(((4, 256, 4, 128, 4),), ("adamw", "sm3"), precision="bf16-autocast")
+"""The CPU whole-step table: activation-bound and state-bound shapes, AdamW and SM3, checkpointing off/on, fp32
+and (one shape) bf16 autocast."""
 QUICK_STEP_TABLE = _cases(((2, 128, 4, 64, 4),), ("adamw", "sm3"), (False,))
 """Two small steps (a few seconds)."""
 
