@@ -4,8 +4,9 @@ Each example checks its own result (per-dimension state, a falling loss, the
 optimizer that steps) and ends by printing a line starting with ``ok:``; a test
 starts it with the launcher README gives (``torchrun``; ``ACCELERATE_USE_CPU=1``
 for accelerate's DDP; ``DS_ACCELERATOR=cpu`` for DeepSpeed) and checks the exit
-status and that line. accelerate's FSDP2 plugin does not shard on CPU: that
-example runs where a GPU is present.
+status and that line (the DeepSpeed script at ZeRO-3; every stage of that path is
+tested in ``test_user_paths.py``). accelerate's FSDP2 plugin does not shard on
+CPU: that example runs where a GPU is present.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ EXAMPLES = {
     "plain_pytorch": ([sys.executable, "examples/plain_pytorch.py"], {}, ()),
     "ddp_sharded": ([*TORCHRUN, "examples/ddp_sharded.py"], {}, ()),
     "fsdp2": ([*TORCHRUN, "examples/fsdp2.py"], {}, ()),
-    "deepspeed_initialize-zero1": ([*TORCHRUN, "examples/deepspeed_initialize.py", "--stage", "1"], DS, ("deepspeed",)),
     "deepspeed_initialize-zero3": ([*TORCHRUN, "examples/deepspeed_initialize.py", "--stage", "3"], DS, ("deepspeed",)),
     "accelerate_ddp": ([*TORCHRUN, "examples/accelerate_ddp.py"], {"ACCELERATE_USE_CPU": "1"}, ("accelerate",)),
     "accelerate_ddp-sharded": (
