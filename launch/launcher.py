@@ -18,7 +18,7 @@ from sm3_dist.launch.config import Plan, optimizer_names, validate
 from sm3_dist.launch.metrics import fmt_bytes, last_summary
 from sm3_dist.launch.plot import plot_runs
 
-from sm3_dist.comm import end_process, free_port
+from sm3_dist.comm import free_port
 
 __all__ = ["compare", "compare_plans", "spawn"]
 
@@ -55,7 +55,7 @@ def spawn(plan: Plan) -> int:
 
 def _rank(rank: int, plan: Plan, base: dict[str, str]) -> None:
     os.environ.update(base, RANK=str(rank), LOCAL_RANK=str(rank))
-    end_process(loop.run(plan))
+    loop.run(plan, exit_after=True)
 
 
 def compare_plans(args: argparse.Namespace, plan: Plan) -> list[Plan]:

@@ -256,18 +256,26 @@ class Trainer:
                 plot_runs([(args.optimizer, self.out / "metrics.jsonl")], self.out / "loss.png")
                 print(f"wrote {self.out / 'metrics.jsonl'} and {self.out / 'loss.png'}", flush=True)
 
-    def close(self) -> None:
+    def close(self, *, destroy_process_group: bool = True) -> None:
         self.watchdog.stop()
         self.log.close()
-        if torch.distributed.is_initialized():
+        if destroy_process_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def run(plan: Plan) -> int:
-    """Train this rank's part of ``plan`` (the process group comes from the environment)."""
+def run(plan: Plan, *, exit_after: bool = False) -> int:
+    """Train this rank's part of ``plan`` (the process group comes from the environment).
+
+    ``exit_after``: a rank of a multi-process run ends its process here once its work is closed
+    (:func:`sm3_dist.comm.end_process`), leaving the process group to the exit: gloo's destructor holds the GIL
+    while it waits for its worker threads, and a worker still releasing the last collective's tensors needs the
+    GIL, so destroying the group could hang the rank.
+    """
     trainer = Trainer(plan)
     try:
         trainer.train()
     finally:
-        trainer.close()
+        trainer.close(destroy_process_group=not exit_after)
+    if exit_after:
+        comm.end_process(0)
     return 0

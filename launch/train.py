@@ -22,13 +22,10 @@ backend's business (:mod:`.backends`); the loop is :mod:`.loop`.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from sm3_dist.launch import launcher, loop
-from sm3_dist.launch.config import UsageError, build_parser, launched, validate
-
-from sm3_dist.comm import end_process
+from sm3_dist.launch.config import UsageError, build_parser, validate
 
 __all__ = ["main"]
 
@@ -43,13 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if plan.args.compare:
         return launcher.compare(args, plan)
-    if plan.launched:
-        return loop.run(plan)
+    if plan.launched:  # a rank started by torchrun, accelerate or deepspeed: it ends its process when done
+        return loop.run(plan, exit_after=True)
     return launcher.spawn(plan)
 
 
 if __name__ == "__main__":
-    code = main()
-    if launched(os.environ):
-        end_process(code)
-    sys.exit(code)
+    sys.exit(main())
