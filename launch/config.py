@@ -26,16 +26,15 @@ from typing import Any
 
 from sm3_dist.launch import checkpoint
 from sm3_dist.launch.data import STDLIB, VOCAB_SIZE
+from sm3_dist.launch.defaults import default_lr
 from sm3_dist.launch.model import SIZES
 
 __all__ = [
-    "DEFAULT_LR",
     "OPTIMIZERS",
     "SETUPS",
     "Plan",
     "UsageError",
     "build_parser",
-    "default_lr",
     "expected_checkpoint",
     "launched",
     "optimizer_config",
@@ -43,8 +42,6 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sm3", "adamw", "adagrad", "adafactor")
-DEFAULT_LR = {"sm3": 0.1, "adamw": 3e-3, "adagrad": 0.05, "adafactor": 1e-2}
-"""Learning rates used when ``--lr`` is not given (tuned on the default tiny model)."""
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_PG_TIMEOUT_S = 600.0
 DS_OPTIMIZER_TYPES = {"sm3": "SM3", "adamw": "AdamW", "adagrad": "Adagrad", "adafactor": "Adafactor"}
@@ -55,12 +52,6 @@ DEFAULT_DEEPSPEED_CONFIG = {"zero_optimization": {"stage": 2}, "zero_force_ds_cp
 
 class UsageError(Exception):
     """Bad input found before any process group starts: printed, exit code 2."""
-
-
-def default_lr(optimizer: str, model_size: str) -> float:
-    """The learning rate of ``optimizer`` when ``--lr`` is not given."""
-    del model_size  # one table for every size for now
-    return DEFAULT_LR[optimizer]
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -86,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch (sequences per step, all ranks); default 16, or what a DeepSpeed config fixes")  # fmt: skip
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default per optimizer: {DEFAULT_LR})")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: per optimizer, model size and SM3's beta, launch/defaults.py)",
+    )
     p.add_argument("--momentum", type=float, default=0.9, help="SM3 momentum (0 keeps no momentum buffer)")
     p.add_argument("--momentum-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="SM3 momentum storage: bfloat16 halves it (computed in fp32)")  # fmt: skip
@@ -366,7 +362,7 @@ def validate(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> 
     if args.checkpoint_dir is None:
         args.checkpoint_dir = str(Path(args.out) / "checkpoints")
     if args.lr is None:
-        args.lr = default_lr(args.optimizer, args.model_size)
+        args.lr = default_lr(args.optimizer, args.model_size, beta=args.beta)
     plan = Plan(args, world_size, is_launched, accelerate, draft.deepspeed_config, draft.zero_stage, None)
     if args.resume is None or args.compare:
         return plan

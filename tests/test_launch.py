@@ -26,6 +26,7 @@ from sm3_dist.launch import config as job_config
 from sm3_dist.launch.backends import BACKENDS, Backend
 from sm3_dist.launch.backends.deepspeed import fill_config
 from sm3_dist.launch.data import STDLIB, eval_windows, load_corpus, train_batch
+from sm3_dist.launch.defaults import default_lr
 from sm3_dist.launch.model import SIZES, build_model
 from sm3_dist.launch.plot import plot_runs, read_metrics
 
@@ -196,13 +197,15 @@ def test_bad_input_is_refused_before_any_process_group(argv, env, message, monke
 
 COMPARE_LR = [
     # (command line, the lr of each run of --compare sm3,adamw)
-    ([], {"sm3": job_config.DEFAULT_LR["sm3"], "adamw": job_config.DEFAULT_LR["adamw"]}),
+    ([], {"sm3": default_lr("sm3", "tiny"), "adamw": default_lr("adamw", "tiny")}),
+    (["--model-size", "small"], {"sm3": default_lr("sm3", "small"), "adamw": default_lr("adamw", "small")}),
+    (["--beta", "0.999"], {"sm3": default_lr("sm3", "tiny", beta=0.999), "adamw": default_lr("adamw", "tiny")}),
     (["--lr=0.05"], {"sm3": 0.05, "adamw": 0.05}),
     (["--lr", "0.05"], {"sm3": 0.05, "adamw": 0.05}),
 ]
 
 
-@pytest.mark.parametrize(("argv", "lrs"), COMPARE_LR, ids=["default", "lr=0.05", "lr 0.05"])
+@pytest.mark.parametrize(("argv", "lrs"), COMPARE_LR, ids=["default", "small", "beta", "lr=0.05", "lr 0.05"])
 def test_compare_runs_each_optimizer_as_alone(argv, lrs, tmp_path):
     args = job_config.build_parser().parse_args(["--compare", "sm3,adamw", "--out", str(tmp_path), *argv])
     plans = launcher.compare_plans(args, job_config.validate(args, env={}))

@@ -8,6 +8,7 @@ refused on CPU (tested in test_launch.py) and run by a ``gpu``-marked test there
 from __future__ import annotations
 
 import pytest
+from sm3_dist.launch.defaults import default_lr
 
 from tests.test_launch import LAUNCH, SMALL, SMALL_ANY_LR, _accelerate, _assert_trained, _losses, _sm3_dist
 
@@ -39,4 +40,5 @@ def test_compare_writes_one_png_with_both_curves(tmp_path):
     for name in ("sm3", "adamw"):
         assert sorted(_losses(tmp_path / name)) == [1, 2, 3]
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert "sm3 (lr 0.1)" in proc.stdout and "adamw (lr 0.003)" in proc.stdout
+    for name in ("sm3", "adamw"):  # each at its own default rate (launch/defaults.py)
+        assert f"{name} (lr {default_lr(name, 'tiny'):g})" in proc.stdout, proc.stdout
