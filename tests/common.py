@@ -19,9 +19,7 @@ module-level function (it is pickled by reference).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import glob
 import os
 import tempfile
 import time
@@ -32,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from sm3_dist.integrations.shm import remove_deepspeed_shm
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -102,14 +101,9 @@ def run_distributed(
 
 
 def remove_shared_memory(port: int) -> None:
-    """Remove the /dev/shm buffers DeepSpeed's CPU communication backend leaves behind for this port.
-
-    DeepSpeed names them ``deepspeed_allreduce_buffer_<n>_<addr>_<port>_<k>`` and never unlinks them;
-    each is tens of MB, so a test suite would otherwise fill the machine's memory.
-    """
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    """Remove the /dev/shm buffers DeepSpeed's CPU communication backend leaves behind for this port (tens of MB
+    each: a test suite would otherwise fill the machine's memory)."""
+    remove_deepspeed_shm(port)
 
 
 def _run(fn: Callable[..., Any], world_size: int, port: int, args: tuple, timeout: float, env: dict | None):

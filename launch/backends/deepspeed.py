@@ -6,13 +6,13 @@ DeepSpeed itself is imported only when a DeepSpeed run is built (it is an option
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from sm3_dist.integrations.shm import remove_deepspeed_shm
 from sm3_dist.launch.backends.base import Backend, Parts, make_optimizer
 from sm3_dist.launch.config import DS_OPTIMIZER_TYPES
 
@@ -84,22 +84,16 @@ class DeepSpeedBackend(Backend):
         return engine, optimizer
 
     def _release_shared_memory(self) -> None:
-        """Unlink this rank's DeepSpeed CPU all-reduce buffer from ``/dev/shm`` once every rank has mapped it.
+        """Unlink the job's DeepSpeed CPU all-reduce buffers from ``/dev/shm`` once every rank has mapped them.
 
-        DeepSpeed's CPU communication (``DS_ACCELERATOR=cpu``, all ranks on one host)
-        creates a 66 MB ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
-        per rank and never removes it: every run, and every killed one, would leave
-        them behind and fill the host's shared memory. The mappings stay valid after
-        the unlink.
+        DeepSpeed's CPU communication (``DS_ACCELERATOR=cpu``, all ranks on one host) creates a 66 MB buffer
+        per rank and never removes it: every run, and every killed one, would leave them behind and fill the
+        host's shared memory. The mappings stay valid after the unlink.
         """
         if self.device.type != "cpu":
             return
         comm.barrier()  # every rank has opened every other rank's buffer in deepspeed.initialize
-        addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-        rank = torch.distributed.get_rank()
-        path = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        remove_deepspeed_shm(os.environ.get("MASTER_PORT", "0"))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.parts.model.backward(loss)
