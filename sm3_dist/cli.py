@@ -1,4 +1,4 @@
-"""The ``sm3-dist`` command: one subcommand per entry of :data:`SUBCOMMANDS` (``train``, ``bench``, ``memory``, ...).
+"""The sm3-dist command: train, benchmark and study SM3 (one subcommand per entry of SUBCOMMANDS).
 
 Each subcommand lives in its own module and is imported only when called, so
 ``sm3-dist bench`` never imports transformers and ``sm3-dist memory`` never
