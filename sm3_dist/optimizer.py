@@ -537,13 +537,15 @@ class SM3(Optimizer):
         for pi, p in enumerate(group["params"]):
             spec = self._specs[p]
             name = self._name(gi, pi, p)
+            if p.grad is None:  # state is made lazily, as torch.optim does: none for a parameter never stepped
+                if self.state.get(p):
+                    self._check_state(p, spec, momentum, name)
+                continue
             state = self.state[p]
             if not state:
                 self._init_state(p, spec, momentum)
             else:
                 self._check_state(p, spec, momentum, name)
-            if p.grad is None:
-                continue
             grad = to_local(p.grad)
             local = to_local(p)
             if grad.shape != local.shape:
