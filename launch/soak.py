@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sm3_dist.launch.plot import read_metrics
+
 __all__ = ["main", "report"]
 
 MIB = 1024 * 1024
@@ -257,22 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     if proc.returncode != 0:
         print(f"soak: the training job failed (exit code {proc.returncode}); see {out / 'train.log'}", file=sys.stderr)
         return proc.returncode or 1
-    step_times = {}
-    with open(run / "metrics.jsonl") as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("kind") == "train":
-                step_times[int(record["step"])] = float(record["step_s"])
-    result = report(
-        samples,
-        step_times,
-        steps=args.steps,
-        warmup_steps=args.warmup_steps,
-        window=args.window,
-        rss_tolerance=args.rss_tolerance,
-        rss_tolerance_mib=args.rss_tolerance_mib,
-        time_tolerance=args.time_tolerance,
-    )
+    train, _ = read_metrics(run / "metrics.jsonl")
+    step_times = {step: float(record["step_s"]) for step, record in train.items()}
+    limits = ("steps", "warmup_steps", "window", "rss_tolerance", "rss_tolerance_mib", "time_tolerance")
+    result = report(samples, step_times, **{name: getattr(args, name) for name in limits})
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "command": cmd,
