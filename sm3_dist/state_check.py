@@ -67,14 +67,21 @@ def check_param_state(
     *,
     extra_keys: Sequence[str] = (),
     partial: bool = False,
+    param_dtype: torch.dtype | None = None,
 ) -> None:
-    """One parameter's saved state: exactly SM3's keys, each tensor of the shape the layout gives.
+    """One parameter's saved state: exactly SM3's keys, each tensor of the shape and dtype the layout gives.
 
     ``accumulators``: expected accumulator key -> shape. ``momentum_shape``: the
     momentum buffer's expected shape. An empty (or absent) state is a parameter
     that never stepped and always passes. ``partial``: keys may be missing (a
     universal checkpoint, which the optimizer completes at its next step).
+    ``param_dtype``: a float64 parameter keeps float64 accumulators (and float64
+    momentum when ``momentum_dtype`` is float32); every other keeps float32 ones.
     """
+    wide = param_dtype == torch.float64
+    acc_dtype = torch.float64 if wide else torch.float32
+    if wide and momentum_dtype == torch.float32:
+        momentum_dtype = torch.float64
     if saved is None or (isinstance(saved, Mapping) and not saved):
         return
     if not isinstance(saved, Mapping):
@@ -99,7 +106,9 @@ def check_param_state(
             raise ValueError(f"{name}: saved step count {step!r} is not a non-negative number")
     for key, shape in accumulators.items():
         if key in saved:
-            _check_tensor(name, key, saved[key], shape, torch.float32, "accumulators are always float32")
+            _check_tensor(
+                name, key, saved[key], shape, acc_dtype, "accumulators follow float64 parameters, else float32"
+            )
     if MOMENTUM_KEY in saved and momentum_shape is not None:
         _check_tensor(
             name,
@@ -163,6 +172,7 @@ def check_sm3_state_dict(optimizer: Any, state_dict: Any, *, partial: bool = Fal
                 optimizer.momentum_dtype,
                 extra_keys=extra_keys,
                 partial=partial,
+                param_dtype=to_local(p).dtype,
             )
 
 

@@ -150,6 +150,34 @@ def test_good_state_still_loads(kind):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_float64_state_loads_and_other_dtypes_are_refused(momentum):
+    """float64 parameters keep float64 state; it loads back, and float32 state for them is refused."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    source = SM3(model.parameters(), lr=0.1, momentum=momentum, foreach=False)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    source.step()
+    twin = copy.deepcopy(model)
+    saved = copy.deepcopy(source.state_dict())
+    assert saved["state"][0]["mu_0"].dtype == torch.float64
+    target = SM3(twin.parameters(), lr=0.1, momentum=momentum, foreach=False)
+    target.load_state_dict(copy.deepcopy(saved))
+    for m, o in ((model, source), (twin, target)):
+        for p in m.parameters():
+            p.grad = torch.full_like(p, 0.5)
+        o.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    narrowed = copy.deepcopy(saved)
+    narrowed["state"][0]["mu_0"] = narrowed["state"][0]["mu_0"].float()
+    fresh = SM3(copy.deepcopy(twin).parameters(), lr=0.1, momentum=momentum, foreach=False)
+    with pytest.raises(ValueError, match=r"params'\]\[0\].*'mu_0' is torch.float32, expected torch.float64"):
+        fresh.load_state_dict(narrowed)
+    assert not fresh.state
+
+
 # ---------------------------------------------------------------------- the FSDP1 helpers, 2 ranks
 
 
