@@ -272,7 +272,10 @@ class ShardedSM3(Optimizer):
         for view, g in zip(self._views, grads):
             view.grad = g
         try:
-            self._inner.step()
+            # the inner SM3's own step, without torch's step-hook wrapper: global step hooks fire once, for this
+            # optimizer (torch.optim.Optimizer wraps every subclass's step to call them)
+            inner_step = type(self._inner).step
+            getattr(inner_step, "__wrapped__", inner_step)(self._inner)
         finally:
             for view in self._views:
                 view.grad = None
