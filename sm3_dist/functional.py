@@ -792,7 +792,11 @@ def finalize_(
     if not accumulators:
         return
     kernel = fused_kernel(accumulators[0].device.type)
-    if kernel is not None and kernel.finalize is not None:
+    if (
+        kernel is not None
+        and kernel.finalize is not None
+        and all(t.dtype == torch.float32 and t.is_contiguous() for t in (*accumulators, *maxima))
+    ):  # the fused finalize takes contiguous fp32 state; float64 state (per-tensor and foreach kernels) does not
         kernel.finalize(accumulators, maxima, keep_max=keep_max, found_inf=found_inf, zero_maxima=zero_maxima)
         return
     if found_inf is not None and found_inf.device.type in HOST_READ_DEVICES:
@@ -858,7 +862,11 @@ def nonfinite_(tensors: Sequence[Tensor], found_inf: Tensor) -> None:
     if not tensors:
         return
     kernel = fused_kernel(tensors[0].device.type)
-    if kernel is not None and kernel.nonfinite is not None and all(t.dtype in _FINITE_KINDS for t in tensors):
+    if (
+        kernel is not None
+        and kernel.nonfinite is not None
+        and all(t.dtype in _FINITE_KINDS and t.is_contiguous() for t in tensors)
+    ):  # the fused scan reads contiguous fp32/bf16/fp16 tensors; the others through _foreach_norm
         kernel.nonfinite(tensors, found_inf)
         return
     bad = (~torch.isfinite(_abs_max(tensors))).any().to(found_inf.dtype)

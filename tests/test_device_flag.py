@@ -212,3 +212,42 @@ def test_capturable_and_an_lr_tensor_of_any_shape_step_alike(kernel):
         assert torch.equal(p, q)
         for key, value in plain_opt.state[p].items():
             assert torch.equal(opt.state[q][key], value), key
+
+
+def _strict_kernel() -> functional.FusedKernel:
+    """A fused kernel whose scan and finalize take only contiguous fp32/bf16/fp16 tensors, as the Triton ones do."""
+
+    def nonfinite(tensors, found_inf):
+        if not all(t.is_contiguous() for t in tensors):
+            raise ValueError("the fused scan takes contiguous tensors")
+        bad = any(not bool(torch.isfinite(t).all()) for t in tensors)
+        found_inf.fill_(max(float(found_inf), float(bad)))
+
+    def finalize(accumulators, maxima, **kwargs):
+        if not all(t.dtype == torch.float32 and t.is_contiguous() for t in (*accumulators, *maxima)):
+            raise ValueError("the fused finalize takes contiguous fp32 tensors")
+        functional.store_maxima(list(accumulators), list(maxima), kwargs["keep_max"])
+
+    return functional.FusedKernel(
+        device_type="cpu",
+        available=lambda: True,
+        build=lambda *a: None,
+        param_dtypes=frozenset(),
+        nonfinite=nonfinite,
+        finalize=finalize,
+    )
+
+
+def test_scan_and_finalize_leave_what_the_fused_kernel_cannot_take_to_torch(monkeypatch):
+    """Non-contiguous gradients and float64 state go through the torch path, not the device's fused scan/finalize."""
+    kernel = _strict_kernel()
+    monkeypatch.setattr(functional, "fused_kernel", lambda device_type: kernel)
+    found = torch.zeros(1)
+    grad = torch.ones(4, 3).t()
+    grad[1, 2] = float("nan")
+    functional.nonfinite_([grad], found)  # non-contiguous: torch's batched norm, no error
+    assert found.item() == 1.0
+    accs, maxima = [torch.zeros(3, dtype=torch.float64)], [torch.full((3,), 2.0, dtype=torch.float64)]
+    functional.finalize_(accs, maxima, keep_max=False)  # float64: the torch path
+    assert torch.equal(accs[0], torch.full((3,), 2.0, dtype=torch.float64))
+    assert torch.equal(maxima[0], torch.zeros(3, dtype=torch.float64))
