@@ -477,6 +477,16 @@ def _native_geometry(p: Tensor, accs: Sequence[Tensor]) -> tuple[int, int, Tenso
     return p.numel() // p.shape[-1], p.shape[-1], None, accs[-1]
 
 
+def _native_block(**fields: int) -> list[int]:
+    """One block's row of the native kernel's argument array, packed by name in the order of
+    :data:`sm3_dist._native.BLOCK_FIELDS` (every field exactly once)."""
+    if set(fields) != set(_native.BLOCK_FIELDS):
+        missing = sorted(set(_native.BLOCK_FIELDS) - set(fields))
+        unknown = sorted(set(fields) - set(_native.BLOCK_FIELDS))
+        raise ValueError(f"native block fields: missing {missing}, unknown {unknown}")
+    return [int(fields[name]) for name in _native.BLOCK_FIELDS]
+
+
 def _native_run(lib, meta: array, nblocks: int, rule: UpdateRule, lr, nu_divisor, grad_scale) -> None:
     """One call of the native kernel on ``nblocks`` blocks described by ``meta``."""
     hyper = (ctypes.c_double * 10)(
@@ -535,9 +545,20 @@ class NativePlan:
                 rowmax = self._rowmax[i]
             else:
                 rowmax = outs[0] if p.ndim == 2 else self._sink
-            kinds = [_NATIVE_DTYPES[p.dtype], _NATIVE_MOMENTUM[None if m is None else m.dtype], 1]
-            meta += [p.data_ptr(), 0, 0 if m is None else m.data_ptr(), rowmin.data_ptr(), colacc.data_ptr()]
-            meta += [rowmax.data_ptr(), outs[-1].data_ptr(), rows, cols, *kinds]
+            meta += _native_block(
+                w=p.data_ptr(),
+                g=0,  # set each step
+                m=0 if m is None else m.data_ptr(),
+                rowmin=rowmin.data_ptr(),
+                colacc=colacc.data_ptr(),
+                rowmax=rowmax.data_ptr(),
+                colmax=outs[-1].data_ptr(),
+                rows=rows,
+                cols=cols,
+                pdtype=_NATIVE_DTYPES[p.dtype],
+                mkind=_NATIVE_MOMENTUM[None if m is None else m.dtype],
+                keep_max=1,
+            )
         self._meta = array("q", meta)
 
     @classmethod
@@ -584,9 +605,9 @@ class NativePlan:
             shape = params[i].shape
             self._rowmin[i].copy_(_min_over_covers(accs[:-1], shape[:-1]).reshape(-1))
             self._rowmax[i].zero_()
-        meta, n = self._meta, _native.META_FIELDS
-        meta[0::n] = array("q", [p.data_ptr() for p in params])
-        meta[1::n] = array("q", [g.data_ptr() for g in grads])
+        meta, n, field = self._meta, _native.META_FIELDS, _native.FIELD
+        meta[field["w"] :: n] = array("q", [p.data_ptr() for p in params])
+        meta[field["g"] :: n] = array("q", [g.data_ptr() for g in grads])
         _native_run(self._lib, meta, len(params), rule, lr, nu_divisor, grad_scale)
         for i in self._deep:
             shape = params[i].shape

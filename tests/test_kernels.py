@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import warnings
 
 import pytest
@@ -179,6 +180,71 @@ def test_native_build_failure_falls_back_and_says_so_once(monkeypatch, tmp_path)
     assert torch.isfinite(params[0]).all()
     with pytest.raises(RuntimeError, match=r"no fused SM3 kernel for device type 'cpu'.*unavailable here"):
         _train([torch.randn(6, 5, requires_grad=True)], fused=True)
+
+
+def test_native_layout_is_one_table():
+    """The C++ reads every field by its generated name, never by number, and the built library reports the
+    layout Python packs (its ABI version, field count and field names, in order)."""
+    text = _native._SOURCE_FILE.read_text()
+    assert not re.search(r"\bf\[\s*\d", text), "the C++ indexes a block field by number"
+    assert set(re.findall(r"\bF_[A-Z_]+\b", text)) == {f"F_{name.upper()}" for name in _native.BLOCK_FIELDS}
+    assert _native.META_FIELDS == len(_native.BLOCK_FIELDS) == len(set(_native.BLOCK_FIELDS))
+    assert all(_native.FIELD[name] == i for i, name in enumerate(_native.BLOCK_FIELDS))
+    lib = _native.load()
+    if lib is None:
+        pytest.skip("native kernel unavailable (see the logged reason)")
+    _native.check_layout(lib)
+    assert lib.sm3_native_abi() == _native.ABI_VERSION
+    assert lib.sm3_native_nfields() == _native.META_FIELDS
+    assert lib.sm3_native_field_names().decode().split(",") == list(_native.BLOCK_FIELDS)
+
+
+@pytest.mark.parametrize(
+    "fields,abi",
+    [
+        (("g", "w", *_native.BLOCK_FIELDS[2:]), None),  # two fields swapped
+        (_native.BLOCK_FIELDS[:-1], None),  # one field fewer
+        (None, _native.ABI_VERSION + 1),  # another interface version
+    ],
+    ids=["swapped", "fewer", "abi"],
+)
+def test_native_layout_mismatch_is_refused(monkeypatch, fields, abi):
+    lib = _native.load()
+    if lib is None:
+        pytest.skip("native kernel unavailable (see the logged reason)")
+    if fields is not None:
+        monkeypatch.setattr(_native, "BLOCK_FIELDS", fields)
+        monkeypatch.setattr(_native, "META_FIELDS", len(fields))
+    if abi is not None:
+        monkeypatch.setattr(_native, "ABI_VERSION", abi)
+    with pytest.raises(RuntimeError, match="is not this module's"):
+        _native.check_layout(lib)
+
+
+@pytest.mark.parametrize("fields", [{"w": 1}, {name: 0 for name in (*_native.BLOCK_FIELDS, "extra")}], ids=str)
+def test_native_block_packing_refuses_bad_fields(fields):
+    with pytest.raises(ValueError, match="native block fields"):
+        functional._native_block(**fields)
+
+
+def test_native_reordered_layout_still_bitwise(monkeypatch, tmp_path):
+    """Reordering the one table rebuilds the library with that order and both sides follow it."""
+    if _native._compiler() is None:
+        pytest.skip("no C++ compiler")
+    fields = tuple(reversed(_native.BLOCK_FIELDS))
+    monkeypatch.setattr(_native, "BLOCK_FIELDS", fields)
+    monkeypatch.setattr(_native, "FIELD", {name: i for i, name in enumerate(fields)})
+    monkeypatch.setenv("SM3_DIST_CACHE", str(tmp_path))
+    monkeypatch.setattr(_native, "_state", {})
+    lib = _native.load()
+    assert lib is not None
+    assert lib.sm3_native_field_names().decode().split(",") == list(fields)
+    assert "F_W = 11" in _native.layout_header()
+    base = [*_many_shapes_model(6), torch.randn(3, 4, 5, requires_grad=True)]
+    fused = _train([p.detach().clone().requires_grad_() for p in base], fused=True)
+    eager = _train([p.detach().clone().requires_grad_() for p in base], foreach=False)
+    for a, b in zip(fused, eager):
+        assert torch.equal(a, b)
 
 
 def test_native_builds_in_a_fresh_cache(monkeypatch, tmp_path):
