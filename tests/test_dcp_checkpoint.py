@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from sm3_dist import SM3, STEP_KEY
+from tests.common import global_grads, make_model
 from tests.spawn import run_distributed
-from tests.test_fsdp2 import LR, global_grads, make_model, set_dtensor_grads
+from tests.test_fsdp2 import LR, set_dtensor_grads
 
 FIRST, SECOND = 4, 5
 HYPER = [dict(momentum=0.9, beta=0.9), dict(momentum=0.0, beta=0.0)]

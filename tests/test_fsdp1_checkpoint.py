@@ -27,9 +27,10 @@ from sm3_dist.integrations.fsdp1 import fsdp1_load_optim_state_dict, fsdp1_optim
 from torch import nn
 
 from sm3_dist import MOMENTUM_KEY, SM3, STEP_KEY, accumulator_key
+from tests.common import TinyBlock, global_grads, make_model
 from tests.spawn import run_distributed
 from tests.test_fsdp1 import PREFIX, flat_pieces, wrap
-from tests.test_fsdp2 import LR, TinyBlock, global_grads, make_model
+from tests.test_fsdp2 import LR
 
 # (use_orig_params, SM3 hyperparameters): the flat-parameter form shares the checkpoint format; bf16 momentum
 # puts two elements, possibly of two ranks, in each 32-bit word of the momentum bucket

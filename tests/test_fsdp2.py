@@ -16,53 +16,16 @@ import torch
 from torch import nn
 
 from sm3_dist import MOMENTUM_KEY, SM3, UnsupportedLayoutError, accumulator_key, local_state_bytes
-from tests.spawn import run_distributed
+from tests.common import global_grads, make_model, run_distributed, set_grads
 
 HYPER = [dict(momentum=m, beta=b) for m in (0.0, 0.9) for b in (0.0, 0.9)]
 STEPS = 10
 LR = 0.05
 
 
-class TinyBlock(nn.Module):
-    """Transformer-like shapes: dims not divisible by 2, 3 or 4, so shards are uneven and some empty."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(5, 12)  # 4 ranks: rows 2, 2, 1, 0 -> an empty (0, 12) shard
-        self.qkv = nn.Linear(12, 9)  # FSDP2 shards dims other than 0 evenly only: 12 columns
-        self.mix = nn.Parameter(torch.randn(3, 4, 6) * 0.1)  # rank 3; 4 ranks: an empty (0, 4, 6) shard
-        self.norm = nn.LayerNorm(12)
-        self.head = nn.Linear(12, 4)  # 3 ranks: rows 2, 2, 0
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        h = self.norm(self.emb(idx))  # (batch, time, 12)
-        q = self.qkv(h)
-        mixed = torch.einsum("btc,kjc->btkj", h[..., :6], self.mix)
-        return self.head(h).pow(2).mean() + q.pow(2).mean() + mixed.pow(2).mean()
-
-
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return TinyBlock()
-
-
-def global_grads(named_shapes: list[tuple[str, torch.Size]], step: int) -> dict[str, torch.Tensor]:
-    """The same gradients on every rank: drawn from a generator seeded by the step."""
-    gen = torch.Generator().manual_seed(7919 * (step + 1))
-    grads = {}
-    for name, shape in named_shapes:
-        g = torch.randn(shape, generator=gen)
-        if step == 0 and g.dim() >= 2:
-            g[..., 0] = 0.0  # a zero slice: entries where nu stays 0
-        grads[name] = g
-    return grads
-
-
 def set_dtensor_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.tensor import distribute_tensor
-
-    for name, p in model.named_parameters():
-        p.grad = distribute_tensor(grads[name], p.device_mesh, p.placements, src_data_rank=None)
+    """Every DTensor parameter's gradient: its shard of the same global gradient."""
+    set_grads(model, grads)
 
 
 def expected_accumulator_placements(param) -> list[tuple]:
