@@ -14,8 +14,6 @@ test modules in the same worker are not affected.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 _FLAGS_FROZEN = torch.backends.flags_frozen()
@@ -35,12 +33,7 @@ from sm3_dist import SM3, functional  # noqa: E402
 if not _FLAGS_FROZEN:
     setattr(torch.backends, "__allow_nonbracketed_mutation_flag", True)
 
-__all__ = ["KERNELS", "SM3_INFO", "sm3_error_inputs", "sm3_optim_inputs", "takes"]
-
-
-def takes(name: str) -> bool:
-    """Whether ``SM3``'s constructor takes the keyword ``name`` (flags that land over time)."""
-    return name in inspect.signature(SM3).parameters
+__all__ = ["KERNELS", "SM3_INFO", "sm3_error_inputs", "sm3_optim_inputs"]
 
 
 KERNELS: dict[str, dict[str, bool]] = {
@@ -67,14 +60,11 @@ def sm3_optim_inputs(device: str | torch.device, dtype: torch.dtype | None = Non
         OptimizerInput(params=None, kwargs={"lr": torch.tensor(0.05), "momentum": 0.5}, desc="tensor_lr"),
         OptimizerInput(params=None, kwargs={"eps": 0.0}, desc="eps0"),
         OptimizerInput(params=None, kwargs={"nonfinite": "ignore"}, desc="nonfinite_ignore"),
+        OptimizerInput(
+            params=None, kwargs={"beta": 0.9, "momentum": 0.9, "bias_correction": True}, desc="bias_correction"
+        ),
     ]
-    if takes("bias_correction"):
-        inputs.append(
-            OptimizerInput(
-                params=None, kwargs={"beta": 0.9, "momentum": 0.9, "bias_correction": True}, desc="bias_correction"
-            )
-        )
-    if takes("capturable") and torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda":
         inputs += [
             OptimizerInput(params=None, kwargs={"capturable": True, "momentum": 0.9}, desc="capturable"),
             OptimizerInput(
@@ -165,7 +155,7 @@ SM3_INFO = OptimizerInfo(
     supported_impls=("foreach", "fused"),
     not_og_supported_flags=("foreach", "fused", "maximize", "capturable", "bias_correction"),
     supports_sparse=True,
-    has_capturable_arg=takes("capturable"),
+    has_capturable_arg=True,
     supports_complex=False,
     supports_fused_on=tuple(device for device in ("cpu", "cuda") if functional.fused_kernel(device) is not None),
 )

@@ -26,7 +26,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from sm3_dist import SM3, ShardedSM3, functional
-from tests.optim_info import KERNELS, SM3_INFO, OptimizerErrorEnum, sm3_optim_inputs, takes
+from tests.optim_info import KERNELS, SM3_INFO, OptimizerErrorEnum, sm3_optim_inputs
 
 CUDA = torch.cuda.is_available()
 NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -225,7 +225,7 @@ def test_optim_info_inputs_leave_the_kernel_to_each_test():
         for optim_input in SM3_INFO.optim_inputs_func(device=device):
             assert not {"foreach", "fused", "differentiable"} & optim_input.kwargs.keys(), optim_input.desc
     wanted = {"default", "momentum", "beta", "ema_keeps_max", "weight_decay", "maximize", "bf16_momentum"}
-    wanted |= {"tensor_lr", "eps0", "nonfinite_ignore"} | ({"bias_correction"} if takes("bias_correction") else set())
+    wanted |= {"tensor_lr", "eps0", "nonfinite_ignore", "bias_correction"}
     assert wanted <= set(CONFIGS)
 
 
@@ -1030,8 +1030,6 @@ def test_cpu_load_state_dict(device, impl):
     """A CPU checkpoint (``torch.load(map_location="cpu")``) flagged fused/capturable loads on the device."""
     if device == "cpu":
         pytest.skip("loads a CPU checkpoint into an optimizer on another device")
-    if impl == "capturable" and not takes("capturable"):
-        pytest.skip("SM3 has no capturable flag (its step count never leaves the CPU)")
     for optim_input in sm3_optim_inputs("cpu"):
         param = torch.tensor([0.1, 0.2])
         optimizer = SM3([param], **optim_input.kwargs)
