@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -209,3 +212,37 @@ def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, 
         for n, p in model.named_parameters()
     }
     return params, state
+
+
+# ---------------------------------------------------------------------------------------------- Triton's interpreter
+
+_SAME_WIDTH_INTS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal (the sign of zero included), NaN payloads apart (NaN at the same places)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    ints = _SAME_WIDTH_INTS[a.dtype]
+    return torch.equal(nan_a, nan_b) and torch.equal(a.view(ints)[~nan_a], b.view(ints)[~nan_b])
+
+
+def run_interpreted(module: str, out_dir: Path) -> Any:
+    """``python -m <module> OUT`` under Triton's interpreter, and what it saved to OUT.
+
+    ``TRITON_INTERPRET=1`` must be set before triton is imported, so the cases run in a process of their own.
+    """
+    out = out_dir / "results.pt"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=1500
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out, weights_only=False)

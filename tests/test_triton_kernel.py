@@ -18,33 +18,14 @@ import torch
 pytest.importorskip("triton", reason="Triton is not installed (the gpu and dev extras install it on Linux)")
 
 from tests import triton_cases as tc
+from tests.common import run_interpreted, same_bits
 
 ROOT = Path(__file__).resolve().parent.parent
-_INTS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equal, NaN payloads apart (NaN at the same places)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    return torch.equal(nan_a, nan_b) and torch.equal(a.view(_INTS[a.dtype])[~nan_a], b.view(_INTS[b.dtype])[~nan_b])
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("triton") / "results.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.triton_cases", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+    return run_interpreted("tests.triton_cases", tmp_path_factory.mktemp("triton"))
 
 
 @pytest.mark.parametrize("name", list(tc.CASES))

@@ -10,39 +10,17 @@ scale. Run under Triton's interpreter on CPU tensors in a subprocess
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-import torch
 
 pytest.importorskip("triton", reason="Triton is not installed (the gpu and dev extras install it on Linux)")
 
 from tests import triton_optimizer_cases as cases
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.common import run_interpreted, same_bits
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("triton_optimizer") / "results.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.triton_optimizer_cases", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out, weights_only=False)
-
-
-def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    return run_interpreted("tests.triton_optimizer_cases", tmp_path_factory.mktemp("triton_optimizer"))
 
 
 @pytest.mark.parametrize("name", list(cases.CASES))
@@ -52,9 +30,9 @@ def test_fused_triton_steps_equal_the_eager_kernel(interpreted, name):
     assert got["fused"] == "TritonPlan" and got["other_blocks"] == 0, "the steps did not run through the Triton plan"
     want = cases.train(cases.CASES[name], foreach=False, fused=False)
     for k, (p, q) in enumerate(zip(got["params"], want["params"])):
-        assert _equal(p, q), f"params[{k}] differ"
+        assert same_bits(p, q), f"params[{k}] differ"
     assert sorted(got["state"]) == sorted(want["state"])
     for k, entry in want["state"].items():
         for key, value in entry.items():
-            assert _equal(got["state"][k][key], value), (k, key)
+            assert same_bits(got["state"][k][key], value), (k, key)
     assert got["skipped"] == want["skipped"] == (0 if name == "ignore lets nan through" else 1)
