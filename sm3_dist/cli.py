@@ -13,7 +13,7 @@ import sys
 
 SUBCOMMANDS = {
     "train": ("sm3_dist.launch.train", "train a GPT-style language model with SM3 (default: 2 CPU processes)"),
-    "bench": ("sm3_dist.bench", "time one optimizer step: SM3 kernels vs Adam, Adagrad and a peer SM3"),
+    "bench": ("sm3_dist.tools.bench", "time one optimizer step: SM3 kernels vs Adam, Adagrad and a peer SM3"),
     "memory": ("sm3_dist.tools.memory", "per-rank memory model and the largest model/batch a budget allows"),
     "quality": ("sm3_dist.launch.quality", "learning-rate sweeps: SM3 vs AdamW and Adafactor on held-out loss"),
 }

@@ -16,12 +16,11 @@
 * :func:`free_port` - a rendezvous port for a process group on this machine.
 * :func:`end_process` - how a process that ran gloo collectives ends.
 
-The optimizers (``sm3_dist``), the framework adapters (``integrations/``) and the
-training job (``launch/``) call collectives only through these functions; the
-one module that still calls ``torch.distributed`` directly is
-``sm3_dist/bench_distributed.py``, which times DDP's gradient all-reduce beside
-SM3's. The frameworks' own communication (DDP, FSDP, DeepSpeed) is theirs.
-``tests/test_launch.py`` checks this paragraph against the source.
+The optimizers (``sm3_dist``), the framework adapters (``integrations/``), the
+training job (``launch/``) and the studies (``tools/``) call collectives only
+through these functions; no other module calls a ``torch.distributed``
+collective directly. The frameworks' own communication (DDP, FSDP, DeepSpeed) is
+theirs. ``tests/test_launch.py`` checks this paragraph against the source.
 """
 
 from __future__ import annotations

@@ -8,8 +8,12 @@ import sys
 import types
 
 import pytest
+from sm3_dist.tools.bench import cli as bench_cli
+from sm3_dist.tools.bench import step
+from sm3_dist.tools.bench.shapes import PRESETS, gpt_shapes
 
-from sm3_dist import bench, cli
+from sm3_dist import cli
+from tests.common import run_distributed
 
 EXPECTED = [
     "sm3 eager m=0",
@@ -48,7 +52,7 @@ def test_bench_prints_every_row_with_sane_numbers(tiny_run, capsys):
     result = json.loads(path.read_text())
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == EXPECTED
-    numel = sum(math.prod(s) for s in bench.gpt_shapes(*bench.PRESETS["tiny"]))
+    numel = sum(math.prod(s) for s in gpt_shapes(*PRESETS["tiny"]))
     assert result["parameters"] == numel and result["bandwidth_gb_s"] > 0
     for r in rows.values():
         assert r["samples"] == 2 and len(r["times_ms"]) == 2
@@ -68,28 +72,41 @@ def test_bench_prints_every_row_with_sane_numbers(tiny_run, capsys):
     assert moved == sorted(moved, reverse=True)
 
 
-def test_bench_only_filter_plot_and_bad_params(capsys, tmp_path):
+def test_bench_only_filter_and_plot(capsys, tmp_path):
     png = tmp_path / "step-time.png"
     argv = ["--params", "8,4,1", "--rounds", "1", "--steps", "1", "--warmup", "0", "--quiet"]
-    assert bench.main([*argv, "--only", "adagrad", "adam fused", "--plot", str(png)]) == 0
+    assert bench_cli.main([*argv, "--only", "adagrad", "adam fused", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "| adagrad |" in out and "| adam fused |" in out and "| adam foreach |" not in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    with pytest.raises(SystemExit):
-        bench.main(["--params", "huge"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--params", "huge"], "--params must be one of"),
+        (["--params", "64,0,1"], "VOCAB, WIDTH and BLOCKS must be >= 1"),
+        (["--rounds", "0"], "--rounds and --steps must be >= 1"),
+    ],
+)
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_cli.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_distributed_dispatches_lazily(monkeypatch):
     seen = []
-    fake = types.ModuleType("sm3_dist.bench_distributed")
+    fake = types.ModuleType("sm3_dist.tools.bench.distributed")
     fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "sm3_dist.bench_distributed", fake)
-    assert bench.main(["--distributed", "--world", "2"]) == 0
+    monkeypatch.setitem(sys.modules, "sm3_dist.tools.bench.distributed", fake)
+    assert bench_cli.main(["--distributed", "--world", "2"]) == 0
     assert seen == [["--world", "2"]]
 
 
 def test_gpt_preset_is_about_27m_parameters():
-    shapes = bench.gpt_shapes(*bench.PRESETS["gpt"])
+    shapes = gpt_shapes(*PRESETS["gpt"])
     assert 27e6 <= sum(math.prod(s) for s in shapes) <= 28e6
     assert (16384, 512) in shapes and (1536, 512) in shapes and (512, 2048) in shapes
 
@@ -99,12 +116,12 @@ def _fsdp2_world1_worker(rank: int, world_size: int) -> dict:
 
     from sm3_dist import SM3
 
-    shapes = bench.gpt_shapes(*bench.PRESETS["tiny"])
+    shapes = gpt_shapes(*PRESETS["tiny"])
     torch.manual_seed(0)
     params = [torch.randn(s, requires_grad=True) for s in shapes]
     for p in params:
         p.grad = torch.randn_like(p)
-    opt = bench._fsdp2_candidate(0.01, torch.device("cpu")).make(params)
+    opt = step.fsdp2_candidate(0.01, torch.device("cpu")).make(params)
     builds = []
     original = opt._init_group
     opt._init_group = lambda gi, group: builds.append(gi) or original(gi, group)
@@ -128,8 +145,6 @@ def _fsdp2_world1_worker(rank: int, world_size: int) -> dict:
 def test_fsdp2_world1_row_steps_through_the_block_plan():
     """The bench's FSDP2 row: DTensor parameters on a one-rank mesh, one block per parameter (the local tensor
     itself, maxima to the reducer), one fused plan built once for all steps, equal to plain SM3."""
-    from tests.spawn import run_distributed
-
     (result,) = run_distributed(_fsdp2_world1_worker, 1)
     assert result["builds"] == 1 and result["equal"] and result["whole"] and result["reduced"]
     if result["fused"] != "NoneType":
@@ -139,6 +154,6 @@ def test_fsdp2_world1_row_steps_through_the_block_plan():
 def test_launch_and_sync_counters_are_cuda_only():
     import torch
 
-    assert bench.count_launches(lambda: None, torch.device("cpu")) is None
-    assert bench.count_syncs(lambda: None, torch.device("cpu")) is None
-    assert bench.sync_error(lambda: None, torch.device("cpu")) is None
+    assert step.count_launches(lambda: None, torch.device("cpu")) is None
+    assert step.count_syncs(lambda: None, torch.device("cpu")) is None
+    assert step.sync_error(lambda: None, torch.device("cpu")) is None

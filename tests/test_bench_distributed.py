@@ -6,9 +6,9 @@ import json
 import math
 
 import pytest
+from sm3_dist.tools.bench.distributed import format_table, main
+from sm3_dist.tools.bench.shapes import gpt_shapes, parse_size
 
-from sm3_dist.bench import gpt_shapes
-from sm3_dist.bench_distributed import format_table, main, parse_size
 from sm3_dist.cli import main as cli_main
 from sm3_dist.sharded import FlatPartition
 

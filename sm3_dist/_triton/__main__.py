@@ -33,7 +33,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             print(f"[check] {'ok  ' if r['ok'] else 'FAIL'} {r['name']}{': ' + detail if detail else ''}", flush=True)
         status = 0 if all(r["ok"] for r in results) else 1
     if args.bench:
-        from sm3_dist.bench import gpt_shapes
+        from sm3_dist.tools.bench.shapes import gpt_shapes
 
         vocab, width, blocks = (int(x) for x in args.params.split(","))
         bench(

@@ -2,7 +2,7 @@
 
 For each world size (default 1, 2, 4) the command spawns that many processes
 joined by a gloo process group. Each builds the same GPT-style parameter set
-(:func:`sm3_dist.bench.gpt_shapes`; default ``small``, about 4.2M parameters)
+(:func:`sm3_dist.tools.bench.shapes.gpt_shapes`; default ``small``, about 4.2M parameters)
 with the same fixed gradients, steps :class:`sm3_dist.ShardedSM3` and reports:
 
 * optimizer state bytes per rank (momentum for the owned elements plus the
@@ -27,7 +27,6 @@ import datetime
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,34 +34,14 @@ import time
 from typing import Any
 
 import torch
+from sm3_dist.tools.bench.shapes import PRESETS, gpt_shapes, parse_size
 
-from sm3_dist.bench import PRESETS, gpt_shapes
+from sm3_dist.comm import all_reduce_, barrier, end_process, free_port
 
 __all__ = ["main", "run"]
 
 DEFAULT_SIZE = "small"
 DEFAULT_WORLD_SIZES = (1, 2, 4)
-
-
-def parse_size(spec: str) -> tuple[int, int, int]:
-    """A preset of :data:`sm3_dist.bench.PRESETS` (``tiny``, ``small``, ``gpt``) or ``VOCAB,WIDTH,BLOCKS``."""
-    if spec in PRESETS:
-        return PRESETS[spec]
-    try:
-        vocab, width, blocks = (int(x) for x in spec.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--size must be one of {sorted(PRESETS)} or VOCAB,WIDTH,BLOCKS, got {spec!r}"
-        ) from None
-    if min(vocab, width, blocks) < 1:
-        raise argparse.ArgumentTypeError(f"--size {spec!r}: VOCAB, WIDTH and BLOCKS must be >= 1")
-    return vocab, width, blocks
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _median_ms(seconds: list[float]) -> float:
@@ -72,9 +51,7 @@ def _median_ms(seconds: list[float]) -> float:
 def _worker(rank: int, world_size: int, port: int, config: dict[str, Any], out_dir: str) -> None:
     import torch.distributed as dist
 
-    from sm3_dist.comm import end_process
-    from sm3_dist.optimizer import MOMENTUM_KEY, STEP_KEY
-    from sm3_dist.sharded import ShardedSM3
+    from sm3_dist import MOMENTUM_KEY, STEP_KEY, ShardedSM3
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(config["threads"])
@@ -91,7 +68,7 @@ def _worker(rank: int, world_size: int, port: int, config: dict[str, Any], out_d
         for i in range(config["warmup"] + config["steps"]):
             for p, g in zip(params, grads):
                 p.grad = g
-            dist.barrier()
+            barrier()
             start = time.perf_counter()
             opt.step()
             elapsed = time.perf_counter() - start
@@ -112,9 +89,9 @@ def _worker(rank: int, world_size: int, port: int, config: dict[str, Any], out_d
         if world_size > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])
             for _ in range(max(3, config["steps"] // 2)):
-                dist.barrier()
+                barrier()
                 start = time.perf_counter()
-                dist.all_reduce(flat)
+                all_reduce_(flat, "sum", None)
                 grad_allreduce.append(time.perf_counter() - start)
         comm = opt.comm_volume()
         result = dict(
@@ -142,7 +119,7 @@ def _spawn(world_size: int, config: dict[str, Any]) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, _free_port(), config, out_dir),
+            args=(world_size, free_port(), config, out_dir),
             nprocs=world_size,
             join=False,
             start_method="spawn",

@@ -1,28 +1,14 @@
-"""``sm3-dist bench``: time one optimizer step, side by side, against the memory-bandwidth bound.
+"""One optimizer step timed, every kernel side by side: the rows of ``sm3-dist bench`` and their measurement.
 
-All optimizers step the same parameters and gradients of a GPT-style parameter
-set (by default: embedding 16384x512 and 6 blocks of width 512, ~27M
-parameters), interleaved round by round so that they share the machine's noise.
-For each: the median and interquartile range of the step time, the ratio to
-``torch.optim.Adam(fused=True)``, the optimizer state, the bytes the step must
-move at the least (its algorithm's reads and writes of per-parameter tensors),
-and the time those bytes take at the bandwidth of a large tensor copy measured
-in the same run. On CUDA also the kernel launches of one step (counted with
-``torch.profiler``) and its host synchronizations (warnings of
-``torch.cuda.set_sync_debug_mode("warn")``); ``--sync-error`` runs one more step
-of every SM3 row under ``set_sync_debug_mode("error")``, ``--check`` first
-compares the CUDA kernels with the eager CPU kernel on a few shapes, and
-``--fsdp2`` adds the parameter set FSDP2-sharded on a one-rank mesh.
-
-``sm3-dist bench --distributed ...`` runs :mod:`sm3_dist.bench_distributed` instead.
+All optimizers step the same parameters and gradients, interleaved round by
+round so that they share the machine's noise; :class:`CopyBandwidth` measures
+the bound in the same run. On CUDA also the kernel launches (:func:`count_launches`)
+and host synchronizations (:func:`count_syncs`, :func:`sync_error`) of one step,
+and :func:`check` compares the CUDA kernels with the eager CPU kernel.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
-import math
 import os
 import statistics
 import sys
@@ -34,35 +20,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from sm3_dist.optimizer import SM3
+from sm3_dist import SM3, local_state_bytes
 
-__all__ = ["PRESETS", "Row", "gpt_shapes", "main", "plot", "run"]
-
-PRESETS = {"gpt": (16384, 512, 6), "small": (4096, 256, 4), "tiny": (256, 32, 1)}
-"""Parameter sets as ``(vocab, width, blocks)``."""
-
-
-def gpt_shapes(vocab: int, d: int, blocks: int) -> list[tuple[int, ...]]:
-    """Parameter shapes of a GPT-style model: embedding, blocks (qkv, proj, MLP, biases, layernorms), final norm."""
-    shapes: list[tuple[int, ...]] = [(vocab, d)]
-    for _ in range(blocks):
-        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,)]  # ln1, attention
-        shapes += [(d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]  # ln2, MLP
-    shapes += [(d,), (d,)]
-    return shapes
-
-
-def parse_params(spec: str) -> list[tuple[int, ...]]:
-    """A preset name (``gpt``, ``small``, ``tiny``) or ``VOCAB,WIDTH,BLOCKS``."""
-    if spec in PRESETS:
-        return gpt_shapes(*PRESETS[spec])
-    try:
-        vocab, d, blocks = (int(x) for x in spec.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--params must be one of {sorted(PRESETS)} or VOCAB,WIDTH,BLOCKS, got {spec!r}"
-        ) from None
-    return gpt_shapes(vocab, d, blocks)
+__all__ = ["FSDP2_ROW", "Candidate", "CopyBandwidth", "Row", "check", "count_launches", "count_syncs", "run"]
 
 
 @dataclass(slots=True)
@@ -183,7 +143,7 @@ FSDP2_ROW = "sm3 fused m=0.9 fsdp2 world-1"
 _STARTED_GROUP: list[bool] = []
 
 
-def _fsdp2_candidate(lr: float, device: torch.device) -> Candidate:
+def fsdp2_candidate(lr: float, device: torch.device) -> Candidate:
     """SM3 on the parameter set sharded by FSDP2's ``fully_shard`` over a one-rank mesh (its own copies of the
     parameters and gradients, as DTensors): the sharded path, with its reduction of maxima, through the same
     block plan and fused kernel."""
@@ -240,15 +200,6 @@ class CopyBandwidth:
         return 2 * self.src.numel() * 4 / statistics.median(self.seconds)
 
 
-def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    total = 0
-    for state in opt.state.values():
-        for key, value in state.items():
-            if isinstance(value, Tensor) and key != "step":
-                total += value.numel() * value.element_size()
-    return total
-
-
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
     if len(values) < 2:
         return values[0], values[0], values[0]
@@ -275,7 +226,7 @@ def run(
         p.grad = torch.randn_like(p)
     numel = sum(p.numel() for p in params)
     sum_dims = sum(sum(p.shape) for p in params)
-    candidates = _candidates(lr=1e-4) + ([_fsdp2_candidate(1e-4, device)] if fsdp2 else [])
+    candidates = _candidates(lr=1e-4) + ([fsdp2_candidate(1e-4, device)] if fsdp2 else [])
     candidates = [c for c in candidates if only is None or any(o in c.name for o in only)]
     if not candidates:
         raise ValueError(f"--only {only} matches no optimizer")
@@ -335,7 +286,7 @@ def run(
                 iqr_ms=q3 - q1,
                 min_ms=min(t),
                 ratio_to_adam_fused=None if adam is None else q2 / adam,
-                state_mib=_state_bytes(opt) / 2**20,
+                state_mib=local_state_bytes(opt) / 2**20,
                 moved_mb=moved / 1e6,
                 bound_ms=bound_ms,
                 pct_of_bound=100 * bound_ms / q2,
@@ -357,135 +308,6 @@ def run(
         "steps_per_round": steps_per_round,
         "rows": [asdict(r) for r in rows],
     }
-
-
-def format_table(result: dict) -> str:
-    head = (
-        f"{result['parameters'] / 1e6:.1f}M parameters in {result['tensors']} tensors on {result['device']} "
-        f"({result['threads']} threads, torch {result['torch']}); copy bandwidth {result['bandwidth_gb_s']:.1f} GB/s "
-        f"(read + write); {result['rounds']} rounds x {result['steps_per_round']} steps"
-    )
-    lines = [
-        head,
-        "",
-        "| optimizer | ms/step (median) | IQR ms | min ms | vs Adam fused | state MiB | MB moved/step | bound ms "
-        "| % of bound | launches/step | syncs/step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
-        ratio = "-" if r["ratio_to_adam_fused"] is None else f"{r['ratio_to_adam_fused']:.2f}x"
-        launches = "-" if r.get("launches") is None else str(r["launches"])
-        syncs = "-" if r.get("syncs") is None else str(r["syncs"])
-        lines.append(
-            f"| {r['name']} | {r['median_ms']:.2f} | {r['iqr_ms']:.2f} | {r['min_ms']:.2f} | {ratio} | {r['state_mib']:.1f} "
-            f"| {r['moved_mb']:.0f} | {r['bound_ms']:.2f} | {r['pct_of_bound']:.0f}% | {launches} | {syncs} |"
-        )
-    errors = [(r["name"], r["sync_error"]) for r in result["rows"] if r.get("sync_error")]
-    if errors:
-        lines += ["", 'One more step of each SM3 row under torch.cuda.set_sync_debug_mode("error"):']
-        lines += [f"- {name}: {error}" for name, error in errors]
-    return "\n".join(lines)
-
-
-def plot(result: dict, path: str) -> None:
-    """Each optimizer's step time (median, bar; interquartile range, whisker) against the time its bytes take at
-    the measured copy bandwidth (tick), from :func:`run`'s result or its ``--json`` file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"][::-1]
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.6))
-    ys = range(len(rows))
-    colors = ["tab:blue" if r["name"].startswith("sm3") else "tab:gray" for r in rows]
-    ax.barh(ys, [r["median_ms"] for r in rows], xerr=[r["iqr_ms"] / 2 for r in rows], color=colors, alpha=0.8)
-    ax.scatter([r["bound_ms"] for r in rows], ys, marker="|", s=200, color="black", label="bandwidth bound", zorder=3)
-    adam = next((r["median_ms"] for r in rows if r["name"] == "adam fused"), None)
-    if adam is not None:
-        ax.axvline(adam, color="tab:red", lw=1, ls="--", label="Adam(fused=True)")
-    ax.set_yticks(list(ys), [r["name"] for r in rows], fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("ms per optimizer step (median; log scale)")
-    ax.grid(True, axis="x", which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(
-        f"{result['parameters'] / 1e6:.1f}M parameters on {result['device']}, {result['threads']} threads, "
-        f"copy {result['bandwidth_gb_s']:.1f} GB/s",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--distributed" in argv:
-        rest = [a for a in argv if a != "--distributed"]
-        return int(importlib.import_module("sm3_dist.bench_distributed").main(rest) or 0)
-    parser = argparse.ArgumentParser(prog="sm3-dist bench", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--params", default="gpt", type=parse_params, help="gpt (default, ~27M), small, tiny, or VOCAB,WIDTH,BLOCKS"
-    )
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--rounds", type=int, default=15, help="timed rounds; every optimizer steps in each")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per optimizer per round")
-    parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (the first fused step compiles)")
-    parser.add_argument("--only", nargs="+", help="only optimizers whose name contains one of these")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
-    parser.add_argument("--json", metavar="PATH", help="also write the results (with every sample) as JSON")
-    parser.add_argument("--plot", metavar="PNG", help="also draw the step times against their bounds (matplotlib)")
-    parser.add_argument("--distributed", action="store_true", help="run sm3_dist.bench_distributed instead")
-    parser.add_argument(
-        "--check", action="store_true", help="first compare the CUDA kernels with the eager CPU kernel (needs CUDA)"
-    )
-    parser.add_argument(
-        "--sync-error",
-        action="store_true",
-        help='one more step of every SM3 row under torch.cuda.set_sync_debug_mode("error") (CUDA)',
-    )
-    parser.add_argument("--fsdp2", action="store_true", help=f"add the row {FSDP2_ROW!r}")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    args = parser.parse_args(argv)
-    shapes = args.params
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA device is available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if min(args.rounds, args.steps) < 1 or args.warmup < 0:
-        parser.error("--rounds and --steps must be >= 1, --warmup >= 0")
-    start = time.perf_counter()
-
-    def progress(msg: str) -> None:
-        if not args.quiet:
-            print(f"[bench {time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    status = 0
-    if args.check:
-        status = check(device, progress)
-    result = run(
-        shapes,
-        device=device,
-        rounds=args.rounds,
-        steps_per_round=args.steps,
-        warmup=args.warmup,
-        only=args.only,
-        fsdp2=args.fsdp2,
-        check_syncs=args.sync_error,
-        progress=progress,
-    )
-    result["command"] = "sm3-dist bench " + " ".join(argv)
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.plot:
-        plot(result, args.plot)
-    if any(r.get("sync_error") not in (None, "ok") for r in result["rows"]):
-        status = 1
-    return status if all(math.isfinite(r["median_ms"]) for r in result["rows"]) else 1
 
 
 def check(device: torch.device, progress: Callable[[str], None] = lambda s: None) -> int:
