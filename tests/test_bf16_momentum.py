@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sm3_dist import MOMENTUM_KEY, SM3, accumulator_key, local_state_bytes
-from tests.spawn import run_distributed
+from tests.common import run_distributed
 
 STEPS = 8
 

@@ -16,8 +16,8 @@ import torch
 from sm3_dist import SM3, ShardedSM3, accumulator_key
 from tests import test_fsdp2 as fsdp2_case
 from tests import test_sharded as sharded_case
+from tests.common import run_distributed
 from tests.reference import ReferenceSM3
-from tests.spawn import run_distributed
 
 VARIANTS = [
     dict(momentum=0.0, beta=0.9, bias_correction=True),

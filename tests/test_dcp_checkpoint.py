@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from sm3_dist import SM3, STEP_KEY
-from tests.common import global_grads, make_model
-from tests.spawn import run_distributed
+from tests.common import global_grads, make_model, run_distributed
 from tests.test_fsdp2 import LR, set_dtensor_grads
 
 FIRST, SECOND = 4, 5

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from tests.common import run_distributed
 from tests.deepspeed_models import (  # noqa: F401  (shared with the other DeepSpeed tests through this module)
     BATCH,
     ENV,
@@ -57,7 +58,6 @@ from tests.deepspeed_models import (  # noqa: F401  (shared with the other DeepS
     _full_params,
     loss_of,
 )
-from tests.spawn import run_distributed
 
 deepspeed = pytest.importorskip("deepspeed")
 

@@ -26,7 +26,7 @@ import types
 import pytest
 import torch
 
-from tests.spawn import run_distributed
+from tests.common import run_distributed
 from tests.test_deepspeed import (
     ENV,
     HYPER,

@@ -19,8 +19,7 @@ from sm3_dist.integrations.fsdp1 import fsdp1_shard_resolver
 from torch import nn
 
 from sm3_dist import MOMENTUM_KEY, SM3, UnsupportedLayoutError, accumulator_key, local_state_bytes
-from tests.common import global_grads, make_model
-from tests.spawn import run_distributed
+from tests.common import global_grads, make_model, run_distributed
 from tests.test_fsdp2 import HYPER, LR, STEPS
 
 PREFIX = "_fsdp_wrapped_module."

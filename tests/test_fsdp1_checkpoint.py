@@ -27,8 +27,7 @@ from sm3_dist.integrations.fsdp1 import fsdp1_load_optim_state_dict, fsdp1_optim
 from torch import nn
 
 from sm3_dist import MOMENTUM_KEY, SM3, STEP_KEY, accumulator_key
-from tests.common import TinyBlock, global_grads, make_model
-from tests.spawn import run_distributed
+from tests.common import TinyBlock, global_grads, make_model, run_distributed
 from tests.test_fsdp1 import PREFIX, flat_pieces, wrap
 from tests.test_fsdp2 import LR
 

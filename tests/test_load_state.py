@@ -224,7 +224,7 @@ def _fsdp1_session(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def fsdp1_results():
-    from tests.spawn import run_distributed
+    from tests.common import run_distributed
 
     return run_distributed(_fsdp1_session, 2, timeout=300)
 

@@ -25,7 +25,7 @@ from sm3_dist.tools.memory.model import (
 )
 
 from sm3_dist import local_state_bytes
-from tests.spawn import run_distributed
+from tests.common import run_distributed
 
 TINY = SIZES["tiny"]
 SM3_VARIANTS = [o for o in OPTIMIZERS if o.startswith("sm3")]

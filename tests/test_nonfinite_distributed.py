@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sm3_dist import SM3
-from tests.spawn import run_distributed
+from tests.common import run_distributed
 
 
 def _model() -> nn.Module:

@@ -20,7 +20,7 @@ from torch import nn
 
 from sm3_dist import MOMENTUM_KEY, SM3, STEP_KEY, ShardedSM3, accumulator_key, local_state_bytes
 from sm3_dist.sharded import FlatPartition
-from tests.spawn import run_distributed
+from tests.common import run_distributed
 
 # the multi-process sessions are shared by the tests of this file: keep them on one xdist worker
 pytestmark = pytest.mark.xdist_group("sharded")

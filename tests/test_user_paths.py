@@ -27,7 +27,7 @@ import traceback
 import pytest
 import torch
 
-from tests.spawn import run_distributed
+from tests.common import run_distributed
 from tests.test_deepspeed import ENV, HYPER, Net, _config, _describe_state, _full_params, _reference, loss_of
 
 deepspeed = pytest.importorskip("deepspeed")
