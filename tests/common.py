@@ -7,9 +7,12 @@
   :data:`DEVICES` - ``cpu``, and ``cuda`` where a GPU is present.
 * :class:`TinyBlock`, :func:`make_model` - a transformer-like module whose
   dimensions shard unevenly (some shards empty at 3 and 4 ranks);
-  :func:`global_grads`, :func:`set_grads` - the same seeded gradients on every
-  rank, set on plain or DTensor parameters; :func:`snapshot` - a model's
-  parameters and its optimizer's state, by parameter name.
+  :func:`seeded_grads`, :func:`global_grads` (by name), :func:`fill_grads` -
+  the same seeded gradients on every rank; :func:`set_grads` sets them on plain
+  or DTensor parameters; :func:`snapshot` - a model's parameters and its
+  optimizer's state, by parameter name.
+* :func:`random_blocks`, :func:`clone_blocks`, :func:`assert_same` - the dense
+  blocks ``functional.sm3`` steps, and their bitwise comparison.
 
 ``run_distributed(fn, world_size, *args)`` calls ``fn(rank, world_size, *args)``
 in each process after ``init_process_group("gloo")`` and returns the list of
@@ -43,11 +46,19 @@ __all__ = [
     "DEVICES",
     "KERNELS",
     "TinyBlock",
+    "assert_same",
+    "clone_blocks",
+    "fill_grads",
     "free_port",
     "global_grads",
     "make_model",
+    "named_shapes",
+    "random_blocks",
     "remove_shared_memory",
     "run_distributed",
+    "run_interpreted",
+    "same_bits",
+    "seeded_grads",
     "set_grads",
     "snapshot",
 ]
@@ -177,22 +188,42 @@ def make_model(seed: int = 0) -> nn.Module:
     return TinyBlock()
 
 
-def global_grads(
-    named_shapes: Iterable[tuple[str, torch.Size]], step: int, *, seed: int = 7919, zero_slice: bool = True
-) -> dict[str, torch.Tensor]:
-    """The same gradients on every rank, drawn from a generator seeded by ``seed`` and the step.
+def seeded_grads(
+    shapes: Iterable[tuple[int, ...]], step: int, *, seed: int = 7919, zero_slice: bool = False
+) -> list[torch.Tensor]:
+    """Gradients of the given shapes, drawn in order from a generator seeded by ``seed`` and the step.
 
     With ``zero_slice``, step 0 zeroes the first slice of the last dimension of every
-    matrix: accumulator entries whose ``nu`` stays 0.
+    matrix: accumulator entries whose ``nu`` stays 0 (the 0/0 = 0 convention with ``eps=0``).
     """
     gen = torch.Generator().manual_seed(seed * (step + 1))
-    grads = {}
-    for name, shape in named_shapes:
+    grads = []
+    for shape in shapes:
         g = torch.randn(shape, generator=gen)
         if zero_slice and step == 0 and g.dim() >= 2:
             g[..., 0] = 0.0
-        grads[name] = g
+        grads.append(g)
     return grads
+
+
+def global_grads(
+    named_shapes: Iterable[tuple[str, torch.Size]], step: int, *, seed: int = 7919, zero_slice: bool = True
+) -> dict[str, torch.Tensor]:
+    """:func:`seeded_grads` by parameter name: the same gradients on every rank."""
+    names, shapes = zip(*named_shapes)
+    return dict(zip(names, seeded_grads(shapes, step, seed=seed, zero_slice=zero_slice)))
+
+
+def named_shapes(model: nn.Module) -> list[tuple[str, torch.Size]]:
+    """``model``'s parameter names and shapes in its order, the order :func:`global_grads` draws them in."""
+    return [(name, p.shape) for name, p in model.named_parameters()]
+
+
+def fill_grads(params: Iterable[torch.Tensor], step: int, *, seed: int = 7919) -> None:
+    """``p.grad`` = :func:`seeded_grads` of the parameters' shapes, for plain (local) parameters."""
+    params = list(params)
+    for p, g in zip(params, seeded_grads([p.shape for p in params], step, seed=seed)):
+        p.grad = g.to(dtype=p.dtype)
 
 
 def set_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
@@ -212,6 +243,44 @@ def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, 
         for n, p in model.named_parameters()
     }
     return params, state
+
+
+# ---------------------------------------------------------------------------------------------- kernels' blocks
+
+Blocks = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]]]
+"""What ``functional.sm3`` steps: parameters, gradients, momentum buffers, and each block's accumulators."""
+
+
+def random_blocks(seed: int = 0, shapes: Iterable[tuple[int, ...]] = ((1,), (37,), (13, 11), (5, 7, 9))) -> Blocks:
+    """Dense blocks of the given shapes with random parameters, gradients, momentum and accumulators."""
+    shapes = list(shapes)
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    bufs = [torch.randn(s, generator=gen) for s in shapes]
+    accs = [[torch.rand(n, generator=gen) for n in (s or (1,))] for s in shapes]
+    return params, grads, bufs, accs
+
+
+def clone_blocks(blocks: Blocks) -> Blocks:
+    """An independent copy of :func:`random_blocks`' result."""
+    params, grads, bufs, accs = blocks
+    return (
+        [p.clone() for p in params],
+        [g.clone() for g in grads],
+        [b.clone() for b in bufs],
+        [[a.clone() for a in acc] for acc in accs],
+    )
+
+
+def assert_same(a: Any, b: Any) -> None:
+    """Nested lists/tuples of tensors equal element by element (``torch.equal``)."""
+    if isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), (type(b), len(b))
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------- Triton's interpreter

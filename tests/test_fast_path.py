@@ -1,7 +1,7 @@
 """The block plan computes what the plain eager kernel computes, and is rebuilt exactly when what it holds changes.
 
 ``functional.sm3(..., maxima_out=...)`` writes the maxima where it is told
-(possibly into the accumulators it reads), :class:`functional.NativePlan`
+(possibly into the accumulators it reads), :class:`~sm3_dist.native_plan.NativePlan`
 repeats one native launch with only the pointers re-read, and ``SM3`` keeps one
 :class:`~sm3_dist.plan.GroupPlan` per param group. Each is held bitwise to the
 plain eager kernel, including after a gradient disappears, a state tensor or a
@@ -16,61 +16,34 @@ import torch
 
 from sm3_dist import SM3, _native, functional
 from sm3_dist.layout import TensorLayout, flat_range_piece, full_piece
+from sm3_dist.native_plan import NativePlan
 from sm3_dist.placement import ShardSpec
 from sm3_dist.plan import block_refs
 from sm3_dist.rule import UpdateRule
+from tests.common import KERNELS, assert_same, clone_blocks, fill_grads, random_blocks
 
 # skipped only without a compiler: where one exists, a kernel that fails to build fails these tests
 needs_native = pytest.mark.skipif(_native._compiler() is None, reason="no C++ compiler for the native kernel")
 
 RULE = UpdateRule(momentum=0.9, beta=0.0, eps=0.0, weight_decay=0.01)
-SHAPES = [(1,), (37,), (13, 11), (5, 7, 9)]
-KERNELS = {"eager": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
-
-
-def _blocks(seed=0, shapes=SHAPES):
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen) for s in shapes]
-    grads = [torch.randn(s, generator=gen) for s in shapes]
-    bufs = [torch.randn(s, generator=gen) for s in shapes]
-    accs = [[torch.rand(n, generator=gen) for n in (s or (1,))] for s in shapes]
-    return params, grads, bufs, accs
-
-
-def _clone(blocks):
-    params, grads, bufs, accs = blocks
-    return (
-        [p.clone() for p in params],
-        [g.clone() for g in grads],
-        [b.clone() for b in bufs],
-        [[a.clone() for a in acc] for acc in accs],
-    )
-
-
-def _assert_same(a, b):
-    for x, y in zip(a, b):
-        if isinstance(x, (list, tuple)):
-            _assert_same(x, y)
-        else:
-            assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("keep_max", [False, True], ids=["assign", "keep_max"])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_maxima_out_into_the_accumulators_equals_returned_maxima(kernel, keep_max):
-    returned = _blocks()
-    written = _clone(returned)
+    returned = random_blocks()
+    written = clone_blocks(returned)
     maxima = functional.sm3(*returned, rule=RULE, lr=0.1, **KERNELS[kernel])
     for accs, new in zip(returned[3], maxima):
         for acc, value in zip(accs, new):
             acc.copy_(torch.maximum(acc, value) if keep_max else value)
     out = functional.sm3(*written, rule=RULE, lr=0.1, **KERNELS[kernel], maxima_out=written[3], keep_max=keep_max)
     assert out is None
-    _assert_same(returned, written)
+    assert_same(returned, written)
 
 
 def test_maxima_out_must_match_the_blocks():
-    blocks = _blocks()
+    blocks = random_blocks()
     with pytest.raises(ValueError, match="maxima_out has 1 entries for 4 blocks"):
         functional.sm3(*blocks, rule=RULE, lr=0.1, maxima_out=blocks[3][:1])
 
@@ -79,10 +52,10 @@ def test_maxima_out_must_match_the_blocks():
 @pytest.mark.parametrize("keep_max", [False, True], ids=["assign", "keep_max"])
 def test_native_plan_equals_the_eager_kernel_over_steps(keep_max):
     shapes = [(37,), (13, 11), (1,), (300, 2), (3, 4, 5)]
-    eager = _blocks(shapes=shapes)
-    planned = _clone(eager)
+    eager = random_blocks(shapes=shapes)
+    planned = clone_blocks(eager)
     outs = [[torch.zeros_like(a) for a in accs] for accs in planned[3]]
-    plan = functional.NativePlan.build(planned[0], planned[2], planned[3], outs)
+    plan = NativePlan.build(planned[0], planned[2], planned[3], outs)
     assert plan is not None and plan.holds(planned[0], planned[2], planned[3], outs)
     for step in range(4):
         gen = torch.Generator().manual_seed(100 + step)
@@ -93,24 +66,24 @@ def test_native_plan_equals_the_eager_kernel_over_steps(keep_max):
         functional.finalize_(
             [a for accs in planned[3] for a in accs], [o for block in outs for o in block], keep_max=keep_max
         )
-        _assert_same(eager, planned)
+        assert_same(eager, planned)
         assert all(not o.any() for block in outs for o in block)  # zeroed for the next step
 
 
 @needs_native
 def test_native_plan_refuses_what_it_cannot_take_and_changes_nothing():
     shapes = [(13, 11), (37,)]
-    params, grads, bufs, accs = _blocks(shapes=shapes)
+    params, grads, bufs, accs = random_blocks(shapes=shapes)
     outs = [[torch.zeros_like(a) for a in block] for block in accs]
-    plan = functional.NativePlan.build(params, bufs, accs, outs)
-    before = _clone((params, grads, bufs, accs))
+    plan = NativePlan.build(params, bufs, accs, outs)
+    before = clone_blocks((params, grads, bufs, accs))
     for bad in ([grads[0].t().contiguous().t(), grads[1]], [grads[0].bfloat16(), grads[1]], grads[:1]):
         with pytest.raises(ValueError):
             plan.step(bad, RULE, lr=0.1)
-    _assert_same(before, (params, grads, bufs, accs))
+    assert_same(before, (params, grads, bufs, accs))
     assert not plan.holds(params, [bufs[0].clone(), bufs[1]], accs, outs)
     t = torch.zeros(4, 3).t()
-    assert functional.NativePlan.build([t], [None], [[torch.zeros(3), torch.zeros(4)]], [[torch.zeros(3)] * 2]) is None
+    assert NativePlan.build([t], [None], [[torch.zeros(3), torch.zeros(4)]], [[torch.zeros(3)] * 2]) is None
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -139,12 +112,6 @@ def test_block_refs_of_a_whole_tensor_and_a_straddling_flat_range():
 def _model(seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-
-
-def _grads(model, step):
-    gen = torch.Generator().manual_seed(1000 + step)
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=gen)
 
 
 def _pair(**kwargs):
@@ -178,7 +145,7 @@ class Builds:
 
 def _both(fast_model, eager_model, step, change=None):
     for model in (fast_model, eager_model):
-        _grads(model, step)
+        fill_grads(model.parameters(), step)
         if change is not None:
             change(model)
 
@@ -238,8 +205,8 @@ def test_plan_is_rebuilt_exactly_when_state_storage_grad_layout_or_layout_change
         (grad_dtype, 0),
     ]
     for step, (change, rebuilds) in enumerate(changes):
-        _grads(fast_model, step)
-        _grads(eager_model, step)
+        fill_grads(fast_model.parameters(), step)
+        fill_grads(eager_model.parameters(), step)
         if change is not None:
             change(fast_model, fast)
             change(eager_model, eager)
@@ -254,7 +221,7 @@ def test_plan_is_rebuilt_exactly_when_state_storage_grad_layout_or_layout_change
     fast.add_param_group({"params": extra})
     extra[0].grad = torch.randn(4, 4)
     before = builds.count
-    _grads(fast_model, 99)
+    fill_grads(fast_model.parameters(), 99)
     fast.step()
     assert builds.count - before == 2
 
@@ -285,10 +252,10 @@ def test_non_contiguous_parameters_step_like_contiguous_ones():
 def test_momentum_turned_on_mid_training_is_checked():
     model = _model()
     opt = SM3(model.parameters(), lr=0.05, momentum=0.0)
-    _grads(model, 0)
+    fill_grads(model.parameters(), 0)
     opt.step()
     opt.param_groups[0]["momentum"] = 0.9
-    _grads(model, 1)
+    fill_grads(model.parameters(), 1)
     with pytest.raises(ValueError, match="momentum buffer missing"):
         opt.step()
 

@@ -20,12 +20,11 @@ import warnings
 import pytest
 import torch
 
-from sm3_dist import SM3, _native, functional
+from sm3_dist import SM3, _native, functional, fused
 from sm3_dist.layout import split_flat_range
+from sm3_dist.native_plan import NativePlan, pack_block
 from sm3_dist.rule import UpdateRule
-from tests.test_fast_path import _assert_same as _same
-from tests.test_fast_path import _blocks as blocks_of
-from tests.test_fast_path import _clone
+from tests.common import KERNELS, assert_same, clone_blocks, random_blocks
 
 SHAPES = [(37,), (13, 11), (5, 7, 9), (3, 4, 5, 6), (2, 70)]
 HYPERS = {
@@ -38,9 +37,6 @@ HYPERS = {
 }
 MOMENTA = {"none": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-KERNELS = {"eager": dict(), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 
 
 def _problem(shape, pdtype, mdtype, seed=0):
@@ -224,7 +220,7 @@ def test_native_layout_mismatch_is_refused(monkeypatch, fields, abi):
 @pytest.mark.parametrize("fields", [{"w": 1}, {name: 0 for name in (*_native.BLOCK_FIELDS, "extra")}], ids=str)
 def test_native_block_packing_refuses_bad_fields(fields):
     with pytest.raises(ValueError, match="native block fields"):
-        functional._native_block(**fields)
+        pack_block(**fields)
 
 
 def test_native_reordered_layout_still_bitwise(monkeypatch, tmp_path):
@@ -261,7 +257,7 @@ def test_native_builds_in_a_fresh_cache(monkeypatch, tmp_path):
 @pytest.mark.parametrize("native", [True, False])
 def test_first_nonfinite(monkeypatch, dtype, bad, native):
     if not native:
-        monkeypatch.setattr(functional._native, "load", lambda: None)
+        monkeypatch.setattr(_native, "load", lambda: None)
     tensors = [
         torch.randn(5).to(dtype),
         torch.randn(0).to(dtype),
@@ -305,8 +301,8 @@ def test_nonfinite_values_propagate_alike(monkeypatch, kernel, shape):
 SHAPES_WITH_SCALAR = ((13, 11), (37,), (5, 7, 9), ())
 
 
-def _blocks(seed=0, shapes=SHAPES_WITH_SCALAR):
-    return blocks_of(seed, shapes)
+def _blocks(seed=0):
+    return random_blocks(seed, SHAPES_WITH_SCALAR)
 
 
 RULE = UpdateRule(momentum=0.9, beta=0.9, weight_decay=0.01, bias_correction=True)
@@ -330,27 +326,27 @@ def test_step_inputs_are_read_alike_by_every_kernel(kernel, inputs):
     eager_kw.setdefault("nu_divisor", RULE.nu_divisor(2))
     kw.setdefault("nu_divisor", RULE.nu_divisor(2))
     expected = functional.sm3(*reference, rule=RULE, **eager_kw)
-    run = _clone(_blocks())
+    run = clone_blocks(_blocks())
     got = functional.sm3(*run, rule=RULE, **kw, **KERNELS[kernel])
-    _same(reference, run)
-    _same(expected, got)
+    assert_same(reference, run)
+    assert_same(expected, got)
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_non_contiguous_params_and_grads_equal_the_contiguous_case(kernel):
-    base = _blocks(shapes=((11, 13), (6, 4, 5)))
-    contiguous = _clone(base)
+    base = random_blocks(shapes=((11, 13), (6, 4, 5)))
+    contiguous = clone_blocks(base)
     expected = functional.sm3(*contiguous, rule=RULE, lr=0.1, nu_divisor=0.19, **KERNELS[kernel])
-    params, grads, bufs, accs = _clone(base)
+    params, grads, bufs, accs = clone_blocks(base)
     # the same values, stored transposed: views with other strides
     t_params = [p.transpose(0, -1).contiguous().transpose(0, -1) for p in params]
     t_grads = [g.transpose(0, -1).contiguous().transpose(0, -1) for g in grads]
     t_bufs = [b.transpose(0, -1).contiguous().transpose(0, -1) for b in bufs]
     assert not any(t.is_contiguous() for t in (*t_params, *t_grads, *t_bufs))
     got = functional.sm3(t_params, t_grads, t_bufs, accs, rule=RULE, lr=0.1, nu_divisor=0.19, **KERNELS[kernel])
-    _same(contiguous[0], t_params)
-    _same(contiguous[2], t_bufs)
-    _same(expected, got)
+    assert_same(contiguous[0], t_params)
+    assert_same(contiguous[2], t_bufs)
+    assert_same(expected, got)
 
 
 @pytest.mark.parametrize("read", ["host", "device"])
@@ -359,20 +355,20 @@ def test_found_inf_writes_nothing(kernel, read, monkeypatch):
     if read == "device":  # the flag stays a tensor the kernels read, as on an accelerator
         monkeypatch.setattr(functional, "HOST_READ_DEVICES", set())
     blocks = _blocks()
-    before = _clone(blocks)
+    before = clone_blocks(blocks)
     outs = [[torch.full_like(a, 7.0) for a in accs] for accs in blocks[3]]
     functional.sm3(
         *blocks, rule=RULE, lr=0.1, found_inf=torch.tensor(1.0), maxima_out=outs, keep_max=True, **KERNELS[kernel]
     )
-    _same(before, blocks)
+    assert_same(before, blocks)
     assert all(torch.equal(o, torch.full_like(o, 7.0)) for block in outs for o in block)
     returned = functional.sm3(*blocks, rule=RULE, lr=0.1, found_inf=torch.ones(1), **KERNELS[kernel])
-    _same(before, blocks)
-    _same(before[3], returned)  # the maxima a skipped step returns are the accumulators as they were
+    assert_same(before, blocks)
+    assert_same(before[3], returned)  # the maxima a skipped step returns are the accumulators as they were
     assigned = [[torch.full_like(a, 7.0) for a in accs] for accs in blocks[3]]
     functional.sm3(*blocks, rule=RULE, lr=0.1, found_inf=torch.ones(()), maxima_out=assigned, **KERNELS[kernel])
-    _same(before, blocks)
-    _same(before[3], assigned)
+    assert_same(before, blocks)
+    assert_same(before[3], assigned)
     functional.sm3(*blocks, rule=RULE, lr=0.1, found_inf=torch.zeros(()), **KERNELS[kernel])
     assert not torch.equal(blocks[0][0], before[0][0])
 
@@ -402,17 +398,17 @@ def test_the_default_kernel_is_decided_in_one_place(monkeypatch):
 
 def test_a_registered_fused_kernel_becomes_the_default(monkeypatch):
     """A device type's fused kernel is one registry entry: registered, it is the default and runs the step."""
-    monkeypatch.setattr(functional, "_FUSED", dict(functional._FUSED))
-    monkeypatch.setattr(functional, "_FUSED_CACHE", {})
+    monkeypatch.setattr(fused, "_FUSED", dict(fused._FUSED))
+    monkeypatch.setattr(fused, "_FUSED_CACHE", {})
     calls = []
 
-    class Recording(functional.NativePlan):
+    class Recording(NativePlan):
         def step(self, grads, rule, **kw):
             calls.append(len(grads))
             return super().step(grads, rule, **kw)
 
     def loader():
-        kernel = functional._native_loader()
+        kernel = fused._native_loader()
         return functional.FusedKernel(
             device_type="cpu", available=kernel.available, build=Recording.build, param_dtypes=kernel.param_dtypes
         )
@@ -421,8 +417,8 @@ def test_a_registered_fused_kernel_becomes_the_default(monkeypatch):
     if functional.fused_kernel("cpu") is None:
         pytest.skip("native kernel unavailable (see the logged reason)")
     blocks = _blocks()
-    expected = _clone(blocks)
+    expected = clone_blocks(blocks)
     functional.sm3(*expected, rule=RULE, lr=0.1, foreach=False, fused=False)
     functional.sm3(*blocks, rule=RULE, lr=0.1)
     assert calls == [4]
-    _same(expected, blocks)
+    assert_same(expected, blocks)
