@@ -76,6 +76,9 @@ META_FIELDS = len(BLOCK_FIELDS)
 ABI_VERSION = 5
 """The version of the library's C interface (bump on any change of an exported signature)."""
 
+TILE_ELEMS = 1 << 16
+"""Elements per tile: the unit in which a step's (and a scan's) work is split among threads."""
+
 _SOURCE_FILE = Path(__file__).with_name("sm3_native.cpp")
 
 

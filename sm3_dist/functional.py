@@ -43,35 +43,33 @@ never the approximate ``rsqrt`` of GPUs), and reductions are only ``min``/``max`
 (``lr``, ``nu_divisor``, ``maxima_out``, ``keep_max``, ``found_inf``,
 ``grad_scale``). There are three kinds: a per-tensor loop (the readable
 reference), a ``foreach`` kernel that batches the elementwise work across
-tensors, and a *fused* kernel per device type, looked up in a registry
-(:func:`fused_kernel`; CPU: the one-pass C++ kernel of :mod:`sm3_dist._native`;
-CUDA: the Triton kernel of :mod:`sm3_dist._triton` where Triton imports), as
-``torch.optim`` keeps its fused kernels. :func:`default_kernel` is the one place
-that picks a kernel when the caller does not. Every fused kernel is bitwise
-equal to the per-tensor loop.
+tensors, and a *fused* kernel per device type, looked up in the registry of
+:mod:`sm3_dist.fused` (:func:`fused_kernel`; CPU: the one-pass C++ kernel of
+:mod:`sm3_dist.native_plan`; CUDA: the Triton kernel of :mod:`sm3_dist._triton`
+where Triton imports), as ``torch.optim`` keeps its fused kernels.
+:func:`default_kernel` is the one place that picks a kernel when the caller does
+not. Every fused kernel is bitwise equal to the per-tensor loop. The checks for
+inf and NaN in gradients (:func:`first_nonfinite`, :func:`nonfinite_`) are in
+:mod:`sm3_dist.nonfinite`; this module's namespace carries them, and the
+registry's public names, as part of the functional API.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib
-import logging
 import struct
-from array import array
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from sm3_dist import _native
+from sm3_dist import fused
+from sm3_dist.fused import FusedKernel, default_kernel, fused_kernel, register_fused_kernel, require_fused_kernel
+from sm3_dist.nonfinite import first_nonfinite, nonfinite_
 from sm3_dist.rule import UpdateRule
 
 __all__ = [
     "STEP_KEYWORDS",
     "FusedKernel",
-    "NativePlan",
     "default_kernel",
     "finalize_",
     "first_nonfinite",
@@ -83,12 +81,8 @@ __all__ = [
     "store_maxima",
 ]
 
-logger = logging.getLogger(__name__)
-
 STEP_KEYWORDS = ("lr", "nu_divisor", "maxima_out", "keep_max", "found_inf", "grad_scale")
 """The keywords every kernel takes besides the blocks and the rule (see :func:`sm3`)."""
-
-KERNELS = ("single", "foreach", "fused")
 
 HOST_READ_DEVICES = {"cpu"}
 """Device types whose flags a step reads on the host (free there). Elsewhere a ``found_inf`` stays on the
@@ -301,7 +295,7 @@ def _fused_sm3(params, grads, momentum_buffers, accumulators, *, rule, lr, nu_di
     the kernel lacks but the per-tensor kernel has (see :class:`FusedKernel`)
     run per tensor.
     """
-    kernel = _fused_for(params)
+    kernel = require_fused_kernel(params)
     results: list[tuple[Tensor, ...] | None] = [None] * len(params)
     taken, copies = [], []
     for i, (p, g, m) in enumerate(zip(params, grads, momentum_buffers)):
@@ -342,324 +336,6 @@ def _fused_sm3(params, grads, momentum_buffers, accumulators, *, rule, lr, nu_di
 
 def _contiguous(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
-
-
-# ---------------------------------------------------------------------------------------------- fused registry
-
-
-@dataclass(frozen=True, slots=True)
-class FusedKernel:
-    """A device type's fused kernel: a plan built once for a fixed list of blocks, stepped many times.
-
-    ``build(params, momentum_buffers, accumulators, maxima_out)`` returns a plan
-    (``None`` when it cannot take the blocks) whose ``holds(...)`` says whether
-    it was built for exactly these tensors and whose ``step(grads, rule, *, lr,
-    nu_divisor=None, found_inf=None, grad_scale=None)`` runs one step,
-    accumulating the maxima into ``maxima_out`` by max (the caller zeroes them)
-    and writing nothing where ``found_inf`` is set.
-    """
-
-    device_type: str
-    available: Callable[[], bool]
-    build: Callable[..., Any]
-    param_dtypes: frozenset[torch.dtype]
-    """Parameter dtypes the kernel takes (gradients of the same dtype; fp32/bf16 momentum)."""
-    fallback_dtypes: frozenset[torch.dtype] = frozenset()
-    """Parameter dtypes the kernel leaves to the per-tensor kernel inside a fused step."""
-    nonfinite: Callable[[Sequence[Tensor], Tensor], None] | None = None
-    """``nonfinite(tensors, found_inf)``: set ``found_inf`` where any tensor holds an inf/NaN, on the device."""
-    finalize: Callable[..., None] | None = None
-    """``finalize(accumulators, maxima, *, keep_max, found_inf, zero_maxima)`` in one launch."""
-    finalize_plan: Callable[..., Any] | None = None
-    """``finalize_plan(accumulators, maxima)``: :attr:`finalize` prepared once for fixed lists (``.run(...)``)."""
-    nonfinite_plan: Callable[..., Any] | None = None
-    """``nonfinite_plan(tensors)``: :attr:`nonfinite` prepared once (``.run(found_inf, tensors)`` re-points it to
-    tensors of the same sizes and dtypes, and raises ``ValueError`` for others)."""
-
-    def takes(self, p: Tensor, g: Tensor, m: Tensor | None) -> bool:
-        return p.dtype in self.param_dtypes and g.dtype == p.dtype and (m is None or m.dtype in _NATIVE_MOMENTUM)
-
-    def check(self, params: Sequence[Tensor]) -> None:
-        """Raise a clear error for a parameter the fused step cannot take at all."""
-        for p in params:
-            if p.dtype not in self.param_dtypes and p.dtype not in self.fallback_dtypes:
-                names = ", ".join(str(d).removeprefix("torch.") for d in sorted(self.param_dtypes, key=str))
-                raise TypeError(
-                    f"the fused SM3 kernel for {self.device_type} takes {names} parameters, not {p.dtype}: "
-                    "use foreach=True (or the default kernel choice) for them"
-                )
-
-
-_FUSED: dict[str, Callable[[], FusedKernel | None]] = {}
-_FUSED_CACHE: dict[str, FusedKernel | None] = {}
-
-
-def register_fused_kernel(device_type: str, loader: Callable[[], FusedKernel | None]) -> None:
-    """Register the fused kernel of a device type; ``loader`` returns it, or ``None`` where it is unavailable."""
-    _FUSED[device_type] = loader
-    _FUSED_CACHE.pop(device_type, None)
-
-
-def fused_kernel(device_type: str) -> FusedKernel | None:
-    """The fused kernel registered for ``device_type``, or ``None`` (none registered, or it cannot load here)."""
-    if device_type not in _FUSED_CACHE:
-        loader = _FUSED.get(device_type)
-        kernel = loader() if loader is not None else None
-        _FUSED_CACHE[device_type] = kernel if kernel is not None and kernel.available() else None
-    return _FUSED_CACHE[device_type]
-
-
-def _fused_for(params: Sequence[Tensor]) -> FusedKernel:
-    types = {p.device.type for p in params}
-    if len(types) != 1:
-        raise ValueError(f"a fused SM3 step needs all blocks on one device type, got {sorted(types)}")
-    (device_type,) = types
-    kernel = fused_kernel(device_type)
-    if kernel is None:
-        why = "none is registered" if device_type not in _FUSED else "it is unavailable here (see the logged reason)"
-        raise RuntimeError(
-            f"fused=True: no fused SM3 kernel for device type {device_type!r}: {why}. Use foreach=True, or leave "
-            "foreach and fused unset for the default kernel"
-        )
-    kernel.check(params)
-    return kernel
-
-
-_FOREACH_DEVICES = ("cuda", "xpu", "mps")
-
-
-def default_kernel(params: Sequence[Tensor], *, foreach: bool | None = None, fused: bool | None = None) -> str:
-    """The kernel a step runs: ``"fused"``, ``"foreach"`` or ``"single"`` (the per-tensor loop).
-
-    The only place the choice is made. Explicit ``fused=True`` or
-    ``foreach=True`` wins (``fused=True`` on a device type without a fused
-    kernel is an error when the step runs). With neither set: the device's
-    fused kernel where one is registered and available and takes every
-    parameter's dtype, else ``foreach`` on accelerators and the per-tensor loop
-    on CPU, as ``torch.optim`` chooses.
-    """
-    if foreach and fused:
-        raise ValueError("foreach and fused cannot both be True: choose one kernel")
-    if fused:
-        return "fused"
-    if foreach:
-        return "foreach"
-    if foreach is None and fused is None and params:
-        types = {p.device.type for p in params}
-        if len(types) == 1:
-            (device_type,) = types
-            kernel = fused_kernel(device_type)
-            if kernel is not None and all(p.dtype in kernel.param_dtypes for p in params):
-                return "fused"
-            if device_type in _FOREACH_DEVICES:
-                return "foreach"
-    return "single"
-
-
-# ---------------------------------------------------------------------------------------------- the native CPU kernel
-
-_NATIVE_DTYPES = {torch.float32: _native.DTYPE_F32, torch.bfloat16: _native.DTYPE_BF16}
-_NATIVE_MOMENTUM = {None: 0, torch.float32: 1, torch.bfloat16: 2}
-_NATIVE_TILE_ELEMS = 1 << 16
-_POS_INF: dict[torch.device, Tensor] = {}
-
-
-def _native_geometry(p: Tensor, accs: Sequence[Tensor]) -> tuple[int, int, Tensor | None, Tensor]:
-    """A block as the kernel sees it: ``rows, cols``, the row minima ``min_(d < last) mu_d`` (``None``: formed
-    each step, rank > 2) and ``mu_last``."""
-    if p.ndim <= 1:
-        inf = _POS_INF.get(p.device)
-        if inf is None:
-            inf = _POS_INF[p.device] = torch.full((1,), float("inf"), dtype=torch.float32)
-        return 1, p.numel(), inf, accs[0]
-    if p.ndim == 2:
-        return p.shape[0], p.shape[1], accs[0], accs[1]
-    return p.numel() // p.shape[-1], p.shape[-1], None, accs[-1]
-
-
-def _native_block(**fields: int) -> list[int]:
-    """One block's row of the native kernel's argument array, packed by name in the order of
-    :data:`sm3_dist._native.BLOCK_FIELDS` (every field exactly once)."""
-    if set(fields) != set(_native.BLOCK_FIELDS):
-        missing = sorted(set(_native.BLOCK_FIELDS) - set(fields))
-        unknown = sorted(set(fields) - set(_native.BLOCK_FIELDS))
-        raise ValueError(f"native block fields: missing {missing}, unknown {unknown}")
-    return [int(fields[name]) for name in _native.BLOCK_FIELDS]
-
-
-def _native_run(lib, meta: array, nblocks: int, rule: UpdateRule, lr, nu_divisor, grad_scale) -> None:
-    """One call of the native kernel on ``nblocks`` blocks described by ``meta``."""
-    hyper = (ctypes.c_double * 10)(
-        float(lr),
-        rule.momentum,
-        1.0 - rule.momentum,
-        rule.beta,
-        1.0 - rule.beta,
-        rule.eps,
-        rule.weight_decay,
-        -1.0 if rule.maximize else 1.0,
-        1.0 if nu_divisor is None else float(nu_divisor),
-        1.0 if grad_scale is None else float(grad_scale),
-    )
-    flags = (
-        (_native.FLAG_WD if rule.weight_decay != 0.0 else 0)
-        | (_native.FLAG_BETA if rule.beta > 0.0 else 0)
-        | (_native.FLAG_EPS if rule.eps > 0.0 else 0)
-        | (_native.FLAG_NU_DIV if nu_divisor is not None else 0)
-        | (_native.FLAG_SCALE if grad_scale is not None else 0)
-    )
-    status = lib.sm3_native_step(
-        meta.buffer_info()[0], nblocks, ctypes.addressof(hyper), flags, torch.get_num_threads(), _NATIVE_TILE_ELEMS
-    )
-    if status != 0:
-        raise RuntimeError(f"native SM3 kernel failed with status {status}")
-
-
-class NativePlan:
-    """Repeated native steps of one fixed list of contiguous CPU blocks (the CPU entry of the fused registry).
-
-    What stays the same from step to step (shapes, dtypes, the kernel's
-    argument array) is prepared once; each :meth:`step` re-reads the data
-    pointers. The maxima are accumulated into ``maxima_out`` by max (the
-    caller zeroes them: ``+0`` is the identity of the max of ``nu >= 0``); rank
-    > 2 blocks get their leading dimensions' maxima by exact max reductions of
-    the kernel's row maxima.
-    """
-
-    def __init__(self, lib, params, momentum_buffers, accumulators, maxima_out) -> None:
-        self._lib = lib
-        self._params = list(params)
-        self._buffers = list(momentum_buffers)
-        self._accumulators = [list(accs) for accs in accumulators]
-        self._outs = [list(outs) for outs in maxima_out]
-        self._dtypes = [p.dtype for p in params]
-        self._sink = torch.empty(1, dtype=torch.float32)  # the row maximum of rank-1 blocks
-        self._deep = [i for i, p in enumerate(self._params) if p.ndim > 2]
-        self._rowmax = {i: torch.zeros(self._params[i].numel() // self._params[i].shape[-1]) for i in self._deep}
-        self._rowmin: dict[int, Tensor] = {}
-        meta = []
-        for i, (p, m, accs, outs) in enumerate(zip(self._params, self._buffers, self._accumulators, self._outs)):
-            rows, cols, rowmin, colacc = _native_geometry(p, accs)
-            if rowmin is None:
-                rowmin = self._rowmin[i] = torch.empty(rows, dtype=torch.float32)
-                rowmax = self._rowmax[i]
-            else:
-                rowmax = outs[0] if p.ndim == 2 else self._sink
-            meta += _native_block(
-                w=p.data_ptr(),
-                g=0,  # set each step
-                m=0 if m is None else m.data_ptr(),
-                rowmin=rowmin.data_ptr(),
-                colacc=colacc.data_ptr(),
-                rowmax=rowmax.data_ptr(),
-                colmax=outs[-1].data_ptr(),
-                rows=rows,
-                cols=cols,
-                pdtype=_NATIVE_DTYPES[p.dtype],
-                mkind=_NATIVE_MOMENTUM[None if m is None else m.dtype],
-                keep_max=1,
-            )
-        self._meta = array("q", meta)
-
-    @classmethod
-    def build(cls, params, momentum_buffers, accumulators, maxima_out) -> NativePlan | None:
-        """A plan for these blocks, or ``None`` when the native kernel is off or cannot take them all."""
-        lib = _native.load() if params else None
-        if lib is None:
-            return None
-        for p, m, accs, outs in zip(params, momentum_buffers, accumulators, maxima_out):
-            if not (
-                p.is_cpu
-                and p.dtype in _NATIVE_DTYPES
-                and p.is_contiguous()
-                and p.numel() > 0
-                and (m is None or (m.is_cpu and m.dtype in _NATIVE_DTYPES and m.is_contiguous()))
-                and all(a.is_cpu and a.dtype == torch.float32 and a.is_contiguous() for a in accs)
-                and len(outs) == len(accs)
-                and all(o.is_cpu and o.dtype == torch.float32 and o.is_contiguous() for o in outs)
-            ):
-                return None
-        return cls(lib, params, momentum_buffers, accumulators, maxima_out)
-
-    def holds(self, params, momentum_buffers, accumulators, maxima_out) -> bool:
-        """Whether this plan was built for exactly these tensors (the same objects, in the same order)."""
-        return (
-            len(params) == len(self._params)
-            and all(a is b for a, b in zip(params, self._params))
-            and all(a is b for a, b in zip(momentum_buffers, self._buffers))
-            and all(a is b for accs, mine in zip(accumulators, self._accumulators) for a, b in zip(accs, mine))
-            and all(a is b for outs, mine in zip(maxima_out, self._outs) for a, b in zip(outs, mine))
-        )
-
-    def step(self, grads, rule: UpdateRule, *, lr, nu_divisor=None, found_inf=None, grad_scale=None) -> None:
-        params = self._params
-        if len(grads) != len(params):
-            raise ValueError(f"{len(grads)} gradients for a plan of {len(params)} blocks")
-        for g, p, d in zip(grads, params, self._dtypes):
-            if g.dtype != d or p.dtype != d or not g.is_contiguous() or not p.is_contiguous() or g.shape != p.shape:
-                raise ValueError("a gradient or parameter no longer fits the native plan (dtype, shape or layout)")
-        if found_inf is not None and bool(found_inf):
-            return
-        for i in self._deep:
-            accs = self._accumulators[i]
-            shape = params[i].shape
-            self._rowmin[i].copy_(_min_over_covers(accs[:-1], shape[:-1]).reshape(-1))
-            self._rowmax[i].zero_()
-        meta, n, field = self._meta, _native.META_FIELDS, _native.FIELD
-        meta[field["w"] :: n] = array("q", [p.data_ptr() for p in params])
-        meta[field["g"] :: n] = array("q", [g.data_ptr() for g in grads])
-        _native_run(self._lib, meta, len(params), rule, lr, nu_divisor, grad_scale)
-        for i in self._deep:
-            shape = params[i].shape
-            for out, new in zip(self._outs[i][:-1], _maxima(self._rowmax[i].view(shape[:-1]))):
-                torch.maximum(out, new, out=out)
-
-
-def _native_available() -> bool:
-    return _native.load() is not None
-
-
-def _cpu_nonfinite(tensors: Sequence[Tensor], found_inf: Tensor) -> None:
-    if first_nonfinite(tensors) is not None:
-        found_inf.fill_(1.0)
-
-
-def _native_loader() -> FusedKernel:
-    return FusedKernel(
-        device_type="cpu",
-        available=_native_available,
-        build=NativePlan.build,
-        param_dtypes=frozenset(_NATIVE_DTYPES),
-        fallback_dtypes=frozenset({torch.float16}),
-        nonfinite=_cpu_nonfinite,
-    )
-
-
-def _triton_loader() -> FusedKernel | None:
-    try:
-        triton_kernel = importlib.import_module("sm3_dist._triton")
-    except ImportError as exc:  # no Triton (or no module): the CUDA default falls back to foreach
-        logger.info("sm3_dist: the Triton SM3 kernel is unavailable: %s", exc)
-        return None
-    return FusedKernel(
-        device_type="cuda",
-        available=triton_kernel.available,
-        build=triton_kernel.TritonPlan.build,
-        param_dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
-        nonfinite=triton_kernel.nonfinite_,
-        finalize=triton_kernel.finalize_,
-        finalize_plan=triton_kernel.FinalizePlan,
-        nonfinite_plan=triton_kernel.NonfinitePlan,
-    )
-
-
-register_fused_kernel("cpu", _native_loader)
-register_fused_kernel("cuda", _triton_loader)
-
-
-def native_available() -> bool:
-    """Whether the one-pass native CPU kernel is built (or builds now) and enabled."""
-    return fused_kernel("cpu") is not None
 
 
 # ---------------------------------------------------------------------------------------------- the common entry
@@ -812,7 +488,7 @@ def finalize_(
     zeroed for the next step. The device's fused kernel does it in one launch where it has a ``finalize``."""
     if not accumulators:
         return
-    kernel = fused_kernel(accumulators[0].device.type)
+    kernel = fused.fused_kernel(accumulators[0].device.type)
     if (
         kernel is not None
         and kernel.finalize is not None
@@ -831,67 +507,6 @@ def finalize_(
         store_maxima(list(accumulators), list(maxima), keep_max)
     if zero_maxima:
         torch._foreach_zero_(list(maxima))
-
-
-_FINITE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
-    """Index of the first tensor holding an inf or NaN, ``None`` if all are finite (reads them on the host).
-
-    On CPU, one parallel pass of the native kernel over all of them (reads only);
-    elsewhere the largest absolute values, batched with ``torch._foreach_norm``.
-    """
-    if not tensors:
-        return None
-    lib = _native.load() if all(t.device.type == "cpu" for t in tensors) else None
-    if lib is not None and all(t.dtype in _FINITE_KINDS and t.is_contiguous() for t in tensors):
-        fields = torch.tensor(
-            [[t.data_ptr() for t in tensors], [t.numel() for t in tensors], [_FINITE_KINDS[t.dtype] for t in tensors]],
-            dtype=torch.int64,
-        )
-        index = lib.sm3_native_first_nonfinite(
-            fields[0].data_ptr(),
-            fields[1].data_ptr(),
-            fields[2].data_ptr(),
-            len(tensors),
-            torch.get_num_threads(),
-            _NATIVE_TILE_ELEMS,
-        )
-        return None if index < 0 else int(index)
-    nonempty = [i for i, t in enumerate(tensors) if t.numel()]
-    if not nonempty:
-        return None
-    finite = torch.isfinite(_abs_max(tensors[i] for i in nonempty))
-    if bool(finite.all()):
-        return None
-    return nonempty[int((~finite).nonzero()[0])]
-
-
-def _abs_max(tensors) -> Tensor:
-    tensors = list(tensors)
-    return torch.stack([n.float() for n in torch._foreach_norm(tensors, ord=float("inf"))])
-
-
-def nonfinite_(tensors: Sequence[Tensor], found_inf: Tensor) -> None:
-    """Set ``found_inf`` (a one-element tensor, left as it is otherwise) where any tensor holds an inf or NaN.
-
-    On the device, without a host synchronization: the device's fused kernel's
-    check in one launch where it has one, else a batched ``_foreach_norm``.
-    """
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return
-    kernel = fused_kernel(tensors[0].device.type)
-    if (
-        kernel is not None
-        and kernel.nonfinite is not None
-        and all(t.dtype in _FINITE_KINDS and t.is_contiguous() for t in tensors)
-    ):  # the fused scan reads contiguous fp32/bf16/fp16 tensors; the others through _foreach_norm
-        kernel.nonfinite(tensors, found_inf)
-        return
-    bad = (~torch.isfinite(_abs_max(tensors))).any().to(found_inf.dtype)
-    torch.maximum(found_inf, bad.view(found_inf.shape).to(found_inf.device), out=found_inf)
 
 
 def sm3_sparse_rows_(

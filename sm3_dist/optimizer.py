@@ -11,8 +11,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from sm3_dist import functional
+from sm3_dist import functional, fused
 from sm3_dist.comm import MaxReducer, all_reduce_flag_
+from sm3_dist.fused import default_kernel, require_fused_kernel
+from sm3_dist.nonfinite import SCAN_DTYPES, first_nonfinite, nonfinite_
 from sm3_dist.placement import LayoutGuard, ShardSpec, SpecResolver, UnsupportedLayoutError, default_spec, to_local
 from sm3_dist.plan import BlockRef, Finalizer, GroupPlan, PieceRef, block_refs
 from sm3_dist.rule import UpdateRule
@@ -80,7 +82,7 @@ class SM3(Optimizer):
             parameters (fp16 parameters run per tensor inside the CPU fused step). With neither set: the
             device's fused kernel where it is available, else foreach on accelerators and the per-tensor loop
             on CPU, as ``torch.optim`` chooses. Every kernel computes bitwise the same result
-            (:func:`sm3_dist.functional.default_kernel` decides).
+            (:func:`sm3_dist.fused.default_kernel` decides).
         momentum_dtype: ``torch.float32`` (default) or ``torch.bfloat16``: the dtype the momentum buffer is
             stored in (computed in fp32, rounded to nearest even when stored). Accumulators are always fp32.
         ema_keeps_max: with ``beta > 0``, keep ``mu_d = max(mu_d, new maxima)`` as the PyTorch ports do
@@ -432,7 +434,7 @@ class SM3(Optimizer):
         """Whether any rank's gradient holds an inf/NaN, read on the host (every rank decides alike); raises
         ``FloatingPointError`` naming the parameter under ``nonfinite="raise"``, else counts a skipped step."""
         named = self._local_grads()
-        bad = functional.first_nonfinite([g for _, g in named])
+        bad = first_nonfinite([g for _, g in named])
         local_bad = None if bad is None else self._name(*named[bad][0])
         device = _first_device(self.param_groups)
         flag = torch.full((), 0.0 if bad is None else 1.0, dtype=torch.float32, device=device)
@@ -464,12 +466,12 @@ class SM3(Optimizer):
             group[SKIPPED_KEY] = group.get(SKIPPED_KEY, 0) + n
 
     def _check_nonfinite_on_device(self, grads: list[Tensor], flag: Tensor) -> None:
-        """``functional.nonfinite_``, through the device kernel's prepared check, kept (in the plan cache) while
+        """``nonfinite_``, through the device kernel's prepared check, kept (in the plan cache) while
         the gradients keep their sizes and dtypes."""
-        kernel = functional.fused_kernel(flag.device.type)
+        kernel = fused.fused_kernel(flag.device.type)
         make = None if kernel is None else kernel.nonfinite_plan
-        if make is None or any(g.dtype not in functional._FINITE_KINDS or not g.is_contiguous() for g in grads):
-            functional.nonfinite_(grads, flag)
+        if make is None or any(g.dtype not in SCAN_DTYPES or not g.is_contiguous() for g in grads):
+            nonfinite_(grads, flag)
             return
         plan = self._dense.get("nonfinite")
         if plan is not None:
@@ -633,22 +635,22 @@ class SM3(Optimizer):
             n = math.prod(b.lengths)
             params.append(fp[b.offset : b.offset + n].view(b.lengths))
             bufs.append(None if fm is None else fm[b.offset : b.offset + n].view(b.lengths))
-        kernel = functional.default_kernel(params, foreach=group["foreach"], fused=group["fused"])
+        kernel = default_kernel(params, foreach=group["foreach"], fused=group["fused"])
         fused_plan, fused_blocks, other_blocks = None, (), tuple(range(len(blocks)))
         if kernel == "fused" and params:
-            fused_kernel = functional._fused_for(params)
+            kernel_of_device = require_fused_kernel(params)
             grads = [to_local(group["params"][pi].grad) for pi in stepped]
             block_grads = [grads[b.param] if b.whole else grads[b.param].reshape(-1) for b in blocks]
             take = [
                 i
                 for i, (p, g, m) in enumerate(zip(params, block_grads, bufs))
-                if fused_kernel.takes(p, g, m)
+                if kernel_of_device.takes(p, g, m)
                 and p.is_contiguous()
                 and g.is_contiguous()
                 and (m is None or m.is_contiguous())
             ]
             if take:
-                fused_plan = fused_kernel.build(
+                fused_plan = kernel_of_device.build(
                     [params[i] for i in take],
                     [bufs[i] for i in take],
                     [list(accs[i]) for i in take],

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sm3_dist import functional
+from sm3_dist import functional, fused
 from sm3_dist.layout import TensorLayout
 
 __all__ = ["BlockRef", "Finalizer", "GroupPlan", "PieceRef", "block_refs"]
@@ -115,7 +115,7 @@ class Finalizer:
         self.maxima = list(maxima)
         self._plan = None
         if self.accumulators:
-            kernel = functional.fused_kernel(self.accumulators[0].device.type)
+            kernel = fused.fused_kernel(self.accumulators[0].device.type)
             make = None if kernel is None else kernel.finalize_plan
             if make is not None and all(t.dtype == torch.float32 for t in (*self.accumulators, *self.maxima)):
                 self._plan = make(self.accumulators, self.maxima)
@@ -138,7 +138,7 @@ class GroupPlan:
     signature: tuple
     """What the plan was built for (see :meth:`sm3_dist.SM3._signature`)."""
     kernel: str
-    """``"fused"``, ``"foreach"`` or ``"single"`` (:func:`sm3_dist.functional.default_kernel`)."""
+    """``"fused"``, ``"foreach"`` or ``"single"`` (:func:`sm3_dist.fused.default_kernel`)."""
     stepped: tuple[int, ...]
     """Positions in ``group["params"]`` of the parameters with a dense gradient."""
     sparse: tuple[int, ...]

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from sm3_dist import SM3, functional
+from sm3_dist import SM3, functional, fused
 
 KERNELS = {"eager": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 SHAPES = [(6, 5), (4,), (3, 2, 4), ()]
@@ -241,7 +241,7 @@ def _strict_kernel() -> functional.FusedKernel:
 def test_scan_and_finalize_leave_what_the_fused_kernel_cannot_take_to_torch(monkeypatch):
     """Non-contiguous gradients and float64 state go through the torch path, not the device's fused scan/finalize."""
     kernel = _strict_kernel()
-    monkeypatch.setattr(functional, "fused_kernel", lambda device_type: kernel)
+    monkeypatch.setattr(fused, "fused_kernel", lambda device_type: kernel)
     found = torch.zeros(1)
     grad = torch.ones(4, 3).t()
     grad[1, 2] = float("nan")

@@ -170,7 +170,7 @@ def test_native_build_failure_falls_back_and_says_so_once(monkeypatch, tmp_path)
         assert _native.load() is None
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "per-tensor" in messages[0], messages
-    monkeypatch.setattr(functional, "_FUSED_CACHE", {})
+    monkeypatch.setattr(fused, "_FUSED_CACHE", {})
     assert functional.default_kernel([torch.zeros(2)]) == "single"
     params = _train([torch.randn(6, 5, requires_grad=True)])  # the default kernel falls back to per tensor
     assert torch.isfinite(params[0]).all()

@@ -25,7 +25,7 @@ from torch.optim import SGD
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from sm3_dist import SM3, ShardedSM3, functional
+from sm3_dist import SM3, ShardedSM3, functional, fused
 from tests.optim_info import KERNELS, SM3_INFO, OptimizerErrorEnum, sm3_optim_inputs
 
 CUDA = torch.cuda.is_available()
@@ -602,7 +602,7 @@ def test_large_tensor(device, kname):
 def test_fused_without_a_kernel_is_refused(monkeypatch):
     """``fused=True`` where the device has no fused kernel (no compiler, no Triton) is a clear error at the
     step, which names the device type and the way out, and changes nothing."""
-    monkeypatch.setattr(functional, "fused_kernel", lambda device_type: None)
+    monkeypatch.setattr(fused, "fused_kernel", lambda device_type: None)
     param = Parameter(torch.randn(3, 2))
     before = param.detach().clone()
     optimizer = SM3([param], fused=True)

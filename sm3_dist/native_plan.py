@@ -1,0 +1,182 @@
+"""The CPU entry of the fused-kernel registry: :class:`NativePlan`, the one-pass C++ kernel of
+:mod:`sm3_dist._native` stepping a fixed list of contiguous blocks.
+
+A block's arguments are packed by name (:func:`pack_block`) in the order of :data:`sm3_dist._native.BLOCK_FIELDS`;
+the codes they carry (parameter dtype, momentum kind, flags) are those of :mod:`sm3_dist._native`. Rank > 2
+blocks get their leading dimensions' maxima from the kernel's row maxima with :mod:`sm3_dist.functional`'s math.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from array import array
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from sm3_dist import _native
+from sm3_dist.functional import _maxima, _min_over_covers
+from sm3_dist.rule import UpdateRule
+
+__all__ = ["MOMENTUM_KINDS", "PARAM_DTYPES", "NativePlan", "native_available", "pack_block"]
+
+PARAM_DTYPES = {torch.float32: _native.DTYPE_F32, torch.bfloat16: _native.DTYPE_BF16}
+MOMENTUM_KINDS = {None: 0, torch.float32: 1, torch.bfloat16: 2}
+_POS_INF: dict[torch.device, Tensor] = {}
+
+
+def _native_geometry(p: Tensor, accs: Sequence[Tensor]) -> tuple[int, int, Tensor | None, Tensor]:
+    """A block as the kernel sees it: ``rows, cols``, the row minima ``min_(d < last) mu_d`` (``None``: formed
+    each step, rank > 2) and ``mu_last``."""
+    if p.ndim <= 1:
+        inf = _POS_INF.get(p.device)
+        if inf is None:
+            inf = _POS_INF[p.device] = torch.full((1,), float("inf"), dtype=torch.float32)
+        return 1, p.numel(), inf, accs[0]
+    if p.ndim == 2:
+        return p.shape[0], p.shape[1], accs[0], accs[1]
+    return p.numel() // p.shape[-1], p.shape[-1], None, accs[-1]
+
+
+def pack_block(**fields: int) -> list[int]:
+    """One block's row of the native kernel's argument array, packed by name in the order of
+    :data:`sm3_dist._native.BLOCK_FIELDS` (every field exactly once)."""
+    if set(fields) != set(_native.BLOCK_FIELDS):
+        missing = sorted(set(_native.BLOCK_FIELDS) - set(fields))
+        unknown = sorted(set(fields) - set(_native.BLOCK_FIELDS))
+        raise ValueError(f"native block fields: missing {missing}, unknown {unknown}")
+    return [int(fields[name]) for name in _native.BLOCK_FIELDS]
+
+
+def _native_run(lib, meta: array, nblocks: int, rule: UpdateRule, lr, nu_divisor, grad_scale) -> None:
+    """One call of the native kernel on ``nblocks`` blocks described by ``meta``."""
+    hyper = (ctypes.c_double * 10)(
+        float(lr),
+        rule.momentum,
+        1.0 - rule.momentum,
+        rule.beta,
+        1.0 - rule.beta,
+        rule.eps,
+        rule.weight_decay,
+        -1.0 if rule.maximize else 1.0,
+        1.0 if nu_divisor is None else float(nu_divisor),
+        1.0 if grad_scale is None else float(grad_scale),
+    )
+    flags = (
+        (_native.FLAG_WD if rule.weight_decay != 0.0 else 0)
+        | (_native.FLAG_BETA if rule.beta > 0.0 else 0)
+        | (_native.FLAG_EPS if rule.eps > 0.0 else 0)
+        | (_native.FLAG_NU_DIV if nu_divisor is not None else 0)
+        | (_native.FLAG_SCALE if grad_scale is not None else 0)
+    )
+    status = lib.sm3_native_step(
+        meta.buffer_info()[0], nblocks, ctypes.addressof(hyper), flags, torch.get_num_threads(), _native.TILE_ELEMS
+    )
+    if status != 0:
+        raise RuntimeError(f"native SM3 kernel failed with status {status}")
+
+
+class NativePlan:
+    """Repeated native steps of one fixed list of contiguous CPU blocks (the CPU entry of the fused registry).
+
+    What stays the same from step to step (shapes, dtypes, the kernel's
+    argument array) is prepared once; each :meth:`step` re-reads the data
+    pointers. The maxima are accumulated into ``maxima_out`` by max (the
+    caller zeroes them: ``+0`` is the identity of the max of ``nu >= 0``); rank
+    > 2 blocks get their leading dimensions' maxima by exact max reductions of
+    the kernel's row maxima.
+    """
+
+    def __init__(self, lib, params, momentum_buffers, accumulators, maxima_out) -> None:
+        self._lib = lib
+        self._params = list(params)
+        self._buffers = list(momentum_buffers)
+        self._accumulators = [list(accs) for accs in accumulators]
+        self._outs = [list(outs) for outs in maxima_out]
+        self._dtypes = [p.dtype for p in params]
+        self._sink = torch.empty(1, dtype=torch.float32)  # the row maximum of rank-1 blocks
+        self._deep = [i for i, p in enumerate(self._params) if p.ndim > 2]
+        self._rowmax = {i: torch.zeros(self._params[i].numel() // self._params[i].shape[-1]) for i in self._deep}
+        self._rowmin: dict[int, Tensor] = {}
+        meta = []
+        for i, (p, m, accs, outs) in enumerate(zip(self._params, self._buffers, self._accumulators, self._outs)):
+            rows, cols, rowmin, colacc = _native_geometry(p, accs)
+            if rowmin is None:
+                rowmin = self._rowmin[i] = torch.empty(rows, dtype=torch.float32)
+                rowmax = self._rowmax[i]
+            else:
+                rowmax = outs[0] if p.ndim == 2 else self._sink
+            meta += pack_block(
+                w=p.data_ptr(),
+                g=0,  # set each step
+                m=0 if m is None else m.data_ptr(),
+                rowmin=rowmin.data_ptr(),
+                colacc=colacc.data_ptr(),
+                rowmax=rowmax.data_ptr(),
+                colmax=outs[-1].data_ptr(),
+                rows=rows,
+                cols=cols,
+                pdtype=PARAM_DTYPES[p.dtype],
+                mkind=MOMENTUM_KINDS[None if m is None else m.dtype],
+                keep_max=1,
+            )
+        self._meta = array("q", meta)
+
+    @classmethod
+    def build(cls, params, momentum_buffers, accumulators, maxima_out) -> NativePlan | None:
+        """A plan for these blocks, or ``None`` when the native kernel is off or cannot take them all."""
+        lib = _native.load() if params else None
+        if lib is None:
+            return None
+        for p, m, accs, outs in zip(params, momentum_buffers, accumulators, maxima_out):
+            if not (
+                p.is_cpu
+                and p.dtype in PARAM_DTYPES
+                and p.is_contiguous()
+                and p.numel() > 0
+                and (m is None or (m.is_cpu and m.dtype in PARAM_DTYPES and m.is_contiguous()))
+                and all(a.is_cpu and a.dtype == torch.float32 and a.is_contiguous() for a in accs)
+                and len(outs) == len(accs)
+                and all(o.is_cpu and o.dtype == torch.float32 and o.is_contiguous() for o in outs)
+            ):
+                return None
+        return cls(lib, params, momentum_buffers, accumulators, maxima_out)
+
+    def holds(self, params, momentum_buffers, accumulators, maxima_out) -> bool:
+        """Whether this plan was built for exactly these tensors (the same objects, in the same order)."""
+        return (
+            len(params) == len(self._params)
+            and all(a is b for a, b in zip(params, self._params))
+            and all(a is b for a, b in zip(momentum_buffers, self._buffers))
+            and all(a is b for accs, mine in zip(accumulators, self._accumulators) for a, b in zip(accs, mine))
+            and all(a is b for outs, mine in zip(maxima_out, self._outs) for a, b in zip(outs, mine))
+        )
+
+    def step(self, grads, rule: UpdateRule, *, lr, nu_divisor=None, found_inf=None, grad_scale=None) -> None:
+        params = self._params
+        if len(grads) != len(params):
+            raise ValueError(f"{len(grads)} gradients for a plan of {len(params)} blocks")
+        for g, p, d in zip(grads, params, self._dtypes):
+            if g.dtype != d or p.dtype != d or not g.is_contiguous() or not p.is_contiguous() or g.shape != p.shape:
+                raise ValueError("a gradient or parameter no longer fits the native plan (dtype, shape or layout)")
+        if found_inf is not None and bool(found_inf):
+            return
+        for i in self._deep:
+            accs = self._accumulators[i]
+            shape = params[i].shape
+            self._rowmin[i].copy_(_min_over_covers(accs[:-1], shape[:-1]).reshape(-1))
+            self._rowmax[i].zero_()
+        meta, n, field = self._meta, _native.META_FIELDS, _native.FIELD
+        meta[field["w"] :: n] = array("q", [p.data_ptr() for p in params])
+        meta[field["g"] :: n] = array("q", [g.data_ptr() for g in grads])
+        _native_run(self._lib, meta, len(params), rule, lr, nu_divisor, grad_scale)
+        for i in self._deep:
+            shape = params[i].shape
+            for out, new in zip(self._outs[i][:-1], _maxima(self._rowmax[i].view(shape[:-1]))):
+                torch.maximum(out, new, out=out)
+
+
+def native_available() -> bool:
+    """Whether the one-pass native CPU kernel is built (or builds now) and enabled."""
+    return _native.load() is not None
