@@ -7,7 +7,7 @@
   :data:`DEVICES` - ``cpu``, and ``cuda`` where a GPU is present.
 * :class:`TinyBlock`, :func:`make_model` - a transformer-like module whose
   dimensions shard unevenly (some shards empty at 3 and 4 ranks);
-  :func:`seeded_grads`, :func:`global_grads` (by name), :func:`fill_grads` -
+  :func:`seeded_grads`, :func:`global_grads` (by name), :func:`grads_like`, :func:`fill_grads` -
   the same seeded gradients on every rank; :func:`set_grads` sets them on plain
   or DTensor parameters; :func:`snapshot` - a model's parameters and its
   optimizer's state, by parameter name.
@@ -51,6 +51,7 @@ __all__ = [
     "fill_grads",
     "free_port",
     "global_grads",
+    "grads_like",
     "make_model",
     "named_shapes",
     "random_blocks",
@@ -219,11 +220,18 @@ def named_shapes(model: nn.Module) -> list[tuple[str, torch.Size]]:
     return [(name, p.shape) for name, p in model.named_parameters()]
 
 
-def fill_grads(params: Iterable[torch.Tensor], step: int, *, seed: int = 7919) -> None:
-    """``p.grad`` = :func:`seeded_grads` of the parameters' shapes, for plain (local) parameters."""
+def grads_like(params: Iterable[torch.Tensor], step: int, *, seed: int = 7919) -> list[torch.Tensor]:
+    """:func:`seeded_grads` of the parameters' shapes, on their devices and in their dtypes."""
     params = list(params)
-    for p, g in zip(params, seeded_grads([p.shape for p in params], step, seed=seed)):
-        p.grad = g.to(dtype=p.dtype)
+    grads = seeded_grads([p.shape for p in params], step, seed=seed)
+    return [g.to(device=p.device, dtype=p.dtype) for p, g in zip(params, grads)]
+
+
+def fill_grads(params: Iterable[torch.Tensor], step: int, *, seed: int = 7919) -> None:
+    """``p.grad`` = :func:`grads_like`, for plain (local) parameters."""
+    params = list(params)
+    for p, g in zip(params, grads_like(params, step, seed=seed)):
+        p.grad = g
 
 
 def set_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:

@@ -14,12 +14,7 @@ import torch.distributed as dist
 from torch.nn import Parameter
 
 from sm3_dist import ShardedSM3
-
-
-def _grads(params, step):
-    gen = torch.Generator().manual_seed(100 + step)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+from tests.common import fill_grads
 
 
 def _same_tree(a, b) -> bool:
@@ -39,7 +34,7 @@ def sharded_copy_worker(rank: int, world_size: int) -> dict:
     optimizer = ShardedSM3(params, lr=0.05, momentum=0.9, beta=0.5, ema_keeps_max=True, nonfinite="raise")
     step = 0
     for _ in range(2):
-        _grads(params, step)
+        fill_grads(params, step)
         optimizer.step()
         step += 1
     results = {}
@@ -47,8 +42,8 @@ def sharded_copy_worker(rank: int, world_size: int) -> dict:
         copied = copy.deepcopy(optimizer) if how == "deepcopy" else pickle.loads(pickle.dumps(optimizer))
         copied_params = [p for group in copied.param_groups for p in group["params"]]
         for _ in range(2):
-            _grads(params, step)
-            _grads(copied_params, step)
+            fill_grads(params, step)
+            fill_grads(copied_params, step)
             optimizer.step()
             copied.step()
             step += 1

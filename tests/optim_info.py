@@ -33,15 +33,7 @@ from sm3_dist import SM3, functional  # noqa: E402
 if not _FLAGS_FROZEN:
     setattr(torch.backends, "__allow_nonbracketed_mutation_flag", True)
 
-__all__ = ["KERNELS", "SM3_INFO", "sm3_error_inputs", "sm3_optim_inputs"]
-
-
-KERNELS: dict[str, dict[str, bool]] = {
-    "forloop": dict(foreach=False, fused=False),
-    "foreach": dict(foreach=True, fused=False),
-    "fused": dict(foreach=False, fused=True),
-}
-"""Every kernel SM3 offers, as the constructor flags that select it."""
+__all__ = ["SM3_INFO", "sm3_error_inputs", "sm3_optim_inputs"]
 
 
 def sm3_optim_inputs(device: str | torch.device, dtype: torch.dtype | None = None) -> list[OptimizerInput]:

@@ -16,7 +16,7 @@ import torch
 from sm3_dist import SM3, ShardedSM3, accumulator_key
 from tests import test_fsdp2 as fsdp2_case
 from tests import test_sharded as sharded_case
-from tests.common import run_distributed
+from tests.common import KERNELS, run_distributed, seeded_grads
 from tests.reference import ReferenceSM3
 
 VARIANTS = [
@@ -24,12 +24,10 @@ VARIANTS = [
     dict(momentum=0.9, beta=0.99, bias_correction=True, weight_decay=0.01, eps=0.0),
 ]
 SHAPES = [(), (7,), (5, 6), (3, 4, 5)]
-KERNELS = {"eager": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 
 
 def _grads(step):
-    gen = torch.Generator().manual_seed(500 + step)
-    return [torch.randn(s, generator=gen) for s in SHAPES]
+    return seeded_grads(SHAPES, step, seed=500)
 
 
 def _run(kernel, hyper, steps=6, drop_at=3):

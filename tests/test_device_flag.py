@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from sm3_dist import SM3, functional, fused
+from tests.common import KERNELS, seeded_grads
 
-KERNELS = {"eager": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 SHAPES = [(6, 5), (4,), (3, 2, 4), ()]
 HYPER = dict(lr=0.05, momentum=0.9, beta=0.9, bias_correction=True)
 
@@ -31,8 +31,7 @@ def device_path(monkeypatch):
 
 
 def _grads(step, bad=False):
-    gen = torch.Generator().manual_seed(300 + step)
-    grads = [torch.randn(s, generator=gen) for s in SHAPES]
+    grads = seeded_grads(SHAPES, step, seed=300)
     if bad:
         grads[0][2, 3] = math.nan
         grads[2][1, 1, 1] = math.inf

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sm3_dist import SM3, ShardedSM3
+from tests.common import fill_grads, run_distributed
 
 HYPER = {"lr": 0.1, "momentum": 0.9}
 
@@ -36,14 +37,8 @@ def _target_model() -> nn.Module:
     return nn.Linear(5, 3)
 
 
-def _grads(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=gen)
-
-
 def _stepped(model: nn.Module, opt) -> dict:
-    _grads(model, 1)
+    fill_grads(model.parameters(), 1)
     opt.step()
     return opt.state_dict()
 
@@ -128,7 +123,7 @@ def test_bad_state_is_refused_and_changes_nothing(kind, case):
         assert err.match(PARAMETER[case])
     assert _same(before, _snapshot(opt)), "a refused load changed the optimizer"
     for m, o in ((model, opt), (twin, twin_opt)):  # a step afterwards equals a step without the failed load
-        _grads(m, 2)
+        fill_grads(m.parameters(), 2)
         o.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
@@ -144,7 +139,7 @@ def test_good_state_still_loads(kind):
     target = KINDS[kind](twin.parameters(), **HYPER)
     target.load_state_dict(copy.deepcopy(source.state_dict()))
     for m, o in ((model, source), (twin, target)):
-        _grads(m, 2)
+        fill_grads(m.parameters(), 2)
         o.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
@@ -202,8 +197,8 @@ def _fsdp1_session(rank: int, world: int) -> dict:
         for _ in range(2):
             model = FSDP(_target_model(), use_orig_params=True, device_id=torch.device("cpu"))
             opt = SM3(model.parameters(), **HYPER, shard_resolver=fsdp1_shard_resolver(model))
-            _grads(model.module, 1)
-            _grads(model, 1)
+            fill_grads(model.module.parameters(), 1)
+            fill_grads(model.parameters(), 1)
             opt.step()
             models.append(model)
             opts.append(opt)
@@ -215,7 +210,7 @@ def _fsdp1_session(rank: int, world: int) -> dict:
             message = str(err)
         unchanged = _same(before, _snapshot(opts[0]))
         for model, opt in zip(models, opts):
-            _grads(model, 2)
+            fill_grads(model.parameters(), 2)
             opt.step()
         equal = all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
         out[case] = dict(message=message, unchanged=unchanged, equal=equal)
@@ -224,7 +219,6 @@ def _fsdp1_session(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def fsdp1_results():
-    from tests.common import run_distributed
 
     return run_distributed(_fsdp1_session, 2, timeout=300)
 

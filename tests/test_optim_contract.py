@@ -26,7 +26,8 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from sm3_dist import SM3, ShardedSM3, functional, fused
-from tests.optim_info import KERNELS, SM3_INFO, OptimizerErrorEnum, sm3_optim_inputs
+from tests.common import KERNELS
+from tests.optim_info import SM3_INFO, OptimizerErrorEnum, sm3_optim_inputs
 
 CUDA = torch.cuda.is_available()
 NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -93,7 +94,7 @@ def refused_float64(err: Exception, device) -> bool:
     if not (isinstance(err, (TypeError, ValueError, NotImplementedError)) and "float64" in str(err)):
         return False
     p = Parameter(torch.ones(2, 3, device=device, dtype=torch.float64))
-    optimizer = SM3([p], **KERNELS["forloop"])
+    optimizer = SM3([p], **KERNELS["eager"])
     p.grad = torch.ones_like(p)
     optimizer.step()
     assert optimizer.state[p]["mu_0"].dtype == torch.float64
@@ -479,7 +480,7 @@ def test_complex_parameters_are_refused(device, kname):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_foreach_matches_forloop(device, desc, dtype):
     inputs, models, optimizers = derived_models(
-        device, dtype, settings(device, desc, "forloop"), settings(device, desc, "foreach")
+        device, dtype, settings(device, desc, "eager"), settings(device, desc, "foreach")
     )
     compare_between(inputs, models, optimizers)
 
@@ -494,7 +495,7 @@ def test_fused_matches_forloop(device, desc, dtype):
     """Fused matches the loop; for float64, which the fused kernels may refuse, the refusal names the dtype."""
     try:
         inputs, models, optimizers = derived_models(
-            device, dtype, settings(device, desc, "forloop"), settings(device, desc, "fused")
+            device, dtype, settings(device, desc, "eager"), settings(device, desc, "fused")
         )
         compare_between(inputs, models, optimizers)
     except Exception as err:
@@ -513,7 +514,7 @@ def test_different_dtypes_match_forloop(device, kname):
     torch.manual_seed(0)
     base = [torch.rand(2, 3, device=device, dtype=dt) for dt in dtypes] + [torch.rand(0, 3, device=device)]
     results = []
-    for kwargs in (kernel(device, "forloop"), kernel(device, kname)):
+    for kwargs in (kernel(device, "eager"), kernel(device, kname)):
         params = [Parameter(b.clone()) for b in base]
         optimizer = SM3(params, momentum=0.9, beta=0.5, **kwargs)
         for step in range(7):
@@ -535,7 +536,7 @@ def test_set_default_dtype_works_with_foreach(device, default_dtype):
     try:
         torch.set_default_dtype(default_dtype)
         inputs, models, optimizers = derived_models(
-            device, torch.float64, settings(device, "momentum", "forloop"), settings(device, "momentum", "foreach")
+            device, torch.float64, settings(device, "momentum", "eager"), settings(device, "momentum", "foreach")
         )
         compare_between(inputs, models, optimizers)
     finally:
@@ -552,7 +553,7 @@ def test_mixed_device_dtype(device, impl):
         pytest.skip("needs two CUDA devices (parameters spread over devices)")
     params = [torch.rand(2, 3, dtype=dt, device=f"cuda:{i}") for i in (0, 1) for dt in (torch.float32, torch.bfloat16)]
     results = []
-    for kwargs in (KERNELS["forloop"], KERNELS[impl]):
+    for kwargs in (KERNELS["eager"], KERNELS[impl]):
         clones = [Parameter(p.clone()) for p in params]
         optimizer = SM3(clones, momentum=0.9, **kwargs)
         for step in range(3):
@@ -675,11 +676,11 @@ def test_fused_does_not_step_if_foundinf(device, desc, no_grad_scale):
 def test_grad_scaler_fused_matches_unscale_then_step(device, desc):
     """``torch.amp.GradScaler`` hands the fused step ``grad_scale``/``found_inf``; the result equals the
     loop's (which GradScaler unscales first), an overflowing step changes nothing, and the scale follows."""
-    kwargs = _no_inf(settings(device, desc, "forloop"))
+    kwargs = _no_inf(settings(device, desc, "eager"))
     torch.manual_seed(0)
     weight0, bias0, x = linear_problem(device)
     runs = []
-    for kname in ("fused", "forloop"):
+    for kname in ("fused", "eager"):
         weight, bias = Parameter(weight0.detach().clone()), Parameter(bias0.detach().clone())
         optimizer = SM3([weight, bias], **{**copy.deepcopy(kwargs), **kernel(device, kname)})
         scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2)
@@ -1318,7 +1319,7 @@ def test_default_kernel(device, desc):
     else:
         expected = "single" if device == "cpu" else "foreach"
     assert functional.default_kernel(params) == expected
-    explicit = {"fused": KERNELS["fused"], "foreach": KERNELS["foreach"], "single": KERNELS["forloop"]}[expected]
+    explicit = {"fused": KERNELS["fused"], "foreach": KERNELS["foreach"], "single": KERNELS["eager"]}[expected]
     twins = [Parameter(p.detach().clone()) for p in params]
     a, b = SM3(params, **copy.deepcopy(kwargs)), SM3(twins, **copy.deepcopy(kwargs), **explicit)
     for step in range(3):

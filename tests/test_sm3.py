@@ -11,10 +11,10 @@ from pytorch_optimizer import SM3 as PeerSM3
 
 from sm3_dist import MOMENTUM_KEY, SM3, accumulator_key, functional, local_state_bytes
 from sm3_dist.rule import UpdateRule
+from tests.common import KERNELS, seeded_grads
 from tests.reference import ReferenceSM3
 
 SHAPES = [(), (7,), (5, 6), (3, 4, 5), (2, 3, 4, 3)]
-KERNELS = {"eager": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 HYPER = [
     dict(),
     dict(momentum=0.9),
@@ -28,17 +28,6 @@ HYPER = [
 ]
 
 
-def _grads(shapes, step, zero_some=False):
-    gen = torch.Generator().manual_seed(1000 + step)
-    grads = []
-    for s in shapes:
-        g = torch.randn(s, generator=gen)
-        if zero_some and g.dim() >= 2:
-            g[0] = 0.0  # a zero slab: nu == 0 exercises the 0/0 = 0 convention with eps = 0
-        grads.append(g)
-    return grads
-
-
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("hyper", HYPER, ids=lambda h: ",".join(f"{k}={v}" for k, v in h.items()) or "defaults")
 def test_matches_reference(kernel, hyper):
@@ -47,7 +36,7 @@ def test_matches_reference(kernel, hyper):
     ref = ReferenceSM3(params, lr=0.05, **hyper)
     opt = SM3(params, lr=0.05, **hyper, **KERNELS[kernel])
     for step in range(8):
-        grads = _grads(SHAPES, step, zero_some=hyper.get("eps") == 0.0 and step == 0)
+        grads = seeded_grads(SHAPES, step, zero_slice=hyper.get("eps") == 0.0)  # nu == 0: 0/0 = 0 with eps = 0
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
@@ -106,7 +95,7 @@ def test_matches_peer_where_rules_coincide(momentum):
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     a, b = SM3(ours, lr=0.1, momentum=momentum), PeerSM3(theirs, lr=0.1, momentum=momentum)
     for step in range(10):
-        for p, q, g in zip(ours, theirs, _grads(shapes, step)):
+        for p, q, g in zip(ours, theirs, seeded_grads(shapes, step)):
             p.grad, q.grad = g.clone(), g.clone()
         a.step()
         b.step()
@@ -124,7 +113,7 @@ def test_kernels_agree(kernel):
         params = [b.clone().requires_grad_() for b in base]
         opt = SM3(params, lr=0.1, momentum=0.9, beta=0.5, **KERNELS[name])
         for step in range(5):
-            for p, g in zip(params, _grads(shapes, step)):
+            for p, g in zip(params, seeded_grads(shapes, step)):
                 p.grad = g
             opt.step()
         results[name] = params
@@ -140,7 +129,7 @@ def test_low_precision_params_keep_fp32_state(dtype):
     opt = SM3([p], lr=0.01, momentum=0.9)
     ref = ReferenceSM3([p.detach().float()], lr=0.01, momentum=0.9)
     for step in range(4):
-        g = _grads([(8, 6)], step)[0]
+        g = seeded_grads([(8, 6)], step)[0]
         p.grad = g.to(dtype)
         opt.step()
         ref.step([g.to(dtype).float()])
@@ -219,7 +208,7 @@ def test_state_dict_round_trip_resumes_identically():
 
     def run(params, opt, steps):
         for step in steps:
-            for p, g in zip(params, _grads(shapes, step)):
+            for p, g in zip(params, seeded_grads(shapes, step)):
                 p.grad = g
             opt.step()
 
@@ -311,12 +300,12 @@ def test_float64_parameters_keep_float64_state_and_match_the_reference(hyper):
         params = [b.clone().requires_grad_() for b in base]
         opt = SM3(params, lr=0.05, **hyper, **KERNELS[kernel])
         for step in range(4):
-            for p, g in zip(params, _grads(SHAPES, step)):
+            for p, g in zip(params, seeded_grads(SHAPES, step)):
                 p.grad = g.double()
             opt.step()
         runs[kernel] = (params, opt)
     for step in range(4):
-        ref.step([g.double() for g in _grads(SHAPES, step)])
+        ref.step([g.double() for g in seeded_grads(SHAPES, step)])
     (eager, opt), (foreach, _) = runs["eager"], runs["foreach"]
     for k, (p, q, r) in enumerate(zip(eager, foreach, ref.params)):
         assert p.dtype == torch.float64 and torch.equal(p, q)
