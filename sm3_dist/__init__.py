@@ -2,9 +2,10 @@
 
 import os as _os
 
-from sm3_dist.optimizer import MOMENTUM_KEY, SM3, STEP_KEY, accumulator_key, local_state_bytes
+from sm3_dist.optimizer import SM3
 from sm3_dist.placement import ShardSpec, UnsupportedLayoutError
 from sm3_dist.sharded import ShardedSM3
+from sm3_dist.state import MOMENTUM_KEY, STEP_KEY, accumulator_key, local_state_bytes
 
 __all__ = [
     "MOMENTUM_KEY",

@@ -46,6 +46,7 @@ __all__ = [
     "broadcast_object",
     "end_process",
     "free_port",
+    "rank_suffix",
     "world_size",
 ]
 
@@ -68,6 +69,13 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rank_suffix() -> str:
+    """``" (rank N)"`` inside a process group, for error messages; ``""`` otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        return f" (rank {dist.get_rank()})"
+    return ""
 
 
 def world_size(group: dist.ProcessGroup | None) -> int:

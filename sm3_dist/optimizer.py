@@ -2,7 +2,6 @@ r"""``sm3_dist.SM3``: the SM3-II optimizer, single-process or with sharded state
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
@@ -11,31 +10,50 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from sm3_dist import functional, fused
-from sm3_dist.comm import MaxReducer, all_reduce_flag_
-from sm3_dist.fused import default_kernel, require_fused_kernel
-from sm3_dist.nonfinite import SCAN_DTYPES, first_nonfinite, nonfinite_
-from sm3_dist.placement import LayoutGuard, ShardSpec, SpecResolver, UnsupportedLayoutError, default_spec, to_local
-from sm3_dist.plan import BlockRef, Finalizer, GroupPlan, PieceRef, block_refs
-from sm3_dist.rule import UpdateRule
+from sm3_dist import functional
+from sm3_dist.comm import MaxReducer
+from sm3_dist.fused import default_kernel
+from sm3_dist.nonfinite_steps import NonfiniteSteps
+from sm3_dist.placement import (
+    LayoutGuard,
+    ShardSpec,
+    SpecResolver,
+    UnsupportedLayoutError,
+    default_spec,
+    first_device,
+    group_key,
+    to_local,
+)
+from sm3_dist.plan import (
+    BlockRef,
+    Finalizer,
+    GroupPlan,
+    PieceRef,
+    block_refs,
+    block_views,
+    fused_plan_for,
+    maxima_targets,
+    plan_signature,
+    stack_step_counts,
+)
+from sm3_dist.rule import UpdateRule, check_hyperparameter_values
+from sm3_dist.state import (
+    MOMENTUM_DTYPES,
+    MOMENTUM_KEY,
+    SKIPPED_KEY,
+    STEP_KEY,
+    accumulator_key,
+    check_state,
+    init_state,
+    unsupported_dtype,
+)
 
-__all__ = ["MOMENTUM_KEY", "SM3", "STEP_KEY", "accumulator_key"]
+__all__ = ["NONFINITE_POLICIES", "SM3"]
 
-STEP_KEY = "step"
-SKIPPED_KEY = "skipped_steps"
-MOMENTUM_KEY = "momentum_buffer"
-
-
-def accumulator_key(dim: int, piece_index: int | None = None) -> str:
-    """State key of ``mu_dim``; a tensor holding pieces of several parameters adds the piece's index."""
-    return f"mu_{dim}" if piece_index is None else f"piece{piece_index}.mu_{dim}"
-
-
-_MOMENTUM_DTYPES = (torch.float32, torch.bfloat16)
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 
 
-class SM3(Optimizer):
+class SM3(NonfiniteSteps, Optimizer):
     r"""SM3-II (Anil, Gupta, Koren, Singer, NeurIPS 2019, arXiv:1901.11150), optionally with sharded state.
 
     For a parameter of shape :math:`(n_1, \dots, n_p)` the state is one
@@ -133,12 +151,12 @@ class SM3(Optimizer):
         bias_correction: bool = False,
         capturable: bool = False,
     ) -> None:
-        _check_hyperparameters(lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay)
+        check_hyperparameter_values(lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay)
         if foreach and fused:
             raise ValueError("foreach and fused cannot both be True: choose one kernel")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        if momentum_dtype not in _MOMENTUM_DTYPES:
+        if momentum_dtype not in MOMENTUM_DTYPES:
             raise ValueError(f"momentum_dtype must be torch.float32 or torch.bfloat16, got {momentum_dtype}")
         defaults = dict(
             lr=lr,
@@ -173,14 +191,16 @@ class SM3(Optimizer):
         self._step_supports_amp_scaling = True
         for group in self.param_groups:
             for p in group["params"]:
-                reason = _unsupported_dtype(p)
+                reason = unsupported_dtype(p)
                 if reason is not None:
-                    raise TypeError(f"SM3 does not support {reason} parameters ({_describe(p)})")
+                    raise TypeError(
+                        f"SM3 does not support {reason} parameters (a parameter of shape {tuple(p.shape)} and dtype {p.dtype})"
+                    )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key in ("lr", "momentum", "beta", "eps", "weight_decay"):
             if key in param_group:
-                _check_hyperparameters(**{key: param_group[key]})
+                check_hyperparameter_values(**{key: param_group[key]})
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ copying and pickling
@@ -269,7 +289,7 @@ class SM3(Optimizer):
                 spec = self._spec(p, f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})")
                 if spec.group is None:
                     continue
-                key = _group_key(spec.group)
+                key = group_key(spec.group)
                 if spec.plan is None:
                     auto.setdefault(key, []).append((p, spec))
                 else:
@@ -289,30 +309,21 @@ class SM3(Optimizer):
         groups = {}
         for spec in self._specs.values():
             if spec.group is not None:
-                groups[_group_key(spec.group)] = spec.group
-        device = _first_device(self.param_groups)
+                groups[group_key(spec.group)] = spec.group
+        device = first_device(self.param_groups)
         self._reducers = {key: MaxReducer(groups[key], declared[key], device) for key in groups}
 
     def _init_state(self, p: Tensor, spec: ShardSpec, momentum: float) -> None:
-        state = self.state[p]
         local = to_local(p)
-        wrap = spec.wrap_state or (lambda t, dim: t)
-        state[STEP_KEY] = torch.zeros((), dtype=torch.float32, device=self._step_device(local))  # no host copy
-        if momentum > 0.0:
-            state[MOMENTUM_KEY] = wrap(torch.zeros_like(local, dtype=self._momentum_dtype_of(local)), None)
-        several = len(spec.layout.pieces) > 1
-        state_dtype = functional._compute_dtype(local.dtype)
-        for j, piece in enumerate(spec.layout.pieces):
-            for d, (lo, hi) in enumerate(piece.ranges):
-                acc = torch.zeros(hi - lo, dtype=state_dtype, device=local.device)
-                state[accumulator_key(d, j if several else None)] = wrap(acc, d)
+        init_state(
+            self.state[p],
+            local,
+            spec,
+            momentum,
+            momentum_dtype=self.momentum_dtype,
+            step_device=self._step_device(local),
+        )
         self._checked[p] = momentum
-
-    def _momentum_dtype_of(self, local: Tensor) -> torch.dtype:
-        """float64 parameters keep float64 momentum (unless bf16 momentum was asked for); others ``momentum_dtype``."""
-        if local.dtype == torch.float64 and self.momentum_dtype == torch.float32:
-            return torch.float64
-        return self.momentum_dtype
 
     def _step_device(self, local: Tensor) -> torch.device:
         """Where a parameter's step count lives: on CPU for CPU parameters; on the parameter's device otherwise
@@ -321,33 +332,16 @@ class SM3(Optimizer):
         return torch.device("cpu") if host else local.device
 
     def _check_state(self, p: Tensor, spec: ShardSpec, momentum: float, name: str) -> None:
-        state = self.state[p]
-        several = len(spec.layout.pieces) > 1
-        for j, piece in enumerate(spec.layout.pieces):
-            for d, (lo, hi) in enumerate(piece.ranges):
-                key = accumulator_key(d, j if several else None)
-                acc = to_local(state.get(key))
-                if acc is None or acc.shape != (hi - lo,):
-                    found = None if acc is None else tuple(acc.shape)
-                    raise ValueError(
-                        f"{name}: optimizer state {key!r} has shape {found}, expected ({hi - lo},) for a parameter "
-                        f"of shape {piece.shape}: the state comes from another model or another sharding"
-                    )
         local = to_local(p)
-        if momentum > 0.0:
-            buf = to_local(state.get(MOMENTUM_KEY))
-            if buf is None or buf.shape != local.shape:
-                raise ValueError(f"{name}: momentum buffer missing or of another shape than the parameter")
-            if buf.dtype != self._momentum_dtype_of(local):
-                raise ValueError(
-                    f"{name}: momentum buffer is {buf.dtype} but the optimizer was built with "
-                    f"momentum_dtype={self.momentum_dtype}"
-                )
-        step = state.get(STEP_KEY)
-        if not isinstance(step, Tensor):  # a plain number from an old or hand-made state dict
-            step = state[STEP_KEY] = torch.tensor(float(step or 0), dtype=torch.float32)
-        if step.device != self._step_device(local):
-            state[STEP_KEY] = step.to(self._step_device(local), torch.float32)
+        check_state(
+            self.state[p],
+            local,
+            spec,
+            momentum,
+            name,
+            momentum_dtype=self.momentum_dtype,
+            step_device=self._step_device(local),
+        )
         self._checked[p] = momentum
 
     # ------------------------------------------------------------------ step
@@ -400,134 +394,9 @@ class SM3(Optimizer):
         shape = pieces[0].shape if len(pieces) == 1 else tuple(p.shape)
         return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(shape)})"
 
-    def _nonfinite_flag(self, given: Tensor | None) -> tuple[bool, Tensor | None]:
-        """Decide on this step's non-finite gradients: ``(skip it now, device flag the kernels read)``.
-
-        ``given`` is a ``GradScaler``'s ``found_inf``: it replaces the check (its inf/NaN are the scaler's
-        business, never an error). Where the flag can be read without a host synchronization (CPU) or must
-        be (``"raise"``), :meth:`_found_nonfinite` decides here; otherwise the flag is set on the device,
-        MAX-reduced over every process group the state is reduced over (so all ranks decide alike) without
-        the host waiting, and the kernels read it; ``skipped_steps`` counts it there.
-        """
-        device = _first_device(self.param_groups)
-        host = device.type in functional.HOST_READ_DEVICES
-        if given is None:
-            if self.nonfinite == "ignore":
-                return False, None
-            if host or self.nonfinite == "raise":
-                return self._found_nonfinite(), None
-            flag = torch.zeros((), dtype=torch.float32, device=device)
-            self._check_nonfinite_on_device([g for _, g in self._local_grads()], flag)
-        else:
-            flag = (given.reshape(()).to(device, non_blocking=True) != 0).to(torch.float32)
-        all_reduce_flag_(flag, self._reduction_groups())
-        if host:
-            if not bool(flag):
-                return False, None
-            self._count_skipped(1)
-            return True, None
-        skipped = self.__dict__.get("_skipped_device")
-        self._skipped_device = flag.clone() if skipped is None else skipped.add_(flag)
-        return False, flag
-
-    def _found_nonfinite(self) -> bool:
-        """Whether any rank's gradient holds an inf/NaN, read on the host (every rank decides alike); raises
-        ``FloatingPointError`` naming the parameter under ``nonfinite="raise"``, else counts a skipped step."""
-        named = self._local_grads()
-        bad = first_nonfinite([g for _, g in named])
-        local_bad = None if bad is None else self._name(*named[bad][0])
-        device = _first_device(self.param_groups)
-        flag = torch.full((), 0.0 if bad is None else 1.0, dtype=torch.float32, device=device)
-        if not bool(all_reduce_flag_(flag, self._reduction_groups())):
-            return False
-        if self.nonfinite == "raise":
-            where = f"in {local_bad}" if local_bad is not None else "on another rank"
-            raise FloatingPointError(f"SM3: non-finite gradient {where}{_rank_suffix()}; no state was changed")
-        self._count_skipped(1)
-        return True
-
-    def _local_grads(self) -> list[tuple[tuple[int, int, Tensor], Tensor]]:
-        """``((group index, parameter index, parameter), local gradient values)`` of every non-empty gradient."""
-        named = []
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    g = to_local(p.grad)
-                    g = g.coalesce().values() if g.is_sparse else g
-                    if g.numel():
-                        named.append(((gi, pi, p), g))
-        return named
-
-    def _reduction_groups(self) -> list[Any]:
-        return list({_group_key(s.group): s.group for s in self._specs.values() if s.group is not None}.values())
-
-    def _count_skipped(self, n: int) -> None:
-        for group in self.param_groups:
-            group[SKIPPED_KEY] = group.get(SKIPPED_KEY, 0) + n
-
-    def _check_nonfinite_on_device(self, grads: list[Tensor], flag: Tensor) -> None:
-        """``nonfinite_``, through the device kernel's prepared check, kept (in the plan cache) while
-        the gradients keep their sizes and dtypes."""
-        kernel = fused.fused_kernel(flag.device.type)
-        make = None if kernel is None else kernel.nonfinite_plan
-        if make is None or any(g.dtype not in SCAN_DTYPES or not g.is_contiguous() for g in grads):
-            nonfinite_(grads, flag)
-            return
-        plan = self._dense.get("nonfinite")
-        if plan is not None:
-            try:
-                plan.run(flag, grads)
-                return
-            except ValueError:  # other sizes or dtypes than the plan's
-                pass
-        plan = self._dense["nonfinite"] = make(grads)
-        plan.run(flag)
-
-    def _fold_skipped(self) -> None:
-        """Add the steps skipped on the device to the groups' counts (reads the device counter)."""
-        skipped = self.__dict__.get("_skipped_device")
-        if skipped is not None:
-            self._skipped_device = None
-            n = int(skipped.item())
-            if n:
-                self._count_skipped(n)
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped for a non-finite gradient (kept in ``param_groups``, so checkpoints carry it).
-
-        On an accelerator the count is kept on the device while training and read only here (or by
-        ``state_dict``)."""
-        self._fold_skipped()
-        return max((group.get(SKIPPED_KEY, 0) for group in self.param_groups), default=0)
-
     def _signature(self, group: dict[str, Any]) -> tuple[tuple, list[Tensor | None]]:
-        """What a group's plan depends on, and the local gradients (one pass over the parameters).
-
-        Per parameter: the parameter and its local tensor (their identity and storage), whether it has a
-        gradient and the gradient's dtype, shape, layout and sparsity, and the identity of every state tensor;
-        per group: whether there is momentum, the kernel flags and ``capturable``.
-        """
-        params = group["params"]
-        locals_ = [_local(p) for p in params]
-        grads = [None if g is None else _local(g) for g in [p.grad for p in params]]
-        state = self.state
-        states = [state.get(p) for p in params]
-        sig = (
-            group["momentum"] > 0.0,
-            group["foreach"],
-            group["fused"],
-            group.get("capturable", False),
-            tuple(map(id, params)),
-            tuple([t.data_ptr() for t in locals_]),
-            tuple([(t.shape, t.is_contiguous()) for t in locals_]),
-            tuple(
-                [None if g is None else (g.layout, g.dtype, g.shape, g.is_sparse or g.is_contiguous()) for g in grads]
-            ),
-            tuple([None if st is None else len(st) for st in states]),
-            tuple([id(v) for st in states if st is not None for v in st.values()]),
-        )
-        return sig, grads
+        """What the group's plan depends on, and its local gradients (:func:`sm3_dist.plan.plan_signature`)."""
+        return plan_signature(group, self.state)
 
     def _init_group(self, gi: int, group: dict[str, Any]) -> GroupPlan:
         """Initialize and check the group's state (torch's ``_init_group``) and build its block plan."""
@@ -535,7 +404,7 @@ class SM3(Optimizer):
         stepped, sparse, steps, owners = [], [], [], []
         pieces: list[PieceRef] = []
         blocks: list[BlockRef] = []
-        locals_, bufs_, stored_ = [], [], []
+        tensors, stored, reducers = [], [], []
         for pi, p in enumerate(group["params"]):
             spec = self._specs[p]
             name = self._name(gi, pi, p)
@@ -578,100 +447,27 @@ class SM3(Optimizer):
             pieces += piece_refs
             blocks += block_list
             several = len(spec.layout.pieces) > 1
-            locals_.append((local, to_local(state.get(MOMENTUM_KEY)), spec))
-            bufs_.append(None)
-            stored_.append(
+            tensors.append((local, to_local(state.get(MOMENTUM_KEY))))
+            reducers.append(self._reducers[group_key(spec.group)] if reduced else None)
+            stored.append(
                 [
                     [to_local(state[accumulator_key(d, j if several else None)]) for d in range(piece.ndim)]
                     for j, piece in enumerate(spec.layout.pieces)
                 ]
             )
-        device = locals_[0][0].device if locals_ else _first_device(self.param_groups)
-        # maxima targets: the reducer's buffer for reduced pieces, one zeroed local buffer per dtype otherwise
-        local_sizes: dict[torch.dtype, int] = {}
-        for pr in pieces:
-            if not pr.reduced:
-                dtype = stored_[pr.param][pr.piece][0].dtype
-                local_sizes[dtype] = local_sizes.get(dtype, 0) + sum(hi - lo for lo, hi in pr.ranges)
-        buffers = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in local_sizes.items()}
-        used = dict.fromkeys(buffers, 0)
-        targets: dict[tuple[int, int], list[Tensor]] = {}
-        local_accs, local_maxima, reduced_accs, reduced_maxima = [], [], [], []
-        for pr in pieces:
-            stored = stored_[pr.param][pr.piece]
-            if pr.reduced:
-                spec = locals_[pr.param][2]
-                reducer = self._reducers[_group_key(spec.group)]
-                slots = [reducer.slot(pr.tensor_id, d) for d in range(len(pr.ranges))]
-                targets[pr.param, pr.piece] = slots
-                for acc, slot, (lo, hi) in zip(stored, slots, pr.ranges):
-                    if hi > lo:
-                        reduced_accs.append(acc)
-                        reduced_maxima.append(slot[lo:hi])
-            else:
-                dtype = stored[0].dtype
-                regions = []
-                for lo, hi in pr.ranges:
-                    regions.append(buffers[dtype][used[dtype] : used[dtype] + hi - lo])
-                    used[dtype] += hi - lo
-                targets[pr.param, pr.piece] = regions
-                local_accs += [a for a, r in zip(stored, regions) if r.numel()]
-                local_maxima += [r for r in regions if r.numel()]
-        params, bufs, accs, outs = [], [], [], []
-        flat: dict[int, tuple[Tensor, Tensor | None]] = {}
-        for b in blocks:
-            local, buf, _ = locals_[b.param]
-            stored = stored_[b.param][b.piece]
-            target = targets[b.param, b.piece]
-            accs.append(tuple(a[s : s + n] for a, s, n in zip(stored, b.acc_starts, b.lengths)))
-            outs.append(tuple(t[s : s + n] for t, s, n in zip(target, b.out_starts, b.lengths)))
-            if b.whole:
-                params.append(local)
-                bufs.append(buf)
-                continue
-            if b.param not in flat:
-                flat[b.param] = (local.view(-1), None if buf is None else buf.view(-1))
-            fp, fm = flat[b.param]
-            n = math.prod(b.lengths)
-            params.append(fp[b.offset : b.offset + n].view(b.lengths))
-            bufs.append(None if fm is None else fm[b.offset : b.offset + n].view(b.lengths))
+        device = tensors[0][0].device if tensors else first_device(self.param_groups)
+        targets, local_finalizer, reduced_finalizer = maxima_targets(pieces, stored, reducers, device)
+        params, bufs, accs, outs = block_views(blocks, tensors, stored, targets)
         kernel = default_kernel(params, foreach=group["foreach"], fused=group["fused"])
         fused_plan, fused_blocks, other_blocks = None, (), tuple(range(len(blocks)))
         if kernel == "fused" and params:
-            kernel_of_device = require_fused_kernel(params)
             grads = [to_local(group["params"][pi].grad) for pi in stepped]
             block_grads = [grads[b.param] if b.whole else grads[b.param].reshape(-1) for b in blocks]
-            take = [
-                i
-                for i, (p, g, m) in enumerate(zip(params, block_grads, bufs))
-                if kernel_of_device.takes(p, g, m)
-                and p.is_contiguous()
-                and g.is_contiguous()
-                and (m is None or m.is_contiguous())
-            ]
-            if take:
-                fused_plan = kernel_of_device.build(
-                    [params[i] for i in take],
-                    [bufs[i] for i in take],
-                    [list(accs[i]) for i in take],
-                    [list(outs[i]) for i in take],
-                )
-            if fused_plan is not None:
-                fused_blocks = tuple(take)
-                other_blocks = tuple(i for i in range(len(blocks)) if i not in set(take))
-        counts = None
-        host = functional.HOST_READ_DEVICES
-        if (
-            steps
-            and all(type(s) is Tensor and s.device.type not in host for s in steps)
-            and len({s.device for s in steps}) == 1
-        ):
-            # one tensor of counts, every state's "step" a 0-d view of its element: one add counts a step
-            counts = torch.stack(steps)
-            views = list(counts.unbind())
-            for pi, view in zip(owners, views):
+            fused_plan, fused_blocks, other_blocks = fused_plan_for(params, bufs, accs, outs, block_grads)
+        counts, steps = stack_step_counts(steps)
+        if counts is not None:  # every state's "step" a 0-d view of its element of the one tensor of counts
+            for pi, view in zip(owners, steps):
                 self.state[group["params"][pi]][STEP_KEY] = view
-            steps = views
         # read once here (a host synchronization only when the plan is built): the counts of the parameters
         # stepped together stay equal until the set of stepped parameters changes, which rebuilds the plan
         uniform = len(steps) <= 1 or len({float(s) for s in steps}) == 1
@@ -691,8 +487,8 @@ class SM3(Optimizer):
             step_owners=tuple(owners),
             counts=counts,
             uniform_steps=uniform,
-            local=Finalizer(local_accs, local_maxima),
-            reduced=Finalizer(reduced_accs, reduced_maxima),
+            local=local_finalizer,
+            reduced=reduced_finalizer,
             fused=fused_plan,
             fused_blocks=fused_blocks,
             other_blocks=other_blocks,
@@ -714,14 +510,14 @@ class SM3(Optimizer):
             signature, grads = self._signature(group)
         if not plan.steps:
             return
-        rule = _update_rule(group)
+        rule = UpdateRule.of_group(group)
         lr = group["lr"]
         if isinstance(lr, Tensor) and lr.device != plan.device and lr.is_cpu:
             lr = float(lr)  # a host scalar: read without a device synchronization
         if grad_scale is not None and grad_scale.device != plan.device:
             grad_scale = grad_scale.to(plan.device, non_blocking=True)
-        self._count_step(plan, one_step)
-        divisors = self._nu_divisors(plan, rule)
+        plan.count_step(one_step)
+        divisors = plan.nu_divisors(rule)
         block_grads = plan.block_grads([grads[pi] for pi in plan.stepped])
         for divisor, selected in divisors:
             hyper = dict(lr=lr, nu_divisor=divisor, grad_scale=grad_scale)
@@ -749,42 +545,6 @@ class SM3(Optimizer):
             self._pending.append((plan.reduced, found_inf))
         for pi in plan.sparse:
             self._sparse_step(gi, pi, group, rule, lr, grad_scale, found_inf)
-
-    def _count_step(self, plan: GroupPlan, one_step: Tensor | None) -> None:
-        """One more step for every stepped parameter (none where ``found_inf`` is set on the device)."""
-        increment = 1.0 if one_step is None else one_step
-        if plan.counts is not None:
-            plan.counts.add_(increment)
-        elif all(type(t) is Tensor for t in plan.steps):
-            if isinstance(increment, Tensor):
-                torch._foreach_add_(list(plan.steps), [increment.to(t.device) for t in plan.steps])
-            else:
-                torch._foreach_add_(list(plan.steps), increment)
-        else:
-            for t in plan.steps:
-                t.add_(increment)
-
-    def _nu_divisors(self, plan: GroupPlan, rule: UpdateRule) -> list[tuple[Any, tuple[int, ...] | None]]:
-        """The bias-correction divisors of this step: ``[(divisor, blocks or None for all)]``.
-
-        One for the group when its step counts agree (the usual case; on an accelerator computed there from
-        the count, no host synchronization); else one per distinct count, each for its blocks.
-        """
-        if not rule.bias_correction or rule.beta == 0.0:
-            return [(None, None)]
-        first = plan.steps[0]
-        if plan.uniform_steps and first.device.type not in functional.HOST_READ_DEVICES:
-            # 1 - beta ** step in fp64, as UpdateRule.nu_divisor computes it on the host (the kernels round it)
-            power = torch.pow(rule.beta, first.reshape(()).to(torch.float64))
-            return [(power.neg_().add_(1.0), None)]
-        counts = [int(s) for s in plan.steps]  # host reads (a synchronization only for unequal device counts)
-        count_of = dict(zip(plan.step_owners, counts))
-        by_count: dict[int, list[int]] = {}
-        for i, b in enumerate(plan.blocks):
-            by_count.setdefault(count_of[plan.stepped[b.param]], []).append(i)
-        if len(by_count) <= 1:
-            return [(rule.nu_divisor(counts[0]), None)]
-        return [(rule.nu_divisor(c), tuple(blocks)) for c, blocks in by_count.items()]
 
     def _sparse_step(self, gi, pi, group, rule, lr, grad_scale, found_inf) -> None:
         p = group["params"][pi]
@@ -835,88 +595,3 @@ class SM3(Optimizer):
                     # a copy, so training on does not write into the caller's dict; the step count stays on CPU
                     device = value.device if key == STEP_KEY else to_local(p).device
                     self.state[p][key] = value.to(device=device, copy=True)
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local tensor of a DTensor (its storage, without ``to_local``'s autograd wrapper: the step runs under
-    ``no_grad`` and only reads and writes the data); anything else as it is."""
-    local = getattr(t, "_local_tensor", None)
-    return t if local is None else local
-
-
-def _update_rule(group: dict[str, Any]) -> UpdateRule:
-    """The update rule of a param group's hyperparameters (the learning rate goes to the kernels separately)."""
-    return UpdateRule(
-        momentum=group["momentum"],
-        beta=group["beta"],
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        maximize=group["maximize"],
-        bias_correction=group.get("bias_correction", False),
-    )
-
-
-def _check_hyperparameters(**values: Any) -> None:
-    for name, value in values.items():
-        if isinstance(value, Tensor):
-            if name != "lr":
-                raise ValueError(f"Invalid {name}: a tensor ({name} must be a Python number; only lr may be a tensor)")
-            # any 1-element shape ((), (1,), (1, 1), ...) is usable: every kernel reads it as a scalar
-            if value.numel() != 1:
-                raise ValueError(
-                    f"Tensor {name} must be 1-element (a scalar of any shape), got shape {tuple(value.shape)}"
-                )
-            if not value.is_floating_point():
-                raise ValueError(f"Tensor {name} must be a real floating-point tensor, got dtype {value.dtype}")
-            if value.is_meta:
-                raise ValueError(f"Tensor {name} is on the meta device and holds no value")
-            value = value.item()
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"Invalid {name}: {value!r} (a finite number is required)")
-        if name in ("lr", "eps", "weight_decay") and value < 0.0:
-            raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
-        if name in ("momentum", "beta") and not 0.0 <= value < 1.0:
-            raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")
-
-
-def _unsupported_dtype(p: Tensor) -> str | None:
-    if p.is_complex():
-        return "complex"
-    if p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        return f"{p.dtype} (float32, bfloat16, float16 and float64 are supported)"
-    return None
-
-
-def _describe(p: Tensor) -> str:
-    return f"a parameter of shape {tuple(p.shape)} and dtype {p.dtype}"
-
-
-def _rank_suffix() -> str:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return f" (rank {dist.get_rank()})"
-    return ""
-
-
-def _group_key(group: Any) -> Any:
-    return id(group) if group is not None else None
-
-
-def _first_device(param_groups: list[dict[str, Any]]) -> torch.device:
-    for group in param_groups:
-        for p in group["params"]:
-            local = to_local(p)
-            return local.device
-    return torch.device("cpu")
-
-
-def local_state_bytes(optimizer: Optimizer) -> int:
-    """Bytes of this rank's local optimizer state tensors (DTensors counted by their local shard)."""
-    total = 0
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if isinstance(value, Tensor) and key != STEP_KEY:
-                local = to_local(value)
-                total += local.numel() * local.element_size()
-    return total

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from sm3_dist.layout import TensorLayout, box_piece, full_piece
@@ -24,6 +25,8 @@ __all__ = [
     "SpecResolver",
     "UnsupportedLayoutError",
     "dtensor_spec",
+    "first_device",
+    "group_key",
     "local_spec",
     "register_swap_explainer",
 ]
@@ -254,3 +257,17 @@ def to_local(t: Tensor | None) -> Tensor | None:
     if t is not None and _is_dtensor(t):
         return t.to_local()
     return t
+
+
+def group_key(group: Any) -> Any:
+    """A hashable key of a :attr:`ShardSpec.group` (process groups compare by identity; ``None``: not reduced)."""
+    return id(group) if group is not None else None
+
+
+def first_device(param_groups: Sequence[Mapping[str, Any]]) -> torch.device:
+    """The device of the first parameter's local tensor (CPU when there is none)."""
+    for group in param_groups:
+        for p in group["params"]:
+            local = to_local(p)
+            return local.device
+    return torch.device("cpu")

@@ -25,7 +25,8 @@ signature changes; otherwise a step re-reads only the gradients.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,9 +34,22 @@ import torch
 from torch import Tensor
 
 from sm3_dist import functional, fused
+from sm3_dist.comm import MaxReducer
 from sm3_dist.layout import TensorLayout
+from sm3_dist.rule import UpdateRule
 
-__all__ = ["BlockRef", "Finalizer", "GroupPlan", "PieceRef", "block_refs"]
+__all__ = [
+    "BlockRef",
+    "Finalizer",
+    "GroupPlan",
+    "PieceRef",
+    "block_refs",
+    "block_views",
+    "fused_plan_for",
+    "maxima_targets",
+    "plan_signature",
+    "stack_step_counts",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +150,7 @@ class GroupPlan:
     """A param group's step, bound to its tensors (see the module docstring)."""
 
     signature: tuple
-    """What the plan was built for (see :meth:`sm3_dist.SM3._signature`)."""
+    """What the plan was built for (see :func:`plan_signature`)."""
     kernel: str
     """``"fused"``, ``"foreach"`` or ``"single"`` (:func:`sm3_dist.fused.default_kernel`)."""
     stepped: tuple[int, ...]
@@ -188,3 +202,187 @@ class GroupPlan:
                 n *= k
             out.append(f[b.offset : b.offset + n].view(b.lengths))
         return out
+
+    def count_step(self, one_step: Tensor | None) -> None:
+        """One more step for every stepped parameter (none where ``found_inf`` is set on the device)."""
+        increment = 1.0 if one_step is None else one_step
+        if self.counts is not None:
+            self.counts.add_(increment)
+        elif all(type(t) is Tensor for t in self.steps):
+            if isinstance(increment, Tensor):
+                torch._foreach_add_(list(self.steps), [increment.to(t.device) for t in self.steps])
+            else:
+                torch._foreach_add_(list(self.steps), increment)
+        else:
+            for t in self.steps:
+                t.add_(increment)
+
+    def nu_divisors(self, rule: UpdateRule) -> list[tuple[Any, tuple[int, ...] | None]]:
+        """The bias-correction divisors of this step: ``[(divisor, blocks or None for all)]``.
+
+        One for the group when its step counts agree (the usual case; on an accelerator computed there from
+        the count, no host synchronization); else one per distinct count, each for its blocks.
+        """
+        if not rule.bias_correction or rule.beta == 0.0:
+            return [(None, None)]
+        first = self.steps[0]
+        if self.uniform_steps and first.device.type not in functional.HOST_READ_DEVICES:
+            # 1 - beta ** step in fp64, as UpdateRule.nu_divisor computes it on the host (the kernels round it)
+            power = torch.pow(rule.beta, first.reshape(()).to(torch.float64))
+            return [(power.neg_().add_(1.0), None)]
+        counts = [int(s) for s in self.steps]  # host reads (a synchronization only for unequal device counts)
+        count_of = dict(zip(self.step_owners, counts))
+        by_count: dict[int, list[int]] = {}
+        for i, b in enumerate(self.blocks):
+            by_count.setdefault(count_of[self.stepped[b.param]], []).append(i)
+        if len(by_count) <= 1:
+            return [(rule.nu_divisor(counts[0]), None)]
+        return [(rule.nu_divisor(c), tuple(blocks)) for c, blocks in by_count.items()]
+
+
+# ---------------------------------------------------------------------------------------------- building a plan
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local tensor of a DTensor (its storage, without ``to_local``'s autograd wrapper: the step runs under
+    ``no_grad`` and only reads and writes the data); anything else as it is."""
+    local = getattr(t, "_local_tensor", None)
+    return t if local is None else local
+
+
+def plan_signature(group: dict[str, Any], state: Mapping[Tensor, dict[str, Any]]) -> tuple[tuple, list[Tensor | None]]:
+    """What a group's plan depends on, and the local gradients (one pass over the parameters).
+
+    Per parameter: the parameter and its local tensor (their identity and storage), whether it has a
+    gradient and the gradient's dtype, shape, layout and sparsity, and the identity of every state tensor;
+    per group: whether there is momentum, the kernel flags and ``capturable``.
+    """
+    params = group["params"]
+    locals_ = [_local(p) for p in params]
+    grads = [None if g is None else _local(g) for g in [p.grad for p in params]]
+    states = [state.get(p) for p in params]
+    sig = (
+        group["momentum"] > 0.0,
+        group["foreach"],
+        group["fused"],
+        group.get("capturable", False),
+        tuple(map(id, params)),
+        tuple([t.data_ptr() for t in locals_]),
+        tuple([(t.shape, t.is_contiguous()) for t in locals_]),
+        tuple([None if g is None else (g.layout, g.dtype, g.shape, g.is_sparse or g.is_contiguous()) for g in grads]),
+        tuple([None if st is None else len(st) for st in states]),
+        tuple([id(v) for st in states if st is not None for v in st.values()]),
+    )
+    return sig, grads
+
+
+def maxima_targets(
+    pieces: Sequence[PieceRef],
+    stored: Sequence[Sequence[Sequence[Tensor]]],
+    reducers: Sequence[MaxReducer | None],
+    device: torch.device,
+) -> tuple[dict[tuple[int, int], list[Tensor]], Finalizer, Finalizer]:
+    """Where each piece's maxima go, per dimension: its reducer's buffer at the global indices for reduced pieces,
+    one zeroed local buffer per dtype otherwise; and the finalizers of the local and of the reduced pieces.
+
+    ``stored[k][j]`` are the stored accumulators of piece ``j`` of stepped parameter ``k``, ``reducers[k]`` its
+    reducer (``None``: not reduced)."""
+    local_sizes: dict[torch.dtype, int] = {}
+    for pr in pieces:
+        if not pr.reduced:
+            dtype = stored[pr.param][pr.piece][0].dtype
+            local_sizes[dtype] = local_sizes.get(dtype, 0) + sum(hi - lo for lo, hi in pr.ranges)
+    buffers = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in local_sizes.items()}
+    used = dict.fromkeys(buffers, 0)
+    targets: dict[tuple[int, int], list[Tensor]] = {}
+    local_accs, local_maxima, reduced_accs, reduced_maxima = [], [], [], []
+    for pr in pieces:
+        accs = stored[pr.param][pr.piece]
+        if pr.reduced:
+            slots = [reducers[pr.param].slot(pr.tensor_id, d) for d in range(len(pr.ranges))]
+            targets[pr.param, pr.piece] = slots
+            for acc, slot, (lo, hi) in zip(accs, slots, pr.ranges):
+                if hi > lo:
+                    reduced_accs.append(acc)
+                    reduced_maxima.append(slot[lo:hi])
+        else:
+            dtype = accs[0].dtype
+            regions = []
+            for lo, hi in pr.ranges:
+                regions.append(buffers[dtype][used[dtype] : used[dtype] + hi - lo])
+                used[dtype] += hi - lo
+            targets[pr.param, pr.piece] = regions
+            local_accs += [a for a, r in zip(accs, regions) if r.numel()]
+            local_maxima += [r for r in regions if r.numel()]
+    return targets, Finalizer(local_accs, local_maxima), Finalizer(reduced_accs, reduced_maxima)
+
+
+def block_views(
+    blocks: Sequence[BlockRef],
+    tensors: Sequence[tuple[Tensor, Tensor | None]],
+    stored: Sequence[Sequence[Sequence[Tensor]]],
+    targets: Mapping[tuple[int, int], Sequence[Tensor]],
+) -> tuple[list[Tensor], list[Tensor | None], list[tuple[Tensor, ...]], list[tuple[Tensor, ...]]]:
+    """Per block: the view of the local parameter and of its momentum (``tensors[k]``: those of stepped
+    parameter ``k``), the slices of the stored accumulators it reads and the regions of its maxima targets."""
+    params, bufs, accs, outs = [], [], [], []
+    flat: dict[int, tuple[Tensor, Tensor | None]] = {}
+    for b in blocks:
+        local, buf = tensors[b.param]
+        target = targets[b.param, b.piece]
+        accs.append(tuple(a[s : s + n] for a, s, n in zip(stored[b.param][b.piece], b.acc_starts, b.lengths)))
+        outs.append(tuple(t[s : s + n] for t, s, n in zip(target, b.out_starts, b.lengths)))
+        if b.whole:
+            params.append(local)
+            bufs.append(buf)
+            continue
+        if b.param not in flat:
+            flat[b.param] = (local.view(-1), None if buf is None else buf.view(-1))
+        fp, fm = flat[b.param]
+        n = math.prod(b.lengths)
+        params.append(fp[b.offset : b.offset + n].view(b.lengths))
+        bufs.append(None if fm is None else fm[b.offset : b.offset + n].view(b.lengths))
+    return params, bufs, accs, outs
+
+
+def fused_plan_for(
+    params: Sequence[Tensor],
+    bufs: Sequence[Tensor | None],
+    accs: Sequence[Sequence[Tensor]],
+    outs: Sequence[Sequence[Tensor]],
+    block_grads: Sequence[Tensor],
+) -> tuple[Any, tuple[int, ...], tuple[int, ...]]:
+    """The device's fused-kernel plan over the blocks it takes as they are (contiguous, of its dtypes):
+    ``(plan or None, its blocks, the other blocks)``."""
+    kernel = fused.require_fused_kernel(params)
+    take = [
+        i
+        for i, (p, g, m) in enumerate(zip(params, block_grads, bufs))
+        if kernel.takes(p, g, m) and p.is_contiguous() and g.is_contiguous() and (m is None or m.is_contiguous())
+    ]
+    plan = None
+    if take:
+        plan = kernel.build(
+            [params[i] for i in take],
+            [bufs[i] for i in take],
+            [list(accs[i]) for i in take],
+            [list(outs[i]) for i in take],
+        )
+    if plan is None:
+        return None, (), tuple(range(len(params)))
+    chosen = set(take)
+    return plan, tuple(take), tuple(i for i in range(len(params)) if i not in chosen)
+
+
+def stack_step_counts(steps: Sequence[Tensor]) -> tuple[Tensor | None, list[Tensor]]:
+    """On one accelerator, the step counts as one tensor and each count a 0-d view of its element (one add
+    counts a step): ``(that tensor, the views)``; elsewhere ``(None, the counts as they are)``."""
+    host = functional.HOST_READ_DEVICES
+    if (
+        steps
+        and all(type(s) is Tensor and s.device.type not in host for s in steps)
+        and len({s.device for s in steps}) == 1
+    ):
+        counts = torch.stack(list(steps))
+        return counts, list(counts.unbind())
+    return None, list(steps)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["UpdateRule"]
+from torch import Tensor
+
+__all__ = ["UpdateRule", "check_hyperparameter_values"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,6 +35,18 @@ class UpdateRule:
     uncorrected average), as Adam corrects its zero-initialised second moment. The kernels take the divisor as
     ``nu_divisor``; :meth:`nu_divisor` computes it."""
 
+    @classmethod
+    def of_group(cls, group: Mapping[str, Any]) -> UpdateRule:
+        """The update rule of a param group's hyperparameters (the learning rate goes to the kernels separately)."""
+        return cls(
+            momentum=group["momentum"],
+            beta=group["beta"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+            bias_correction=group.get("bias_correction", False),
+        )
+
     def nu_divisor(self, step: int) -> float | None:
         """``1 - beta ** step`` in double precision, or ``None`` without correction.
 
@@ -41,3 +58,28 @@ class UpdateRule:
         if step < 1:
             raise ValueError(f"the bias-correction divisor needs a step count >= 1, got {step}")
         return 1.0 - self.beta**step
+
+
+def check_hyperparameter_values(**values: Any) -> None:
+    """Raise ``ValueError`` naming the first of ``lr``, ``momentum``, ``beta``, ``eps`` and ``weight_decay`` given
+    that is not a valid value (only ``lr`` may be a tensor: one real element, of any shape)."""
+    for name, value in values.items():
+        if isinstance(value, Tensor):
+            if name != "lr":
+                raise ValueError(f"Invalid {name}: a tensor ({name} must be a Python number; only lr may be a tensor)")
+            # any 1-element shape ((), (1,), (1, 1), ...) is usable: every kernel reads it as a scalar
+            if value.numel() != 1:
+                raise ValueError(
+                    f"Tensor {name} must be 1-element (a scalar of any shape), got shape {tuple(value.shape)}"
+                )
+            if not value.is_floating_point():
+                raise ValueError(f"Tensor {name} must be a real floating-point tensor, got dtype {value.dtype}")
+            if value.is_meta:
+                raise ValueError(f"Tensor {name} is on the meta device and holds no value")
+            value = value.item()
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"Invalid {name}: {value!r} (a finite number is required)")
+        if name in ("lr", "eps", "weight_decay") and value < 0.0:
+            raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
+        if name in ("momentum", "beta") and not 0.0 <= value < 1.0:
+            raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sm3_dist.optimizer import MOMENTUM_KEY, STEP_KEY, _check_hyperparameters, accumulator_key
 from sm3_dist.placement import ShardSpec, to_local
+from sm3_dist.rule import check_hyperparameter_values
+from sm3_dist.state import MOMENTUM_KEY, STEP_KEY, accumulator_key
 
 __all__ = ["HYPERPARAMETERS", "check_groups", "check_hyperparameters", "check_param_state", "check_sm3_state_dict"]
 
@@ -52,7 +53,7 @@ def check_hyperparameters(saved_groups: Sequence[Mapping[str, Any]], who: str = 
                 "comes from another optimizer"
             )
         try:
-            _check_hyperparameters(**{key: group[key] for key in HYPERPARAMETERS})
+            check_hyperparameter_values(**{key: group[key] for key in HYPERPARAMETERS})
         except ValueError as err:
             raise ValueError(f"{who}: param group {gi}: {err}") from None
 

@@ -27,8 +27,9 @@ from sm3_dist.integrations.deepspeed.universal import (
 from torch import Tensor
 
 from sm3_dist.layout import TensorLayout, normalize_shape
-from sm3_dist.optimizer import MOMENTUM_KEY, SM3, STEP_KEY, accumulator_key
+from sm3_dist.optimizer import SM3
 from sm3_dist.placement import ShardSpec, UnsupportedLayoutError
+from sm3_dist.state import MOMENTUM_KEY, STEP_KEY, accumulator_key
 
 __all__ = ["DeepSpeedSM3"]
 

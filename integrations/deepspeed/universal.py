@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from sm3_dist.layout import Piece, flat_range_piece, normalize_shape
-from sm3_dist.optimizer import MOMENTUM_KEY, STEP_KEY, accumulator_key
+from sm3_dist.state import MOMENTUM_KEY, STEP_KEY, accumulator_key
 
 __all__ = ["LAYOUT_KEY", "UNIVERSAL_KEY", "to_universal"]
 
