@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -49,6 +50,29 @@ __all__ = [
     "rank_suffix",
     "world_size",
 ]
+
+
+_RETAINED: deque[tuple[Tensor, ...]] = deque(maxlen=4)
+
+
+def _retain(*tensors: Tensor) -> None:
+    """Keep the CPU tensors of a finished collective referenced until four more have finished.
+
+    gloo's worker thread drops its references to a collective's tensors just
+    after the caller has woken up. When it drops the last one, freeing the
+    tensor's Python object needs the GIL; if the interpreter has begun to
+    finalize by then (a script that ends right after a collective on a loaded
+    machine), the thread exits inside a C++ destructor and the process aborts
+    with "terminate called without an active exception" (SIGABRT, seen at the
+    end of ``examples/ddp_sharded.py`` after ``ShardedSM3.state_dict()``'s
+    all-gather of temporaries in about 1 run of 20). Held here, the last
+    reference is always this module's, released by a Python thread. Only CPU
+    tensors are held (accelerator memory is not kept alive), at most those of
+    the last four collectives.
+    """
+    cpu = tuple(t for t in tensors if t.device.type == "cpu")
+    if cpu:
+        _RETAINED.append(cpu)
 
 
 def end_process(rc: int = 0) -> NoReturn:
@@ -135,6 +159,7 @@ class MaxReducer:
         if self._work is not None:
             self._work.wait()
             self._work = None
+            _retain(self.buffer)
 
 
 def all_gather_flat(local: Tensor, output: Tensor, group: dist.ProcessGroup | None) -> None:
@@ -142,6 +167,7 @@ def all_gather_flat(local: Tensor, output: Tensor, group: dist.ProcessGroup | No
     # torch >= 2.13 names it all_gather_single and deprecates all_gather_into_tensor
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(output, local, group=group)
+    _retain(local, output)
 
 
 def any_rank_true(flag: bool, group: dist.ProcessGroup | None, device: torch.device) -> bool:
@@ -150,6 +176,7 @@ def any_rank_true(flag: bool, group: dist.ProcessGroup | None, device: torch.dev
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    _retain(t)
     return bool(t.item() > 0)
 
 
@@ -164,6 +191,7 @@ def all_reduce_flag_(flag: Tensor, groups: Sequence[dist.ProcessGroup | None]) -
     for group in groups:
         if world_size(group) > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True).wait()
+            _retain(flag)
     return flag
 
 
@@ -176,6 +204,7 @@ def all_reduce_(bucket: Tensor, op: str, group: dist.ProcessGroup | None) -> Ten
         raise ValueError(f"op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
     if world_size(group) > 1:
         dist.all_reduce(bucket, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=group)
+        _retain(bucket)
     return bucket
 
 
