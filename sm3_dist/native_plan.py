@@ -21,8 +21,14 @@ from sm3_dist.rule import UpdateRule
 
 __all__ = ["MOMENTUM_KINDS", "PARAM_DTYPES", "NativePlan", "native_available", "pack_block"]
 
-PARAM_DTYPES = {torch.float32: _native.DTYPE_F32, torch.bfloat16: _native.DTYPE_BF16}
-MOMENTUM_KINDS = {None: 0, torch.float32: 1, torch.bfloat16: 2}
+PARAM_DTYPES = {torch.float32: _native.CODES["DTYPE_F32"], torch.bfloat16: _native.CODES["DTYPE_BF16"]}
+"""The parameter dtypes the kernel takes, and their codes."""
+MOMENTUM_KINDS = {
+    None: _native.CODES["MOMENTUM_NONE"],
+    torch.float32: _native.CODES["MOMENTUM_F32"],
+    torch.bfloat16: _native.CODES["MOMENTUM_BF16"],
+}
+"""The momentum dtypes the kernel takes (``None``: no momentum), and their codes."""
 _POS_INF: dict[torch.device, Tensor] = {}
 
 
@@ -51,24 +57,26 @@ def pack_block(**fields: int) -> list[int]:
 
 def _native_run(lib, meta: array, nblocks: int, rule: UpdateRule, lr, nu_divisor, grad_scale) -> None:
     """One call of the native kernel on ``nblocks`` blocks described by ``meta``."""
-    hyper = (ctypes.c_double * 10)(
-        float(lr),
-        rule.momentum,
-        1.0 - rule.momentum,
-        rule.beta,
-        1.0 - rule.beta,
-        rule.eps,
-        rule.weight_decay,
-        -1.0 if rule.maximize else 1.0,
-        1.0 if nu_divisor is None else float(nu_divisor),
-        1.0 if grad_scale is None else float(grad_scale),
-    )
+    values = {
+        "lr": float(lr),
+        "momentum": rule.momentum,
+        "one_minus_momentum": 1.0 - rule.momentum,
+        "beta": rule.beta,
+        "one_minus_beta": 1.0 - rule.beta,
+        "eps": rule.eps,
+        "weight_decay": rule.weight_decay,
+        "sign": -1.0 if rule.maximize else 1.0,
+        "nu_divisor": 1.0 if nu_divisor is None else float(nu_divisor),
+        "grad_scale": 1.0 if grad_scale is None else float(grad_scale),
+    }
+    hyper = (ctypes.c_double * len(_native.HYPER_FIELDS))(*[values[name] for name in _native.HYPER_FIELDS])
+    code = _native.CODES
     flags = (
-        (_native.FLAG_WD if rule.weight_decay != 0.0 else 0)
-        | (_native.FLAG_BETA if rule.beta > 0.0 else 0)
-        | (_native.FLAG_EPS if rule.eps > 0.0 else 0)
-        | (_native.FLAG_NU_DIV if nu_divisor is not None else 0)
-        | (_native.FLAG_SCALE if grad_scale is not None else 0)
+        (code["FLAG_WD"] if rule.weight_decay != 0.0 else 0)
+        | (code["FLAG_BETA"] if rule.beta > 0.0 else 0)
+        | (code["FLAG_EPS"] if rule.eps > 0.0 else 0)
+        | (code["FLAG_NU_DIV"] if nu_divisor is not None else 0)
+        | (code["FLAG_SCALE"] if grad_scale is not None else 0)
     )
     status = lib.sm3_native_step(
         meta.buffer_info()[0], nblocks, ctypes.addressof(hyper), flags, torch.get_num_threads(), _native.TILE_ELEMS

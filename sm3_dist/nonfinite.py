@@ -13,7 +13,12 @@ from sm3_dist import _native, fused
 
 __all__ = ["SCAN_DTYPES", "first_nonfinite", "nonfinite_", "nonfinite_on_host_"]
 
-SCAN_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+SCAN_DTYPES = {
+    torch.float32: _native.CODES["SCAN_F32"],
+    torch.bfloat16: _native.CODES["SCAN_BF16"],
+    torch.float16: _native.CODES["SCAN_F16"],
+}
+"""The dtypes the fused scans read (contiguous tensors only), and their codes in the native kernel."""
 
 
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:

@@ -1,5 +1,8 @@
 // The SM3 native kernel. Compiled with a generated prelude (sm3_dist/_native.py: layout_header()) that
-// defines the block layout: enum Field { F_W, F_G, ..., NFIELDS }, ABI_VERSION and FIELD_NAMES.
+// defines everything Python and C++ must agree on, read here only by name: the block layout (enum Field:
+// F_W, F_G, ..., NFIELDS), the hyperparameters' order (enum HyperField: H_LR, ..., NHYPER), the codes
+// (enum ParamDtype: DTYPE_*, enum MomentumKind: MOMENTUM_*, enum ScanDtype: SCAN_*, enum Flag: FLAG_*),
+// ABI_VERSION, and FIELD_NAMES, HYPER_NAMES and CODE_NAMES, which the library reports back.
 #include <cstdint>
 #include <cstring>
 #include <cmath>
@@ -188,29 +191,33 @@ void run_tile(const Block& b, const Hyper& hs, int64_t r0, int64_t r1, int64_t c
 
 typedef void (*TileFn)(const Block&, const Hyper&, int64_t, int64_t, int64_t, int64_t, float*, float*);
 
-template <class PT, class MT, bool HAS_M, bool EXTRA>
-TileFn pick_flags3(int64_t flags) {
-  switch (flags & 7) {
-    case 0: return run_tile<PT, MT, HAS_M, false, false, false, EXTRA>;
-    case 1: return run_tile<PT, MT, HAS_M, true, false, false, EXTRA>;
-    case 2: return run_tile<PT, MT, HAS_M, false, true, false, EXTRA>;
-    case 3: return run_tile<PT, MT, HAS_M, true, true, false, EXTRA>;
-    case 4: return run_tile<PT, MT, HAS_M, false, false, true, EXTRA>;
-    case 5: return run_tile<PT, MT, HAS_M, true, false, true, EXTRA>;
-    case 6: return run_tile<PT, MT, HAS_M, false, true, true, EXTRA>;
-    default: return run_tile<PT, MT, HAS_M, true, true, true, EXTRA>;
-  }
+// one instantiation of run_tile per combination of the step's flags
+template <class PT, class MT, bool HAS_M, bool WD, bool BETA, bool EPS>
+TileFn pick_extra(int64_t flags) {
+  if (flags & (FLAG_NU_DIV | FLAG_SCALE)) return run_tile<PT, MT, HAS_M, WD, BETA, EPS, true>;
+  return run_tile<PT, MT, HAS_M, WD, BETA, EPS, false>;
+}
+
+template <class PT, class MT, bool HAS_M, bool WD, bool BETA>
+TileFn pick_eps(int64_t flags) {
+  return (flags & FLAG_EPS) ? pick_extra<PT, MT, HAS_M, WD, BETA, true>(flags)
+                            : pick_extra<PT, MT, HAS_M, WD, BETA, false>(flags);
+}
+
+template <class PT, class MT, bool HAS_M, bool WD>
+TileFn pick_beta(int64_t flags) {
+  return (flags & FLAG_BETA) ? pick_eps<PT, MT, HAS_M, WD, true>(flags) : pick_eps<PT, MT, HAS_M, WD, false>(flags);
 }
 
 template <class PT, class MT, bool HAS_M>
 TileFn pick_flags(int64_t flags) {
-  return (flags & 24) ? pick_flags3<PT, MT, HAS_M, true>(flags) : pick_flags3<PT, MT, HAS_M, false>(flags);
+  return (flags & FLAG_WD) ? pick_beta<PT, MT, HAS_M, true>(flags) : pick_beta<PT, MT, HAS_M, false>(flags);
 }
 
 template <class PT>
 TileFn pick_momentum(int64_t mkind, int64_t flags) {
-  if (mkind == 1) return pick_flags<PT, float, true>(flags);
-  if (mkind == 2) return pick_flags<PT, bf16_t, true>(flags);
+  if (mkind == MOMENTUM_F32) return pick_flags<PT, float, true>(flags);
+  if (mkind == MOMENTUM_BF16) return pick_flags<PT, bf16_t, true>(flags);
   return pick_flags<PT, float, false>(flags);
 }
 
@@ -251,6 +258,8 @@ struct Plan {
 extern "C" int sm3_native_abi() { return ABI_VERSION; }
 extern "C" int sm3_native_nfields() { return NFIELDS; }
 extern "C" const char* sm3_native_field_names() { return FIELD_NAMES; }
+extern "C" const char* sm3_native_hyper_names() { return HYPER_NAMES; }
+extern "C" const char* sm3_native_codes() { return CODE_NAMES; }
 
 namespace {
 // exponent bits all ones: inf or NaN. A max-reduction of the masked exponents, which vectorizes.
@@ -265,7 +274,7 @@ bool has_nonfinite(const T* p, int64_t n, T mask) {
 }
 }  // namespace
 
-// kinds: 0 fp32, 1 bf16, 2 fp16. Returns the index of the first tensor holding an inf/NaN, or -1.
+// kinds: ScanDtype (SCAN_F32, SCAN_BF16, SCAN_F16). Returns the index of the first tensor holding an inf/NaN, or -1.
 extern "C" int64_t sm3_native_first_nonfinite(const int64_t* ptrs, const int64_t* numels, const int64_t* kinds,
                                               int64_t n, int64_t num_threads, int64_t tile_elems) {
   struct Span { int64_t tensor, begin, end; };
@@ -284,11 +293,11 @@ extern "C" int64_t sm3_native_first_nonfinite(const int64_t* ptrs, const int64_t
       const int64_t t = nspans - 1 - k;
       const Span& s = spans[t];
       const int64_t len = s.end - s.begin;
-      if (kinds[s.tensor] == 0)
+      if (kinds[s.tensor] == SCAN_F32)
         bad[t] = has_nonfinite(reinterpret_cast<const uint32_t*>(ptrs[s.tensor]) + s.begin, len, uint32_t(0x7F800000u));
       else
         bad[t] = has_nonfinite(reinterpret_cast<const uint16_t*>(ptrs[s.tensor]) + s.begin, len,
-                               uint16_t(kinds[s.tensor] == 1 ? 0x7F80u : 0x7C00u));
+                               uint16_t(kinds[s.tensor] == SCAN_BF16 ? 0x7F80u : 0x7C00u));
     }
   };
   int64_t nt = std::max<int64_t>(1, std::min({num_threads, nspans, (total + 4 * tile_elems - 1) / (4 * tile_elems)}));
@@ -308,12 +317,13 @@ extern "C" int64_t sm3_native_first_nonfinite(const int64_t* ptrs, const int64_t
 }
 
 // meta: nblocks x NFIELDS int64, field F_<NAME> of block k at meta[k * NFIELDS + F_<NAME>] (see BLOCK_FIELDS);
-// hyper: lr, momentum, 1 - momentum, beta, 1 - beta, eps, weight_decay,
-// sign, nu divisor, gradient scale
+// hyper: NHYPER doubles, H_<NAME> at hyper[H_<NAME>] (see HYPER_FIELDS); flags: FLAG_* bits
 extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const double* hyper, int64_t flags,
                                int64_t num_threads, int64_t tile_elems) {
-  Hyper hs{float(hyper[0]), float(hyper[1]), float(hyper[2]), float(hyper[3]), float(hyper[4]),
-           float(hyper[5]), float(hyper[6]), float(hyper[7]), float(hyper[8]), float(hyper[9])};
+  Hyper hs{float(hyper[H_LR]),     float(hyper[H_MOMENTUM]),     float(hyper[H_ONE_MINUS_MOMENTUM]),
+           float(hyper[H_BETA]),   float(hyper[H_ONE_MINUS_BETA]), float(hyper[H_EPS]),
+           float(hyper[H_WEIGHT_DECAY]), float(hyper[H_SIGN]), float(hyper[H_NU_DIVISOR]),
+           float(hyper[H_GRAD_SCALE])};
   std::vector<Block> blocks(nblocks);
   std::vector<Plan> plans(nblocks);
   std::vector<Tile> tiles;
@@ -336,7 +346,7 @@ extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const doubl
     if (b.rows <= 0 || b.cols <= 0) return 1;
     total += b.rows * b.cols;
     Plan& p = plans[k];
-    p.fn = b.pdtype == 1 ? pick_momentum<bf16_t>(b.mkind, flags) : pick_momentum<float>(b.mkind, flags);
+    p.fn = b.pdtype == DTYPE_BF16 ? pick_momentum<bf16_t>(b.mkind, flags) : pick_momentum<float>(b.mkind, flags);
     if (b.cols >= tile_elems) {
       p.cb = tile_elems;
       p.rb = 1;

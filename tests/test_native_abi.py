@@ -1,0 +1,166 @@
+"""The native CPU kernel's interface is defined once, in Python (``sm3_dist/_native.py``), and C++ agrees with it.
+
+The block layout, the hyperparameters' order and the codes a block or a step carries (parameter dtype, momentum
+kind, scanned dtype, flags) are tables in ``_native.py``; the C++ enums are generated from them. These tests fail
+when the C++ source numbers a code by hand, when a built library reports other tables than Python's, and when a
+code Python packs makes the kernel compute anything but the eager kernel's result.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from sm3_dist import _native, functional
+from sm3_dist.native_plan import MOMENTUM_KINDS, PARAM_DTYPES
+from sm3_dist.nonfinite import SCAN_DTYPES, first_nonfinite
+from sm3_dist.rule import UpdateRule
+from tests.common import KERNELS, assert_same, random_blocks
+
+SOURCE = _native._SOURCE_FILE.read_text()
+GENERATED = [
+    *(name for names in _native.ENUMS.values() for name in names),
+    *_native.FLAGS,
+    *(f"H_{name.upper()}" for name in _native.HYPER_FIELDS),
+    *(f"F_{name.upper()}" for name in _native.BLOCK_FIELDS),
+    "NFIELDS",
+    "NHYPER",
+    "ABI_VERSION",
+]
+
+
+def _library():
+    lib = _native.load()
+    if lib is None:
+        pytest.skip("native kernel unavailable (see the logged reason)")
+    return lib
+
+
+# ---------------------------------------------------------------------------------------------- the C++ source
+
+
+def test_the_cpp_source_defines_no_generated_name():
+    """Every enum and constant both sides share comes from the generated prelude, none from the .cpp."""
+    assert not re.search(r"^\s*enum\b", SOURCE, re.MULTILINE), "the .cpp declares an enum of its own"
+    for name in GENERATED:
+        assert not re.search(rf"\b{name}\s*=(?!=)", SOURCE), f"the .cpp defines {name}"
+        assert re.search(rf"\b{name}\s*=", _native.layout_header()), f"the prelude lacks {name}"
+
+
+BY_NUMBER = {
+    "a parameter dtype": r"\bpdtype\s*[!=]=\s*\d",
+    "a momentum kind": r"\bmkind\s*[!=]=\s*\d",
+    "a scanned dtype": r"\bkinds\[[^\]]*\]\s*[!=]=\s*\d",
+    "a flag": r"\bflags\s*&\s*\d|switch\s*\(\s*flags",
+    "a hyperparameter": r"\bhyper\[\s*\d",
+    "a block field": r"\bf\[\s*\d",
+}
+
+
+@pytest.mark.parametrize("what", list(BY_NUMBER))
+def test_the_cpp_reads_codes_by_name(what):
+    assert not re.search(BY_NUMBER[what], SOURCE), f"the .cpp reads {what} by number"
+
+
+def test_the_cpp_uses_every_flag_and_hyperparameter():
+    for name in (*_native.FLAGS, *(f"H_{h.upper()}" for h in _native.HYPER_FIELDS)):
+        assert re.search(rf"\b{name}\b", SOURCE), f"the .cpp never reads {name}"
+
+
+def test_python_codes_are_the_tables():
+    codes = _native.codes()
+    assert codes == _native.CODES
+    for names in _native.ENUMS.values():
+        assert [codes[n] for n in names] == list(range(len(names)))
+    assert [codes[n] for n in _native.FLAGS] == [1 << i for i in range(len(_native.FLAGS))]
+    assert sorted(PARAM_DTYPES.values()) == [codes[n] for n in _native.ENUMS["ParamDtype"]]
+    assert sorted(MOMENTUM_KINDS.values()) == [codes[n] for n in _native.ENUMS["MomentumKind"]]
+    assert sorted(SCAN_DTYPES.values()) == [codes[n] for n in _native.ENUMS["ScanDtype"]]
+
+
+# ---------------------------------------------------------------------------------------------- the built library
+
+
+def test_the_library_reports_pythons_tables():
+    lib = _library()
+    _native.check_layout(lib)
+    assert lib.sm3_native_abi() == _native.ABI_VERSION
+    assert lib.sm3_native_hyper_names().decode().split(",") == list(_native.HYPER_FIELDS)
+    reported = dict(item.split("=") for item in lib.sm3_native_codes().decode().split(","))
+    assert {name: int(value) for name, value in reported.items()} == _native.CODES
+
+
+def _swapped(names: tuple[str, ...]) -> tuple[str, ...]:
+    return (names[1], names[0], *names[2:])
+
+
+MISMATCHES = {
+    "two flags swapped": ("FLAGS", _swapped(_native.FLAGS)),
+    "two momentum kinds swapped": ("ENUMS", {**_native.ENUMS, "MomentumKind": _swapped(_native.ENUMS["MomentumKind"])}),
+    "a scanned dtype fewer": ("ENUMS", {**_native.ENUMS, "ScanDtype": _native.ENUMS["ScanDtype"][:-1]}),
+    "two hyperparameters swapped": ("HYPER_FIELDS", _swapped(_native.HYPER_FIELDS)),
+}
+
+
+@pytest.mark.parametrize("table,value", list(MISMATCHES.values()), ids=list(MISMATCHES))
+def test_a_library_built_with_other_codes_is_refused(monkeypatch, table, value):
+    lib = _library()
+    monkeypatch.setattr(_native, table, value)
+    with pytest.raises(RuntimeError, match="is not this module's"):
+        _native.check_layout(lib)
+
+
+# ---------------------------------------------------------------------------------------------- the codes at work
+
+FLAG_SETTINGS = {
+    "no flag": dict(eps=0.0),
+    "FLAG_WD": dict(eps=0.0, weight_decay=0.01),
+    "FLAG_BETA": dict(eps=0.0, beta=0.9),
+    "FLAG_EPS": dict(eps=1e-3),
+    "FLAG_NU_DIV": dict(eps=0.0, nu_divisor=0.19),
+    "FLAG_SCALE": dict(eps=0.0, grad_scale=torch.tensor(8.0)),
+    "every flag, maximize": dict(eps=1e-3, weight_decay=0.01, beta=0.9, nu_divisor=0.19, grad_scale=torch.tensor(8.0)),
+}
+
+
+@pytest.mark.parametrize("flags", list(FLAG_SETTINGS))
+@pytest.mark.parametrize("momentum_dtype", list(MOMENTUM_KINDS), ids=str)
+@pytest.mark.parametrize("param_dtype", list(PARAM_DTYPES), ids=str)
+def test_every_code_makes_the_kernel_compute_the_eager_result(param_dtype, momentum_dtype, flags):
+    """Each parameter dtype, momentum kind and flag Python packs, through the native kernel: bitwise the
+    per-tensor loop's parameters, momentum and maxima."""
+    _library()
+    settings = dict(FLAG_SETTINGS[flags])
+    step = {k: settings.pop(k) for k in ("nu_divisor", "grad_scale") if k in settings}
+    rule = UpdateRule(momentum=0.0 if momentum_dtype is None else 0.9, maximize="maximize" in flags, **settings)
+    params, grads, bufs, accs = random_blocks(seed=7, shapes=((37,), (13, 11), (3, 5, 70)))
+    params = [p.to(param_dtype) for p in params]
+    grads = [g.to(param_dtype) for g in grads]
+    bufs = [None if momentum_dtype is None else b.to(momentum_dtype) for b in bufs]
+    results = {}
+    for kernel in ("eager", "fused"):
+        copy = (
+            [p.clone() for p in params],
+            [g.clone() for g in grads],
+            [None if b is None else b.clone() for b in bufs],
+            [[a.clone() for a in acc] for acc in accs],
+        )
+        maxima = functional.sm3(*copy, rule=rule, lr=0.1, **step, **KERNELS[kernel])
+        results[kernel] = (copy[0], [b for b in copy[2] if b is not None], maxima)
+    assert_same(results["fused"], results["eager"])
+
+
+@pytest.mark.parametrize("dtype", list(SCAN_DTYPES), ids=str)
+def test_every_scanned_dtype_is_read_as_itself(dtype):
+    """A scanned dtype's code read as another dtype would miss (or invent) an inf: the native scan finds each
+    dtype's own inf and NaN, and no finite maximum."""
+    _library()
+    tensors = [torch.zeros(70_000, dtype=dtype), torch.zeros(5, dtype=dtype)]
+    tensors[0][-1] = torch.finfo(dtype).max
+    assert first_nonfinite(tensors) is None
+    for bad in (float("inf"), float("nan")):
+        tensors[1][3] = bad
+        assert first_nonfinite(tensors) == 1
+        tensors[1][3] = 0.0
