@@ -1,8 +1,10 @@
 """A slow, independent SM3-II reference: one Python loop over every element, in float64.
 
-Written from the paper's update rule (Anil et al. 2019, SM3-II with the cover of
-codimension-1 slices) and ../shared/DESIGN.md section 1, sharing no code with
-``sm3_dist``. Rank-0 and rank-1 tensors get one accumulator per element.
+Written from the paper's update rule (Anil, Gupta, Koren, Singer, "Memory-Efficient
+Adaptive Optimization", NeurIPS 2019, arXiv:1901.11150: Algorithm SM3-II with the
+cover of codimension-1 slices) and README.md's "The update" (the ``beta``, ``eps``,
+``momentum`` and ``weight_decay`` variants), sharing no code with ``sm3_dist``.
+Rank-0 and rank-1 tensors get one accumulator per element.
 
 Variants: ``bias_correction`` (with ``beta > 0``) divides ``nu`` by
 ``1 - beta ** t`` for the update only, ``t`` being the number of steps the
