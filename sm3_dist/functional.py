@@ -146,6 +146,37 @@ def _divisor(value: float | Tensor | None, like: Tensor) -> float | Tensor | Non
     return value.to(like.device, like.dtype, non_blocking=True)
 
 
+def _gradient(g: Tensor, w: Tensor, rule: UpdateRule, grad_scale: Tensor | None) -> Tensor:
+    """``g / grad_scale``, negated to maximize, plus ``weight_decay * w`` (``g`` and ``w`` in the compute dtype)."""
+    if grad_scale is not None:
+        g = g / _divisor(grad_scale, g)
+    if rule.maximize:
+        g = -g
+    if rule.weight_decay != 0.0:
+        g = g + w * rule.weight_decay
+    return g
+
+
+def _nu(accumulators: Sequence[Tensor], g: Tensor, rule: UpdateRule) -> Tensor:
+    """``nu = min_d mu_d + g^2`` (running sum), or ``beta * min_d mu_d + (1 - beta) * g^2``, as a new tensor."""
+    nu = _min_over_covers(accumulators, g.shape)
+    if rule.beta > 0.0:
+        nu.mul_(rule.beta)
+        nu.add_((g * g).mul_(1.0 - rule.beta))
+    else:
+        nu.add_(g * g)
+    return nu
+
+
+def _preconditioned(g: Tensor, nu: Tensor, rule: UpdateRule, nu_divisor: float | Tensor | None) -> Tensor:
+    """``u = g / sqrt(nu_hat + eps)`` with ``nu_hat = nu / nu_divisor``; with ``eps = 0``, 0 where ``nu_hat = 0``
+    (the 0/0 = 0 convention). A new tensor; ``nu`` is left as it is."""
+    nu_hat = nu if nu_divisor is None else nu / _divisor(nu_divisor, nu)
+    if rule.eps > 0.0:
+        return _rsqrt_(nu_hat + rule.eps).mul_(g)
+    return torch.where(nu_hat > 0, g * _rsqrt_(nu_hat.clone()), torch.zeros((), dtype=g.dtype, device=g.device))
+
+
 def _single_block(
     param: Tensor,
     grad: Tensor,
@@ -158,26 +189,11 @@ def _single_block(
 ) -> tuple[Tensor, ...]:
     """One block, eager. Updates ``param`` and ``momentum_buffer`` in place; returns the maxima."""
     cdt = _compute_dtype(param.dtype)
-    g = grad.to(cdt)
-    if grad_scale is not None:
-        g = g / _divisor(grad_scale, g)
-    if rule.maximize:
-        g = -g
     w = param if param.dtype == cdt else param.to(cdt)
-    if rule.weight_decay != 0.0:
-        g = g + w * rule.weight_decay
-    nu = _min_over_covers(accumulators, g.shape)
-    if rule.beta > 0.0:
-        nu.mul_(rule.beta)
-        nu.add_((g * g).mul_(1.0 - rule.beta))
-    else:
-        nu.add_(g * g)
+    g = _gradient(grad.to(cdt), w, rule, grad_scale)
+    nu = _nu(accumulators, g, rule)
     maxima = _maxima(nu)
-    nu_hat = nu if nu_divisor is None else nu / _divisor(nu_divisor, nu)
-    if rule.eps > 0.0:
-        update = _rsqrt_(nu_hat + rule.eps).mul_(g)
-    else:
-        update = torch.where(nu_hat > 0, g * _rsqrt_(nu_hat.clone()), torch.zeros((), dtype=cdt, device=g.device))
+    update = _preconditioned(g, nu, rule, nu_divisor)
     if momentum_buffer is not None:
         m = momentum_buffer if momentum_buffer.dtype == cdt else momentum_buffer.to(cdt)
         m.mul_(rule.momentum).add_(update.mul_(1.0 - rule.momentum))
@@ -533,30 +549,14 @@ def sm3_sparse_rows_(
     cdt = _compute_dtype(param.dtype)
     grad = grad.coalesce()
     rows = grad.indices()[0]
-    values = grad.values().to(cdt)
-    if grad_scale is not None:
-        values = values / grad_scale
-    if rule.maximize:
-        values = -values
     w_rows = param[rows].to(cdt)
-    if rule.weight_decay != 0.0:
-        values = values + w_rows * rule.weight_decay
-    row_accumulators = [accumulators[0].index_select(0, rows), *accumulators[1:]]
-    nu = _min_over_covers(row_accumulators, values.shape)
-    if rule.beta > 0.0:
-        nu.mul_(rule.beta)
-        nu.add_((values * values).mul_(1.0 - rule.beta))
-    else:
-        nu.add_(values * values)
+    values = _gradient(grad.values().to(cdt), w_rows, rule, grad_scale)
+    nu = _nu([accumulators[0].index_select(0, rows), *accumulators[1:]], values, rule)
     maxima = _maxima(nu)
     accumulators[0].index_copy_(0, rows, maxima[0])
     for acc, new in zip(accumulators[1:], maxima[1:]):
         torch.maximum(acc, new, out=acc)
-    nu_hat = nu if nu_divisor is None else nu / nu_divisor
-    if rule.eps > 0.0:
-        update = _rsqrt_(nu_hat + rule.eps).mul_(values)
-    else:
-        update = torch.where(nu_hat > 0, values * _rsqrt_(nu_hat.clone()), torch.zeros((), dtype=cdt))
+    update = _preconditioned(values, nu, rule, nu_divisor)
     if momentum_buffer is not None:
         m_rows = momentum_buffer[rows].to(cdt)
         m_rows.mul_(rule.momentum).add_(update.mul_(1.0 - rule.momentum))
