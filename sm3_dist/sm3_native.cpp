@@ -262,6 +262,20 @@ extern "C" const char* sm3_native_hyper_names() { return HYPER_NAMES; }
 extern "C" const char* sm3_native_codes() { return CODE_NAMES; }
 
 namespace {
+// work() on a team of nt threads (one OpenMP parallel region), or once on this thread
+template <class Work>
+void run_team(int64_t nt, Work& work) {
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    work();
+    return;
+  }
+#endif
+  (void)nt;
+  work();
+}
+
 // exponent bits all ones: inf or NaN. A max-reduction of the masked exponents, which vectorizes.
 template <class T>
 bool has_nonfinite(const T* p, int64_t n, T mask) {
@@ -301,16 +315,7 @@ extern "C" int64_t sm3_native_first_nonfinite(const int64_t* ptrs, const int64_t
     }
   };
   int64_t nt = std::max<int64_t>(1, std::min({num_threads, nspans, (total + 4 * tile_elems - 1) / (4 * tile_elems)}));
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    work();
-  } else {
-    work();
-  }
-#else
-  work();
-#endif
+  run_team(nt, work);
   for (int64_t t = 0; t < nspans; ++t)
     if (bad[t]) return spans[t].tensor;
   return -1;
@@ -400,16 +405,7 @@ extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const doubl
   };
   // waking a thread team costs more than a small step: one thread per tile's worth of elements at most
   int64_t nt = std::max<int64_t>(1, std::min({num_threads, ntiles, (total + tile_elems - 1) / tile_elems}));
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    work();
-  } else {
-    work();
-  }
-#else
-  work();
-#endif
+  run_team(nt, work);
   // every accumulator has been read: write the maxima, combining the partials of blocks cut into tiles
   for (int64_t k = 0; k < nblocks; ++k) {
     const Plan& p = plans[k];
