@@ -2,7 +2,9 @@
 
 * :func:`run_distributed` - run a function on N CPU processes joined by a gloo
   process group (a free port, a timeout, each worker's traceback re-raised in
-  the parent); :func:`free_port`; :func:`remove_shared_memory`.
+  the parent); :func:`free_port`; :func:`remove_shared_memory`;
+  :func:`shared_result` - a spawned session computed once per pytest run, also
+  under pytest-xdist (:func:`shared_root`).
 * :data:`KERNELS` - every SM3 kernel as the constructor flags that select it;
   :data:`DEVICES` - ``cpu``, and ``cuda`` where a GPU is present.
 * :class:`TinyBlock`, :func:`make_model` - a transformer-like module whose
@@ -11,6 +13,8 @@
   the same seeded gradients on every rank; :func:`set_grads` sets them on plain
   or DTensor parameters; :func:`snapshot` - a model's parameters and its
   optimizer's state, by parameter name.
+* :func:`wrap_fsdp1`, :func:`flat_pieces`, :func:`hull` - FSDP1 units and the
+  flat pieces of each original parameter a rank holds, read from FSDP's metadata.
 * :func:`random_blocks`, :func:`clone_blocks`, :func:`assert_same` - the dense
   blocks ``functional.sm3`` steps, and their bitwise comparison.
 
@@ -23,6 +27,7 @@ module-level function (it is pickled by reference).
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 import subprocess
 import sys
@@ -44,24 +49,31 @@ from sm3_dist.comm import end_process, free_port
 
 __all__ = [
     "DEVICES",
+    "FSDP1_PREFIX",
     "KERNELS",
     "TinyBlock",
     "assert_same",
     "clone_blocks",
     "fill_grads",
+    "flat_pieces",
     "free_port",
     "global_grads",
     "grads_like",
+    "hull",
     "make_model",
     "named_shapes",
     "random_blocks",
     "remove_shared_memory",
     "run_distributed",
+    "run_each",
     "run_interpreted",
     "same_bits",
     "seeded_grads",
     "set_grads",
+    "shared_result",
+    "shared_root",
     "snapshot",
+    "wrap_fsdp1",
 ]
 
 KERNELS: dict[str, dict[str, bool]] = {
@@ -78,7 +90,9 @@ DEVICES: tuple[str, ...] = ("cpu", "cuda") if torch.cuda.is_available() else ("c
 # ---------------------------------------------------------------------------------------------- processes
 
 
-def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, args: tuple, env: dict) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, outdir: str, fn: Callable, args: tuple, env: dict, backend: str
+) -> None:
     os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -92,7 +106,7 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, ar
     torch.set_num_threads(1)
     path = os.path.join(outdir, f"rank{rank}.pt")
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "value": result}, path)
     except BaseException:
@@ -105,12 +119,20 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, ar
 
 
 def run_distributed(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, env: dict | None = None
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 300.0,
+    env: dict | None = None,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """Every rank's return value of ``fn(rank, world_size, *args)``; a worker's exception or a hang raises here."""
+    """Every rank's return value of ``fn(rank, world_size, *args)``; a worker's exception or a hang raises here.
+
+    ``backend``: the process group's (``"nccl"`` for CUDA tensors, one GPU per rank).
+    """
     port = free_port()
     try:
-        return _run(fn, world_size, port, args, timeout, env)
+        return _run(fn, world_size, port, args, timeout, env, backend)
     finally:
         remove_shared_memory(port)
 
@@ -121,11 +143,13 @@ def remove_shared_memory(port: int) -> None:
     remove_deepspeed_shm(port)
 
 
-def _run(fn: Callable[..., Any], world_size: int, port: int, args: tuple, timeout: float, env: dict | None):
+def _run(
+    fn: Callable[..., Any], world_size: int, port: int, args: tuple, timeout: float, env: dict | None, backend: str
+):
     with tempfile.TemporaryDirectory() as outdir:
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, port, outdir, fn, args, dict(env or {})),
+            args=(world_size, port, outdir, fn, args, dict(env or {}), backend),
             nprocs=world_size,
             join=False,
             start_method="spawn",
@@ -160,6 +184,37 @@ def _run(fn: Callable[..., Any], world_size: int, port: int, args: tuple, timeou
         if errors:
             raise RuntimeError("distributed test failed\n" + "\n".join(errors))
         return results
+
+
+def run_each(runs: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Each run's result by name, or ``dict(failure=<traceback>)``: one failing run in a spawned session does not
+    hide the others' results (each test reports its own run's failure)."""
+    out = {}
+    for name, run in runs.items():
+        try:
+            out[name] = run()
+        except Exception:
+            out[name] = dict(failure=traceback.format_exc())
+    return out
+
+
+def shared_root(tmp_path_factory: Any) -> Path:
+    """The temporary root every pytest-xdist worker of this run sees (the base temp without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") is not None else base
+
+
+def shared_result(tmp_path_factory: Any, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per pytest run, also under pytest-xdist: the first worker computes and saves the result
+    in :func:`shared_root`, the others wait on a file lock and load it."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return compute()
+    path = shared_root(tmp_path_factory) / f"{key}.pt"
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            torch.save(compute(), path)
+        return torch.load(path, weights_only=False)
 
 
 # ---------------------------------------------------------------------------------------------- models and gradients
@@ -251,6 +306,51 @@ def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, 
         for n, p in model.named_parameters()
     }
     return params, state
+
+
+# ---------------------------------------------------------------------------------------------- FSDP1's flat shards
+
+
+FSDP1_PREFIX = "_fsdp_wrapped_module."
+"""What FSDP1 puts before a wrapped module's parameter names."""
+
+
+def wrap_fsdp1(model: nn.Module, device: str | torch.device = "cpu", **kwargs) -> nn.Module:
+    """``model`` under FSDP1, each ``nn.Linear`` its own unit: several flat parameters share one process group."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    return FSDP(model, device_id=torch.device(device), auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), **kwargs)
+
+
+def flat_pieces(fsdp_model: nn.Module) -> list[tuple]:
+    """(flat parameter, original parameter or None, full name, global shape, start, stop, offset in the flat shard)
+    of every original parameter, read from FSDP's metadata."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rows = []
+    for prefix, module in fsdp_model.named_modules():
+        if not isinstance(module, FSDP) or module._handle is None:
+            continue
+        prefix = prefix.replace(FSDP1_PREFIX, "")
+        flat = module._handle.flat_param
+        params = flat._params or [None] * len(flat._shapes)
+        for param, info, shape, fqn in zip(params, flat._shard_param_infos, flat._shapes, flat._fqns):
+            name = f"{prefix}.{fqn}" if prefix else fqn
+            if info.in_shard:
+                start, stop, offset = info.intra_param_start_idx, info.intra_param_end_idx + 1, info.offset_in_shard
+            else:
+                start = stop = offset = 0
+            rows.append((flat, param, name, tuple(shape), start, stop, offset))
+    return rows
+
+
+def hull(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[int, int]]:
+    """Per dimension, the range of indices that flat elements [start, stop) touch."""
+    if start == stop:
+        return [(0, 0)] * len(shape)
+    idx = torch.unravel_index(torch.arange(start, stop), shape)
+    return [(int(i.min()), int(i.max()) + 1) for i in idx]
 
 
 # ---------------------------------------------------------------------------------------------- kernels' blocks

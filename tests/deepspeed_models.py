@@ -80,6 +80,24 @@ def loss_of(model, kind: str, step: int, poison: bool = False, dtype=torch.float
     return model(*(t.to(dtype) for t in inputs))
 
 
+def reference(kind: str = "net", steps: int = STEPS, skip=(), poison=(), device="cpu", **options):
+    """Single-process SM3 trained on the batches every rank of an engine sees (``skip``: steps left out;
+    ``poison``: steps whose input holds a NaN). Returns the model and the optimizer."""
+    from sm3_dist import SM3
+
+    torch.manual_seed(0)
+    model = MODELS[kind]().to(device)
+    opt = SM3(model.parameters(), **{**HYPER, **options})
+    for step in range(steps):
+        if step in skip:
+            continue
+        opt.zero_grad()
+        loss_of(model, kind, step, poison=step in poison).backward()
+        opt.step()
+    opt.state_dict()
+    return model, opt
+
+
 def _config(stage: int, params: dict | None = None, **extra) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": BATCH,

@@ -1,22 +1,18 @@
 """SM3's bias-corrected EMA variant (``bias_correction=True``): nu / (1 - beta^t) for the update only.
 
-Held to the independent per-element reference (extended with the rule), every
-kernel bitwise to the eager one, and sharded runs bitwise to single-process
-SM3 at 2 and 3 ranks, with ``ShardedSM3`` (flat ranges cutting weights mid-row)
-and FSDP2 (``fully_shard`` dimension shards, uneven and empty ones included).
+Held to the independent per-element reference (extended with the rule) and every
+kernel bitwise to the eager one. Sharded runs (``ShardedSM3``, FSDP2, FSDP1,
+ZeRO 0-3) are bitwise single-process SM3: the ``beta+bias_correction`` rows of
+``test_exactness.py``.
 """
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-from sm3_dist import SM3, ShardedSM3, accumulator_key
-from tests import test_fsdp2 as fsdp2_case
-from tests import test_sharded as sharded_case
-from tests.common import KERNELS, run_distributed, seeded_grads
+from sm3_dist import SM3, accumulator_key
+from tests.common import KERNELS, seeded_grads
 from tests.reference import ReferenceSM3
 
 VARIANTS = [
@@ -87,46 +83,3 @@ def test_the_correction_changes_the_update_not_the_state():
     torch.testing.assert_close(q.detach(), torch.full((4, 3), -0.1))
     torch.testing.assert_close(p.detach(), torch.full((4, 3), -0.1 / 0.1**0.5))
     del plain_opt, corrected_opt
-
-
-# ---------------------------------------------------------------------------------------------- sharded
-
-
-def _sharded_worker(rank: int, world_size: int) -> dict:
-    out = {}
-    for i, hyper in enumerate(VARIANTS):
-        model = sharded_case.make_model("transformer")
-        params = list(model.parameters())
-        opt = ShardedSM3(sharded_case.param_groups(model), lr=sharded_case.LR, **hyper)
-        sharded_case.train(opt, params, sharded_case.STEPS)
-        out[f"ddp{i}"] = dict(params=[p.detach().clone() for p in params], state=opt.state_dict())
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (world_size,))
-    for i, hyper in enumerate(VARIANTS):
-        model = fsdp2_case.make_model()
-        ref_model = copy.deepcopy(model)
-        fully_shard(model.qkv, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        fsdp2_case.train_and_compare(model, ref_model, hyper, f"FSDP2 world {world_size} {hyper}")
-        out[f"fsdp2-{i}"] = True
-    return out
-
-
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_sharded_equals_single_process(world_size):
-    results = run_distributed(_sharded_worker, world_size)
-    for i, hyper in enumerate(VARIANTS):
-        model = sharded_case.make_model("transformer")
-        params = list(model.parameters())
-        ref = SM3(sharded_case.param_groups(model), lr=sharded_case.LR, **hyper)
-        sharded_case.train(ref, params, sharded_case.STEPS)
-        ref_state = ref.state_dict()
-        assert sharded_case.cut_mid_row([tuple(p.shape) for p in params], world_size), "no weight cut mid-row"
-        for rank, result in enumerate(results):
-            run = result[f"ddp{i}"]
-            for k, (p, r) in enumerate(zip(run["params"], params)):
-                assert torch.equal(p, r.detach()), f"rank {rank}, {hyper}: parameter {k} differs"
-            sharded_case.assert_state_equal(run["state"], ref_state)
-            assert result[f"fsdp2-{i}"]  # compared with single-process SM3 inside the worker

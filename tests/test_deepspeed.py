@@ -33,30 +33,23 @@ its own overflow check, right where SM3 reads it.
 
 from __future__ import annotations
 
-import fcntl
 import math
-import os
 import traceback
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
-from tests.common import run_distributed
-from tests.deepspeed_models import (  # noqa: F401  (shared with the other DeepSpeed tests through this module)
-    BATCH,
+from tests.common import run_distributed, shared_result
+from tests.deepspeed_models import (
     ENV,
-    HYPER,
     MODELS,
     STEPS,
-    ExactNet,
-    Net,
-    _batch,
     _config,
     _describe_state,
-    _exact_batch,
     _full_params,
     loss_of,
+    reference,
 )
 
 deepspeed = pytest.importorskip("deepspeed")
@@ -291,25 +284,6 @@ def _session(rank: int, world: int, runs: list[Run]) -> dict[str, dict]:
     return out
 
 
-def shared_root(tmp_path_factory):
-    """The temporary root every pytest-xdist worker of this run sees (the base temp without xdist)."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") is not None else base
-
-
-def shared_result(tmp_path_factory, key: str, compute):
-    """``compute()`` once per pytest run, also under pytest-xdist: the first worker computes and saves the result
-    in :func:`shared_root`, the others wait on a file lock and load it."""
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        return compute()
-    path = shared_root(tmp_path_factory) / f"{key}.pt"
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists():
-            torch.save(compute(), path)
-        return torch.load(path, weights_only=False)
-
-
 @pytest.fixture(scope="module")
 def sessions(tmp_path_factory):
     """The session of a world size, run on first use."""
@@ -332,22 +306,6 @@ def _results(sessions, world: int, name: str) -> list[dict]:
     for rank, result in enumerate(results):
         assert "error" not in result, f"run {name!r} at world size {world}, rank {rank}:\n{result['error']}"
     return results
-
-
-def _reference(kind: str = "net", steps: int = STEPS, skip=(), **options):
-    from sm3_dist import SM3
-
-    torch.manual_seed(0)
-    model = MODELS[kind]()
-    opt = SM3(model.parameters(), **HYPER, **options)
-    for step in range(steps):
-        if step in skip:
-            continue
-        opt.zero_grad()
-        loss_of(model, kind, step).backward()
-        opt.step()
-    opt.state_dict()
-    return model, opt
 
 
 WRAPPERS = {
@@ -373,7 +331,7 @@ CASES = [
 )
 def test_matches_single_process(sessions, stage, world, run, kind):
     results = _results(sessions, world, f"{run}-zero{stage}")
-    model, _ = _reference(kind)
+    model, _ = reference(kind)
     expected = {n: p.detach() for n, p in model.named_parameters()}
     exact = world == 2 or kind == "exact"
     for rank, result in enumerate(results):
@@ -410,7 +368,7 @@ def test_state_is_local_momentum_plus_touched_accumulators(sessions, stage, worl
     from sm3_dist import MOMENTUM_KEY, STEP_KEY, accumulator_key
 
     results = _results(sessions, world, f"{run}-zero{stage}")
-    _, ref = _reference(kind)
+    _, ref = reference(kind)
     ref_params = [p for g in ref.param_groups for p in g["params"]]
     shapes = [tuple(p.shape) or (1,) for p in ref_params]
     numel = sum(math.prod(s) for s in shapes)
@@ -448,7 +406,7 @@ def test_zero2_round_robin_gradients_matches(sessions):
     """DeepSpeed 0.19's own _hp_mapping is wrong here (parameter order, buffer in round-robin order): SM3 follows
     the buffer, warns, and stays exact."""
     results = _results(sessions, 2, "round-robin")
-    model, _ = _reference()
+    model, _ = reference()
     for result in results:
         for name, p in model.named_parameters():
             assert torch.equal(result["params"][name], p.detach()), name
@@ -469,8 +427,8 @@ def test_bf16_momentum_is_bitwise_single_process_and_two_bytes_per_element(sessi
 
     kind = "net" if world == 2 else "exact"
     results = _results(sessions, world, f"bf16m-zero{stage}")
-    model, _ = _reference(kind, momentum_dtype=torch.bfloat16)
-    fp32_model, _ = _reference(kind)
+    model, _ = reference(kind, momentum_dtype=torch.bfloat16)
+    fp32_model, _ = reference(kind)
     differs = False
     for rank, result in enumerate(results):
         assert result["momentum_dtype"] == torch.bfloat16
@@ -505,7 +463,7 @@ def test_nonfinite_in_one_rank_partition_skips_on_every_rank(sessions, world):
     once, by DeepSpeed."""
     kind = "net" if world == 2 else "exact"
     results = _results(sessions, world, "nonfinite")
-    model, _ = _reference(kind, steps=8, skip=(*NONFINITE_PLAN, DEEPSPEED_SKIP_STEP))
+    model, _ = reference(kind, steps=8, skip=(*NONFINITE_PLAN, DEEPSPEED_SKIP_STEP))
     for rank, result in enumerate(results):
         assert result["unchanged"] == {2: True, 4: True, DEEPSPEED_SKIP_STEP: True}, f"rank {rank}"
         assert result["sm3_skipped"] == 2, f"rank {rank}"
@@ -541,7 +499,7 @@ def test_nonfinite_input_is_skipped_once_by_deepspeed_or_by_sm3(sessions, run, s
     ``compute_grad_norm: false``), SM3 skips on every rank. Either way once, state bitwise unchanged, and the run
     goes on equal to single-process SM3 without that batch."""
     results = _results(sessions, 2, f"poison-{run}")
-    model, _ = _reference(steps=5, skip=(POISON_STEP,))
+    model, _ = reference(steps=5, skip=(POISON_STEP,))
     for rank, result in enumerate(results):
         assert result["unchanged"] is True, f"rank {rank}"
         assert (result["sm3_skipped"], result["deepspeed_skipped"]) == ((1, 0) if skipper == "sm3" else (0, 1))

@@ -20,25 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import traceback
 import types
 
 import pytest
 import torch
 
-from tests.common import run_distributed
-from tests.test_deepspeed import (
-    ENV,
-    HYPER,
-    ExactNet,
-    Net,
-    _batch,
-    _config,
-    _full_params,
-    loss_of,
-    shared_result,
-    shared_root,
-)
+from tests.common import run_distributed, run_each, shared_result, shared_root
+from tests.deepspeed_models import ENV, HYPER, ExactNet, Net, _batch, _config, _full_params, loss_of
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -297,14 +285,7 @@ def _world3_runs(root):
 
 
 def _session(rank, world, root):
-    runs = _world2_runs(root) if world == 2 else _world3_runs(root)
-    out = {}
-    for name, run in runs.items():
-        try:
-            out[name] = run()
-        except Exception:
-            out[name] = dict(failure=traceback.format_exc())
-    return out
+    return run_each(_world2_runs(root) if world == 2 else _world3_runs(root))
 
 
 def _pick(sessions, name):

@@ -16,51 +16,11 @@ import os
 import pytest
 import torch
 from sm3_dist.integrations.fsdp1 import fsdp1_shard_resolver
-from torch import nn
 
 from sm3_dist import MOMENTUM_KEY, SM3, UnsupportedLayoutError, accumulator_key, local_state_bytes
-from tests.common import global_grads, make_model, run_distributed
+from tests.common import FSDP1_PREFIX as PREFIX
+from tests.common import flat_pieces, global_grads, hull, make_model, run_distributed, wrap_fsdp1
 from tests.test_fsdp2 import HYPER, LR, STEPS
-
-PREFIX = "_fsdp_wrapped_module."
-
-
-def wrap(model: nn.Module, **kwargs) -> nn.Module:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    # the Linear layers are their own FSDP units: several flat parameters share one process group
-    return FSDP(model, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), **kwargs)
-
-
-def flat_pieces(fsdp_model: nn.Module) -> list[tuple]:
-    """(flat parameter, original parameter or None, full name, global shape, start, stop, offset in the flat shard)
-    of every original parameter, read from FSDP's metadata."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    rows = []
-    for prefix, module in fsdp_model.named_modules():
-        if not isinstance(module, FSDP) or module._handle is None:
-            continue
-        prefix = prefix.replace(PREFIX, "")
-        flat = module._handle.flat_param
-        params = flat._params or [None] * len(flat._shapes)
-        for param, info, shape, fqn in zip(params, flat._shard_param_infos, flat._shapes, flat._fqns):
-            name = f"{prefix}.{fqn}" if prefix else fqn
-            if info.in_shard:
-                start, stop, offset = info.intra_param_start_idx, info.intra_param_end_idx + 1, info.offset_in_shard
-            else:
-                start = stop = offset = 0
-            rows.append((flat, param, name, tuple(shape), start, stop, offset))
-    return rows
-
-
-def hull(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[int, int]]:
-    """Per dimension, the range of indices that flat elements [start, stop) touch."""
-    if start == stop:
-        return [(0, 0)] * len(shape)
-    idx = torch.unravel_index(torch.arange(start, stop), shape)
-    return [(int(i.min()), int(i.max()) + 1) for i in idx]
 
 
 def _orig_params_worker(rank: int, world_size: int) -> list[tuple[str, tuple[int, ...], int, int]]:
@@ -68,7 +28,7 @@ def _orig_params_worker(rank: int, world_size: int) -> list[tuple[str, tuple[int
 
     for hyper in HYPER:
         ref_model = make_model()
-        fsdp_model = wrap(copy.deepcopy(ref_model), use_orig_params=True)
+        fsdp_model = wrap_fsdp1(copy.deepcopy(ref_model), use_orig_params=True)
         opt = SM3(fsdp_model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(fsdp_model))
         ref = SM3(ref_model.parameters(), lr=LR, **hyper)
         shapes = [(n, p.shape) for n, p in ref_model.named_parameters()]
@@ -132,7 +92,7 @@ def _flat_params_worker(rank: int, world_size: int) -> None:
 
     for hyper in HYPER[1:3]:
         ref_model = make_model()
-        fsdp_model = wrap(copy.deepcopy(ref_model), use_orig_params=False)
+        fsdp_model = wrap_fsdp1(copy.deepcopy(ref_model), use_orig_params=False)
         opt = SM3(fsdp_model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(fsdp_model))
         ref = SM3(ref_model.parameters(), lr=LR, **hyper)
         shapes = [(n, p.shape) for n, p in ref_model.named_parameters()]
@@ -165,7 +125,7 @@ def _no_shard_worker(rank: int, world_size: int) -> None:
 
     for use_orig_params in (True, False):
         ref_model = make_model()
-        fsdp_model = wrap(
+        fsdp_model = wrap_fsdp1(
             copy.deepcopy(ref_model), use_orig_params=use_orig_params, sharding_strategy=ShardingStrategy.NO_SHARD
         )
         opt = SM3(fsdp_model.parameters(), lr=LR, momentum=0.9, shard_resolver=fsdp1_shard_resolver(fsdp_model))
@@ -215,7 +175,7 @@ def _resume_worker(rank: int, world_size: int, path: str, load: bool) -> None:
 
     hyper = dict(momentum=0.9, beta=0.9)
     first, second = 3, 4
-    fsdp_model = wrap(make_model(seed=5 if load else 0), use_orig_params=True)
+    fsdp_model = wrap_fsdp1(make_model(seed=5 if load else 0), use_orig_params=True)
     opt = SM3(fsdp_model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(fsdp_model))
     rows = flat_pieces(fsdp_model)
     shapes = [(name, torch.Size(shape)) for _, _, name, shape, *_ in rows]
@@ -259,7 +219,7 @@ def test_resume_same_world_size(tmp_path):
 
 
 def _errors_worker(rank: int, world_size: int) -> None:
-    model = wrap(make_model(), use_orig_params=True)
+    model = wrap_fsdp1(make_model(), use_orig_params=True)
     # without the resolver the 1-D views would look like whole vectors: refused
     opt = SM3(model.parameters(), lr=0.1)
     for p in model.parameters():
@@ -267,7 +227,7 @@ def _errors_worker(rank: int, world_size: int) -> None:
     with pytest.raises(UnsupportedLayoutError, match=r"param_groups\[0\]\['params'\]\[0\].*FSDP1"):
         opt.step()
     # a resolver for another model
-    other = wrap(make_model(), use_orig_params=True)
+    other = wrap_fsdp1(make_model(), use_orig_params=True)
     opt = SM3(model.parameters(), lr=0.1, shard_resolver=fsdp1_shard_resolver(other))
     with pytest.raises(UnsupportedLayoutError, match="outside the model given to fsdp1_shard_resolver"):
         opt.step()

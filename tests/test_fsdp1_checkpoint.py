@@ -27,8 +27,8 @@ from sm3_dist.integrations.fsdp1 import fsdp1_load_optim_state_dict, fsdp1_optim
 from torch import nn
 
 from sm3_dist import MOMENTUM_KEY, SM3, STEP_KEY, accumulator_key
-from tests.common import TinyBlock, global_grads, make_model, run_distributed
-from tests.test_fsdp1 import PREFIX, flat_pieces, wrap
+from tests.common import FSDP1_PREFIX as PREFIX
+from tests.common import TinyBlock, flat_pieces, global_grads, make_model, run_distributed, wrap_fsdp1
 from tests.test_fsdp2 import LR
 
 # (use_orig_params, SM3 hyperparameters): the flat-parameter form shares the checkpoint format; bf16 momentum
@@ -112,7 +112,7 @@ def _run(index: int, fmt: str, path: str, steps: range) -> tuple:
     orig, hyper = CONFIGS[index]
     path = os.path.join(path, fmt.replace(".", "_"))
     # a resumed stage must not depend on its own initialization
-    model = wrap(make_model(seed=0 if steps.start == 0 else 100 + steps.start), use_orig_params=orig)
+    model = wrap_fsdp1(make_model(seed=0 if steps.start == 0 else 100 + steps.start), use_orig_params=orig)
     opt = SM3(model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(model))
     shapes = _grad_shapes(make_model())
     if steps.start:
@@ -218,7 +218,7 @@ def _errors_worker(rank: int, world_size: int) -> None:
     models, opts = {}, {}
     for key, module in modules.items():
         shapes = _grad_shapes(module)
-        models[key] = model = wrap(module, use_orig_params=True)
+        models[key] = model = wrap_fsdp1(module, use_orig_params=True)
         opts[key] = SM3(model.parameters(), lr=LR, momentum=0.9, shard_resolver=fsdp1_shard_resolver(model))
         for step in range(2):
             _set_grads(model, global_grads(shapes, step))

@@ -112,15 +112,6 @@ def _sharded_sm3(rank, world):
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_sm3_state_matches_model(world):
-    predicted = rank_counts(TINY, "ddp-sharded", world)
-    for rank, measured in enumerate(run_distributed(_sharded_sm3, world)):
-        for name, value in measured.items():
-            assert value == state_bytes(name, predicted[rank]), (rank, name)
-
-
 class _Params(torch.nn.Module):
     """The config's parameters as one module per block, registered in GPT-2's order; a trivial forward."""
 
@@ -164,13 +155,18 @@ def _fsdp2(rank, world):
     return out
 
 
+MEASURED = {"ddp-sharded": _sharded_sm3, "fsdp2": _fsdp2}
+"""Per setup of the model, the worker that measures each optimizer's real state bytes on every rank."""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
-def test_fsdp2_state_matches_model(world):
-    predicted = rank_counts(TINY, "fsdp2", world)
-    for rank, measured in enumerate(run_distributed(_fsdp2, world)):
+@pytest.mark.parametrize("setup", list(MEASURED))
+def test_measured_state_matches_model(setup, world):
+    predicted = rank_counts(TINY, setup, world)
+    for rank, measured in enumerate(run_distributed(MEASURED[setup], world)):
         for name, value in measured.items():
-            assert value == state_bytes(name, predicted[rank]), (rank, name)
+            assert value == state_bytes(name, predicted[rank]), (setup, rank, name)
 
 
 def _deepspeed(rank, world, stage, name):

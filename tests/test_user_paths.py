@@ -27,8 +27,8 @@ import traceback
 import pytest
 import torch
 
-from tests.common import run_distributed
-from tests.test_deepspeed import ENV, HYPER, Net, _config, _describe_state, _full_params, _reference, loss_of
+from tests.common import run_distributed, run_each
+from tests.deepspeed_models import ENV, HYPER, Net, _config, _describe_state, _full_params, loss_of, reference
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -158,13 +158,7 @@ def _session(rank: int, world: int, root: str) -> dict:
         runs[f"checkpoint-zero{stage}"] = lambda s=stage: _checkpoint_run(s, root)
     runs["accelerate-zero2"] = _accelerate_run
     runs["unexplained"] = _unexplained_swap
-    out = {}
-    for name, run in runs.items():
-        try:
-            out[name] = run()
-        except Exception:
-            out[name] = dict(failure=traceback.format_exc())
-    return out
+    return run_each(runs)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +190,7 @@ USER_BUILT += [("accelerate-zero2", "config-zero2")]
 @pytest.mark.slow
 @pytest.mark.parametrize(("run", "config_run"), USER_BUILT, ids=[r for r, _ in USER_BUILT])
 def test_user_built_sm3_under_zero_holds_the_config_routes_state_and_matches_one_process(session, run, config_run):
-    model, _ = _reference(steps=STEPS)
+    model, _ = reference(steps=STEPS)
     expected = {n: p.detach() for n, p in model.named_parameters()}
     for result, config in zip(_pick(session, run), _pick(session, config_run)):
         assert result["base"] == "SM3"
@@ -232,7 +226,7 @@ def test_user_built_sm3_checkpoint_converts_to_universal(session, stage, tmp_pat
 
     path = _pick(session, f"checkpoint-zero{stage}")[0]["path"]
     to_universal(os.path.join(path, "global_step3"), str(tmp_path / "universal"))
-    model, opt = _reference(steps=3)
+    model, opt = reference(steps=3)
     carrier = torch.load(tmp_path / "universal" / "zero" / "optimizer_state.pt", weights_only=False)
     carrier = carrier["param_groups"][0]["sm3_universal"]
     params = [p for g in opt.param_groups for p in g["params"]]
