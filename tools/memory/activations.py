@@ -65,7 +65,7 @@ phases of a single-rank step more finely and is checked against measured peaks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sm3_dist.tools.memory.model import GPT2Config, _check_choice, family_config, rank_memory
@@ -259,14 +259,9 @@ def max_micro_batch(
     if fixed > budget_bytes:
         return -1
     per_sample = b.with_gradients(1) - b.with_gradients(0)  # linear in the batch: both phases are
-    lo, hi = 0, max(1, (budget_bytes - fixed) // max(1, min(b.per_sample, per_sample)) + 1)
-    while hi - lo > 1:  # with_gradients is a max of two lines: bisect rather than divide
-        mid = (lo + hi) // 2
-        if states + b.with_gradients(mid) <= budget_bytes:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    hi = max(1, (budget_bytes - fixed) // max(1, min(b.per_sample, per_sample)) + 1)
+    # with_gradients is a max of two lines: bisect rather than divide (batch 0 fits: fixed is within budget)
+    return _last_true(1, hi, lambda batch: states + b.with_gradients(batch) <= budget_bytes)
 
 
 _FAMILY_WIDTHS = tuple(128 * k for k in range(2, 161))
@@ -289,14 +284,21 @@ def largest_model(
     """
     ordered = sorted(widths)
 
-    def fits(width: int) -> bool:
-        return max_micro_batch(family_config(width), setup, world, optimizer, budget_bytes, act, precision) >= 1
+    def fits(index: int) -> bool:
+        config = family_config(ordered[index])
+        return max_micro_batch(config, setup, world, optimizer, budget_bytes, act, precision) >= 1
 
-    lo, hi = 0, len(ordered)  # ordered[:lo] fit, ordered[hi:] do not
+    index = _last_true(0, len(ordered), fits)
+    return family_config(ordered[index]) if index >= 0 else None
+
+
+def _last_true(lo: int, hi: int, holds: Callable[[int], bool]) -> int:
+    """The largest ``x`` in ``[lo, hi)`` with ``holds(x)``, by bisection, for a ``holds`` that is true up to some
+    point and false after it; ``lo - 1`` where it holds nowhere."""
     while lo < hi:
         mid = (lo + hi) // 2
-        if fits(ordered[mid]):
+        if holds(mid):
             lo = mid + 1
         else:
             hi = mid
-    return family_config(ordered[lo - 1]) if lo else None
+    return lo - 1

@@ -23,6 +23,7 @@ from sm3_dist.tools.memory.model import (
     GPT2Config,
     flat_bounds,
     rank_counts,
+    relative_error,
     state_bytes,
 )
 
@@ -225,9 +226,7 @@ class Check:
 
     @property
     def rel_error(self) -> float:
-        if self.measured == 0:
-            return 0.0 if self.predicted == 0 else math.inf
-        return abs(self.predicted - self.measured) / self.measured
+        return relative_error(self.predicted, self.measured)
 
     def ok(self, tolerance: float = 0.02) -> bool:
         return self.rel_error <= tolerance

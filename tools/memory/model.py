@@ -91,6 +91,7 @@ __all__ = [
     "job_config",
     "rank_counts",
     "rank_memory",
+    "relative_error",
     "resolve_size",
     "state_bytes",
 ]
@@ -397,6 +398,13 @@ class RankMemory:
 def _check_choice(value: str, choices: Sequence[str], what: str) -> None:
     if value not in choices:
         raise ValueError(f"unknown {what} {value!r}: choose from {', '.join(choices)}")
+
+
+def relative_error(predicted: float, measured: float) -> float:
+    """``|predicted - measured| / measured`` (0 when both are 0, inf when only the measurement is)."""
+    if measured == 0:
+        return 0.0 if predicted == 0 else math.inf
+    return abs(predicted - measured) / measured
 
 
 def state_bytes(optimizer: str, counts: RankCounts) -> int:

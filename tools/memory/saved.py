@@ -11,7 +11,6 @@ forward pass is the job's (:mod:`sm3_dist.launch.model` and the loss of
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 from sm3_dist.tools.memory.activations import ActivationModel, activation_bytes
-from sm3_dist.tools.memory.model import GPT2Config, job_config
+from sm3_dist.tools.memory.model import GPT2Config, job_config, relative_error
 
 __all__ = [
     "ACTIVATION_TABLE",
@@ -174,9 +173,7 @@ class ActivationCheck:
 
     @property
     def rel_error(self) -> float:
-        if self.measured == 0:
-            return 0.0 if self.predicted == 0 else math.inf
-        return abs(self.predicted - self.measured) / self.measured
+        return relative_error(self.predicted, self.measured)
 
     def ok(self, tolerance: float = 0.05) -> bool:
         return self.rel_error <= tolerance
