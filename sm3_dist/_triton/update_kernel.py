@@ -156,6 +156,19 @@ def _update(
 
 
 @triton.jit
+def _block_tensors(e, ALIGNED: tl.constexpr):
+    """A block's parameter and momentum addresses and their dtype kinds: ``(w_addr, m_addr, pkind, mkind)``."""
+    w_addr = tl.load(e + 0)
+    m_addr = tl.load(e + 1)
+    if ALIGNED:  # every address 16-byte aligned, every row a multiple of 8 elements: vector loads and stores
+        # (said with shifts, which are identities here and which the compiler's alignment analysis follows)
+        w_addr = (w_addr >> 4) << 4
+        m_addr = (m_addr >> 4) << 4
+    kinds = tl.load(e + 10)
+    return w_addr, m_addr, kinds & 15, (kinds >> 4) & 15
+
+
+@triton.jit
 def _tile_2d(
     root,
     e,
@@ -186,12 +199,7 @@ def _tile_2d(
     ALIGNED: tl.constexpr,
 ):
     """Rows ``[RI*BR*rt, RI*BR*(rt+1))`` x columns ``[BC*ct, BC*(ct+1))`` of a ``rows x cols`` block."""
-    w_addr = tl.load(e + 0)
-    m_addr = tl.load(e + 1)
-    if ALIGNED:  # every address 16-byte aligned, every row a multiple of 8 elements: vector loads and stores
-        # (said with shifts, which are identities here and which the compiler's alignment analysis follows)
-        w_addr = (w_addr >> 4) << 4
-        m_addr = (m_addr >> 4) << 4
+    w_addr, m_addr, pkind, mkind = _block_tensors(e, ALIGNED)
     rowmin_ptr = tl.load(e + 2).to(tl.pointer_type(tl.float32))
     colacc_ptr = tl.load(e + 3).to(tl.pointer_type(tl.float32))
     rowmax_ptr = tl.load(e + 4).to(tl.pointer_type(tl.int32))
@@ -201,9 +209,6 @@ def _tile_2d(
     if ALIGNED:
         cols = (cols >> 3) << 3
     nct = tl.load(e + 8)
-    kinds = tl.load(e + 10)
-    pkind = kinds & 15
-    mkind = (kinds >> 4) & 15
     rt = t // nct
     ct = t - rt * nct
     c0 = ct * BC
@@ -288,19 +293,12 @@ def _tile_flat(
     ALIGNED: tl.constexpr,
 ):
     """Elements ``[VI*VB*t, VI*VB*(t+1))`` of a rank-0/1 block: ``nu = mu_0`` plus the square, its own maximum."""
-    w_addr = tl.load(e + 0)
-    m_addr = tl.load(e + 1)
-    if ALIGNED:
-        w_addr = (w_addr >> 4) << 4
-        m_addr = (m_addr >> 4) << 4
+    w_addr, m_addr, pkind, mkind = _block_tensors(e, ALIGNED)
     acc_ptr = tl.load(e + 3).to(tl.pointer_type(tl.float32))
     max_ptr = tl.load(e + 5).to(tl.pointer_type(tl.int32))
     n = tl.load(e + 7)
     if ALIGNED:
         n = (n >> 3) << 3
-    kinds = tl.load(e + 10)
-    pkind = kinds & 15
-    mkind = (kinds >> 4) & 15
     j = tl.arange(0, VB)
     for it in range(VI):
         base = (t * VI + it) * VB
