@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections import deque
+import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -52,27 +52,34 @@ __all__ = [
 ]
 
 
-_RETAINED: deque[tuple[Tensor, ...]] = deque(maxlen=4)
+_RELEASE_TIMEOUT_S = 5.0
 
 
-def _retain(*tensors: Tensor) -> None:
-    """Keep the CPU tensors of a finished collective referenced until four more have finished.
+def _use_counts(tensors: Sequence[Tensor]) -> tuple[int, ...]:
+    return tuple(t._use_count() for t in tensors)
 
-    gloo's worker thread drops its references to a collective's tensors just
-    after the caller has woken up. When it drops the last one, freeing the
-    tensor's Python object needs the GIL; if the interpreter has begun to
-    finalize by then (a script that ends right after a collective on a loaded
-    machine), the thread exits inside a C++ destructor and the process aborts
-    with "terminate called without an active exception" (SIGABRT, seen at the
-    end of ``examples/ddp_sharded.py`` after ``ShardedSM3.state_dict()``'s
-    all-gather of temporaries in about 1 run of 20). Held here, the last
-    reference is always this module's, released by a Python thread. Only CPU
-    tensors are held (accelerator memory is not kept alive), at most those of
-    the last four collectives.
+
+def _await_release(tensors: Sequence[Tensor], before: tuple[int, ...]) -> None:
+    """Return once gloo's worker threads hold no reference to ``tensors`` (CPU tensors only).
+
+    A worker drops its references to a collective's tensors after the caller
+    has woken up, and dropping a reference to a tensor that has a Python
+    object takes the GIL (torch keeps the Python object alive while C++ holds
+    the tensor). While the caller holds the GIL the worker waits; if the
+    interpreter begins to finalize before it gets it (a script that ends right
+    after a collective, on a loaded machine), the worker exits inside a C++
+    destructor and the process aborts with "terminate called without an
+    active exception" (SIGABRT; a core dump of ``examples/ddp_sharded.py``
+    showed a gloo worker in ``~AsyncAllgatherWork`` taking the GIL during
+    finalization, after ``ShardedSM3.state_dict()``'s all-gather; upstream:
+    pytorch/pytorch#190489). Sleeping here lets the worker take the GIL until
+    each tensor's use count is back to ``before``. Accelerator tensors are not
+    waited for (that would synchronize the host).
     """
-    cpu = tuple(t for t in tensors if t.device.type == "cpu")
-    if cpu:
-        _RETAINED.append(cpu)
+    pending = [(t, n) for t, n in zip(tensors, before) if t.device.type == "cpu"]
+    deadline = time.monotonic() + _RELEASE_TIMEOUT_S
+    while any(t._use_count() > n for t, n in pending) and time.monotonic() < deadline:
+        time.sleep(1e-4)
 
 
 def end_process(rc: int = 0) -> NoReturn:
@@ -132,6 +139,7 @@ class MaxReducer:
         self._offsets = tuple(offsets)
         self.buffer = torch.zeros(total, dtype=torch.float32, device=device)
         self._work: dist.Work | None = None
+        self._use_counts: tuple[int, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -149,6 +157,7 @@ class MaxReducer:
 
     def launch(self) -> None:
         """Start the all-reduce; returns at once."""
+        self._use_counts = _use_counts((self.buffer,))
         self._work = dist.all_reduce(self.buffer, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
 
     @property
@@ -159,15 +168,16 @@ class MaxReducer:
         if self._work is not None:
             self._work.wait()
             self._work = None
-            _retain(self.buffer)
+            _await_release((self.buffer,), self._use_counts)
 
 
 def all_gather_flat(local: Tensor, output: Tensor, group: dist.ProcessGroup | None) -> None:
     """Gather equally sized flat chunks from every rank of ``group`` into ``output``."""
     # torch >= 2.13 names it all_gather_single and deprecates all_gather_into_tensor
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    before = _use_counts((local, output))
     gather(output, local, group=group)
-    _retain(local, output)
+    _await_release((local, output), before)
 
 
 def any_rank_true(flag: bool, group: dist.ProcessGroup | None, device: torch.device) -> bool:
@@ -175,8 +185,9 @@ def any_rank_true(flag: bool, group: dist.ProcessGroup | None, device: torch.dev
     if world_size(group) == 1:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
+    before = _use_counts((t,))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    _retain(t)
+    _await_release((t,), before)
     return bool(t.item() > 0)
 
 
@@ -190,8 +201,9 @@ def all_reduce_flag_(flag: Tensor, groups: Sequence[dist.ProcessGroup | None]) -
     """
     for group in groups:
         if world_size(group) > 1:
+            before = _use_counts((flag,))
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True).wait()
-            _retain(flag)
+            _await_release((flag,), before)
     return flag
 
 
@@ -203,8 +215,9 @@ def all_reduce_(bucket: Tensor, op: str, group: dist.ProcessGroup | None) -> Ten
     if op not in _REDUCE_OPS:
         raise ValueError(f"op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
     if world_size(group) > 1:
+        before = _use_counts((bucket,))
         dist.all_reduce(bucket, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=group)
-        _retain(bucket)
+        _await_release((bucket,), before)
     return bucket
 
 
