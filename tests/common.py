@@ -13,8 +13,9 @@
   the same seeded gradients on every rank; :func:`set_grads` sets them on plain
   or DTensor parameters; :func:`snapshot` - a model's parameters and its
   optimizer's state, by parameter name.
-* :func:`wrap_fsdp1`, :func:`flat_pieces`, :func:`hull` - FSDP1 units and the
-  flat pieces of each original parameter a rank holds, read from FSDP's metadata.
+* :func:`wrap_fsdp1`, :func:`flat_pieces`, :func:`hull`, :func:`set_fsdp1_grads`,
+  :func:`fsdp1_full_params` - FSDP1 units, the flat pieces of each original
+  parameter a rank holds (read from FSDP's metadata), its gradients, its full parameters.
 * :func:`random_blocks`, :func:`clone_blocks`, :func:`assert_same` - the dense
   blocks ``functional.sm3`` steps, and their bitwise comparison.
 
@@ -57,6 +58,7 @@ __all__ = [
     "fill_grads",
     "flat_pieces",
     "free_port",
+    "fsdp1_full_params",
     "global_grads",
     "grads_like",
     "hull",
@@ -69,6 +71,7 @@ __all__ = [
     "run_interpreted",
     "same_bits",
     "seeded_grads",
+    "set_fsdp1_grads",
     "set_grads",
     "shared_result",
     "shared_root",
@@ -343,6 +346,28 @@ def flat_pieces(fsdp_model: nn.Module) -> list[tuple]:
                 start = stop = offset = 0
             rows.append((flat, param, name, tuple(shape), start, stop, offset))
     return rows
+
+
+def set_fsdp1_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
+    """Each rank's pieces of the same global gradients, on original (``use_orig_params``) or flat parameters."""
+    flats = {}
+    for flat, param, name, _, start, stop, offset in flat_pieces(model):
+        piece = grads[name].to(flat.device).flatten()[start:stop]
+        if param is not None:  # a 1-D view of its piece when sharded, the whole parameter under NO_SHARD
+            param.grad = piece.reshape(param.shape).clone()
+        else:
+            g = flats.setdefault(id(flat), (flat, torch.zeros_like(flat)))[1]
+            g[offset : offset + stop - start] = piece
+    for flat, g in flats.values():
+        flat.grad = g
+
+
+def fsdp1_full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """An FSDP1 model's full parameters by their unwrapped names (gathered on every rank)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(model, writeback=False):
+        return {name.replace(FSDP1_PREFIX, ""): p.detach().clone() for name, p in model.named_parameters()}
 
 
 def hull(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[int, int]]:

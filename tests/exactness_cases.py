@@ -30,10 +30,12 @@ from sm3_dist import MOMENTUM_KEY, SM3, STEP_KEY, ShardedSM3, accumulator_key
 from tests.common import (
     FSDP1_PREFIX,
     flat_pieces,
+    fsdp1_full_params,
     global_grads,
     hull,
     make_model,
     named_shapes,
+    set_fsdp1_grads,
     set_grads,
     wrap_fsdp1,
 )
@@ -218,16 +220,11 @@ class FSDP1:
         self.shapes = {name: shape for _, _, name, shape, _, _, _ in flat_pieces(self.model)}
 
     def set_grads(self, grads: dict[str, torch.Tensor]) -> None:
-        for name, p in self.local.items():
-            start, stop = self.span[name]
-            p.grad = grads[name].to(p.device).flatten()[start:stop].clone()
+        set_fsdp1_grads(self.model, grads)
 
     def observe(self) -> tuple[dict, list[Fragment]]:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
         self.opt.state_dict()  # waits for the last all-reduce of maxima
-        with FSDP.summon_full_params(self.model, writeback=False):
-            params = {n.replace(FSDP1_PREFIX, ""): p.detach().clone() for n, p in self.model.named_parameters()}
+        params = fsdp1_full_params(self.model)
         frags = []
         for name, p in self.local.items():
             start, stop = self.span[name]

@@ -19,12 +19,20 @@ from sm3_dist.integrations.fsdp1 import fsdp1_shard_resolver
 
 from sm3_dist import MOMENTUM_KEY, SM3, UnsupportedLayoutError, accumulator_key, local_state_bytes
 from tests.common import FSDP1_PREFIX as PREFIX
-from tests.common import flat_pieces, global_grads, hull, make_model, run_distributed, wrap_fsdp1
+from tests.common import (
+    flat_pieces,
+    fsdp1_full_params,
+    global_grads,
+    hull,
+    make_model,
+    run_distributed,
+    set_fsdp1_grads,
+    wrap_fsdp1,
+)
 from tests.test_fsdp2 import HYPER, LR, STEPS
 
 
 def _orig_params_worker(rank: int, world_size: int) -> list[tuple[str, tuple[int, ...], int, int]]:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     for hyper in HYPER:
         ref_model = make_model()
@@ -67,10 +75,8 @@ def _orig_params_worker(rank: int, world_size: int) -> list[tuple[str, tuple[int
             else:
                 assert MOMENTUM_KEY not in state
         assert local_state_bytes(opt) == expected_bytes
-        with FSDP.summon_full_params(fsdp_model, writeback=False):
-            for name, p in fsdp_model.named_parameters():
-                name = name.replace(PREFIX, "")
-                assert torch.equal(p.detach(), ref_params[name].detach()), f"{hyper}: parameter {name} differs"
+        for name, p in fsdp1_full_params(fsdp_model).items():
+            assert torch.equal(p, ref_params[name].detach()), f"{hyper}: parameter {name} differs"
     return [(name, shape, start, stop) for (_, _, name, shape, start, stop, _) in flat_pieces(fsdp_model)]
 
 
@@ -88,7 +94,6 @@ def test_use_orig_params_matches_single_process(world_size):
 
 
 def _flat_params_worker(rank: int, world_size: int) -> None:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     for hyper in HYPER[1:3]:
         ref_model = make_model()
@@ -99,21 +104,14 @@ def _flat_params_worker(rank: int, world_size: int) -> None:
         ref_params = dict(ref_model.named_parameters())
         for step in range(STEPS):
             grads = global_grads(shapes, step)
-            flats = {}
-            for flat, _, name, _, start, stop, offset in flat_pieces(fsdp_model):
-                g = flats.setdefault(id(flat), (flat, torch.zeros_like(flat)))[1]
-                g[offset : offset + stop - start] = grads[name].flatten()[start:stop]
-            for flat, g in flats.values():
-                flat.grad = g
+            set_fsdp1_grads(fsdp_model, grads)
             for name, r in ref_params.items():
                 r.grad = grads[name].clone()
             opt.step()
             ref.step()
         opt.state_dict()
-        with FSDP.summon_full_params(fsdp_model, writeback=False):
-            for name, p in fsdp_model.named_parameters():
-                name = name.replace(PREFIX, "")
-                assert torch.equal(p.detach(), ref_params[name].detach()), f"{hyper}: parameter {name} differs"
+        for name, p in fsdp1_full_params(fsdp_model).items():
+            assert torch.equal(p, ref_params[name].detach()), f"{hyper}: parameter {name} differs"
 
 
 def test_flat_parameters_match_single_process():
@@ -134,21 +132,13 @@ def _no_shard_worker(rank: int, world_size: int) -> None:
         ref_params = dict(ref_model.named_parameters())
         for step in range(3):
             grads = global_grads(shapes, step)
-            for flat, param, name, shape, start, stop, offset in flat_pieces(fsdp_model):
+            for *_, shape, start, stop, _ in flat_pieces(fsdp_model):
                 assert (start, stop) == (0, torch.Size(shape).numel()), "NO_SHARD holds every parameter whole"
-                if param is not None:
-                    param.grad = grads[name].clone()
-                else:
-                    if flat.grad is None:
-                        flat.grad = torch.zeros_like(flat)
-                    flat.grad[offset : offset + stop] = grads[name].flatten()
+            set_fsdp1_grads(fsdp_model, grads)
             for name, r in ref_params.items():
                 r.grad = grads[name].clone()
             opt.step()
             ref.step()
-            if not use_orig_params:
-                for flat, *_ in flat_pieces(fsdp_model):
-                    flat.grad = None
         opt.state_dict()
         for _, param, name, shape, *_ in flat_pieces(fsdp_model):
             r = ref_params[name]
@@ -157,12 +147,8 @@ def _no_shard_worker(rank: int, world_size: int) -> None:
                 for d in range(len(shape)):
                     assert torch.equal(opt.state[param][accumulator_key(d)], ref.state[r][accumulator_key(d)])
         if not use_orig_params:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            with FSDP.summon_full_params(fsdp_model, writeback=False):
-                for name, p in fsdp_model.named_parameters():
-                    name = name.replace(PREFIX, "")
-                    assert torch.equal(p.detach(), ref_params[name].detach()), f"NO_SHARD flat: {name} differs"
+            for name, p in fsdp1_full_params(fsdp_model).items():
+                assert torch.equal(p, ref_params[name].detach()), f"NO_SHARD flat: {name} differs"
 
 
 def test_no_shard_matches_single_process():
@@ -171,7 +157,6 @@ def test_no_shard_matches_single_process():
 
 def _resume_worker(rank: int, world_size: int, path: str, load: bool) -> None:
     """Per-rank resume at the same world size: local parameter pieces and ``optimizer.state_dict()``."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     hyper = dict(momentum=0.9, beta=0.9)
     first, second = 3, 4
@@ -207,10 +192,8 @@ def _resume_worker(rank: int, world_size: int, path: str, load: bool) -> None:
         for d, (lo, hi) in enumerate(hull(shape, start, stop)):
             acc = ref.state[ref_params[name]][accumulator_key(d)][lo:hi]
             assert torch.equal(opt.state[param][accumulator_key(d)], acc), f"resumed: {name} mu_{d} differs"
-    with FSDP.summon_full_params(fsdp_model, writeback=False):
-        for name, p in fsdp_model.named_parameters():
-            name = name.replace(PREFIX, "")
-            assert torch.equal(p.detach(), ref_params[name].detach()), f"resumed: parameter {name} differs"
+    for name, p in fsdp1_full_params(fsdp_model).items():
+        assert torch.equal(p, ref_params[name].detach()), f"resumed: parameter {name} differs"
 
 
 def test_resume_same_world_size(tmp_path):

@@ -27,8 +27,17 @@ from sm3_dist.integrations.fsdp1 import fsdp1_load_optim_state_dict, fsdp1_optim
 from torch import nn
 
 from sm3_dist import MOMENTUM_KEY, SM3, STEP_KEY, accumulator_key
-from tests.common import FSDP1_PREFIX as PREFIX
-from tests.common import TinyBlock, flat_pieces, global_grads, make_model, run_distributed, wrap_fsdp1
+from tests.common import (
+    TinyBlock,
+    flat_pieces,
+    fsdp1_full_params,
+    global_grads,
+    make_model,
+    named_shapes,
+    run_distributed,
+    set_fsdp1_grads,
+    wrap_fsdp1,
+)
 from tests.test_fsdp2 import LR
 
 # (use_orig_params, SM3 hyperparameters): the flat-parameter form shares the checkpoint format; bf16 momentum
@@ -41,25 +50,6 @@ CONFIGS = [
 ]
 STAGES = [(2, range(0, 3)), (3, range(3, 6)), (2, range(6, 8))]
 FORMATS = ("dcp", "torch.save")
-
-
-def _set_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
-    """Each rank's pieces of the same global gradients, on original or flat parameters."""
-    flats = {}
-    for flat, param, name, _, start, stop, offset in flat_pieces(model):
-        piece = grads[name].flatten()[start:stop]
-        if param is not None:
-            param.grad = piece.clone()
-        else:
-            g = flats.setdefault(id(flat), (flat, torch.zeros_like(flat)))[1]
-            g[offset : offset + stop - start] = piece
-    for flat, g in flats.values():
-        flat.grad = g
-
-
-def _grad_shapes(model: nn.Module) -> list[tuple[str, torch.Size]]:
-    """Parameter names and shapes in the unwrapped model's order, the order ``global_grads`` draws them in."""
-    return [(name, p.shape) for name, p in model.named_parameters()]
 
 
 def _save(model: nn.Module, consolidated: dict, path: str, fmt: str) -> None:
@@ -96,13 +86,6 @@ def _load(model: nn.Module, opt: SM3, path: str, fmt: str) -> dict:
     return state["optim"]
 
 
-def _full_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    with FSDP.summon_full_params(model, writeback=False):
-        return {name.replace(PREFIX, ""): p.detach().clone() for name, p in model.named_parameters()}
-
-
 def _stage(rank: int, world_size: int, path: str, steps: range) -> dict[str, list[tuple]]:
     """Per format and config: load the checkpoint written after step ``steps.start`` (if any), train, save."""
     return {fmt: [_run(index, fmt, path, steps) for index in range(len(CONFIGS))] for fmt in FORMATS}
@@ -114,17 +97,17 @@ def _run(index: int, fmt: str, path: str, steps: range) -> tuple:
     # a resumed stage must not depend on its own initialization
     model = wrap_fsdp1(make_model(seed=0 if steps.start == 0 else 100 + steps.start), use_orig_params=orig)
     opt = SM3(model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(model))
-    shapes = _grad_shapes(make_model())
+    shapes = named_shapes(make_model())
     if steps.start:
         loaded = _load(model, opt, os.path.join(path, f"{index}-{steps.start}"), fmt)
         _assert_state_equal(fsdp1_optim_state_dict(model, opt), loaded, f"{fmt}, config {index}: reconsolidated")
     for step in steps:
-        _set_grads(model, global_grads(shapes, step))
+        set_fsdp1_grads(model, global_grads(shapes, step))
         opt.step()
     consolidated = fsdp1_optim_state_dict(model, opt)
     _save(model, consolidated, os.path.join(path, f"{index}-{steps.stop}"), fmt)
     pieces = [(name, shape, start, stop) for _, _, name, shape, start, stop, _ in flat_pieces(model)]
-    return _full_params(model), consolidated, pieces
+    return fsdp1_full_params(model), consolidated, pieces
 
 
 def _reference(hyper: dict, stops: list[int]) -> dict[int, tuple[dict, dict]]:
@@ -134,7 +117,7 @@ def _reference(hyper: dict, stops: list[int]) -> dict[int, tuple[dict, dict]]:
     model = make_model()
     opt = SM3(model.parameters(), lr=LR, **hyper)
     params = dict(model.named_parameters())
-    shapes = _grad_shapes(model)
+    shapes = named_shapes(model)
     out = {}
     for step in range(max(stops)):
         grads = global_grads(shapes, step)
@@ -217,11 +200,11 @@ def _errors_worker(rank: int, world_size: int) -> None:
     modules = {"this": TinyBlock(), "other": OtherBlock()}
     models, opts = {}, {}
     for key, module in modules.items():
-        shapes = _grad_shapes(module)
+        shapes = named_shapes(module)
         models[key] = model = wrap_fsdp1(module, use_orig_params=True)
         opts[key] = SM3(model.parameters(), lr=LR, momentum=0.9, shard_resolver=fsdp1_shard_resolver(model))
         for step in range(2):
-            _set_grads(model, global_grads(shapes, step))
+            set_fsdp1_grads(model, global_grads(shapes, step))
             opts[key].step()
     model, opt = models["this"], opts["this"]
     good = fsdp1_optim_state_dict(model, opt)

@@ -5,6 +5,8 @@ DistributedDataParallel, the gradients DDP averaged), and its parameters and
 consolidated accumulators must be ``torch.equal`` to a plain ``sm3_dist.SM3``
 fed the same gradients. The model's sizes are chosen so that at world sizes 2,
 3 and 4 a slice boundary cuts a weight mid-row (asserted).
+
+Multi-process here; the single-process contract and bad input: ``test_sharded_single.py``.
 """
 
 from __future__ import annotations
@@ -15,152 +17,28 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from sm3_dist import MOMENTUM_KEY, SM3, STEP_KEY, ShardedSM3, accumulator_key, local_state_bytes
+from sm3_dist import MOMENTUM_KEY, SM3, ShardedSM3, local_state_bytes
 from sm3_dist.sharded import FlatPartition
 from tests.common import run_distributed
+from tests.sharded_cases import (
+    EXTRA,
+    HYPER,
+    LR,
+    STEPS,
+    VOCAB,
+    WORLD_SIZES,
+    assert_state_equal,
+    cut_mid_row,
+    expected_local_bytes,
+    make_model,
+    param_groups,
+    reference_run,
+    train,
+)
 
 # the multi-process sessions are shared by the tests of this file: keep them on one xdist worker
 pytestmark = pytest.mark.xdist_group("sharded")
-
-LR = 0.05
-STEPS = 10
-HYPER = [(m, b) for m in (0.0, 0.9) for b in (0.0, 0.9)]
-WORLD_SIZES = [2, 3, 4]
-VOCAB = 11
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.qkv = nn.Parameter(torch.randn(3, dim, dim) / math.sqrt(dim))
-        self.qkv_b = nn.Parameter(torch.zeros(3, dim))
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (torch.einsum("btd,sed->sbte", x, self.qkv) + self.qkv_b[:, None, None, :]).unbind(0)
-        return self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))
-
-
-class TinyTransformer(nn.Module):
-    """Embedding, a rank-3 attention weight, rank-2 weights, biases, a scalar."""
-
-    def __init__(self, vocab: int = VOCAB, context: int = 6, dim: int = 6, hidden: int = 10) -> None:
-        super().__init__()
-        self.pos = nn.Parameter(torch.randn(context, dim) * 0.1)
-        self.scale = nn.Parameter(torch.tensor(1.0))
-        self.emb = nn.Embedding(vocab, dim)
-        self.attn = Attention(dim)
-        self.ln = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, hidden)
-        self.out = nn.Linear(hidden, dim)
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.emb(tokens[:, :-1]) + self.pos[: tokens.shape[1] - 1]
-        x = x + self.attn(x)
-        x = x + self.out(F.gelu(self.fc(self.ln(x))))
-        logits = self.head(x) * self.scale
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-
-
-class Wide(nn.Module):
-    """One weight larger than a 4-rank slice (ranks own only part of it), a bf16 parameter; bf16 momentum."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(9, 13))
-        self.mix = nn.Parameter(torch.randn(2, 3, 5))
-        self.low = nn.Parameter(torch.randn(4, 7).to(torch.bfloat16))
-        self.b = nn.Parameter(torch.randn(3))
-
-
-MODELS = {"transformer": TinyTransformer, "wide": Wide}
-EXTRA = {"wide": dict(momentum_dtype=torch.bfloat16)}
-
-
-def make_model(kind: str = "transformer", seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return MODELS[kind]()
-
-
-def param_groups(model: nn.Module) -> list[dict]:
-    """Two groups: the second with its own lr and weight decay (a scheduler scales both)."""
-    params = list(model.parameters())
-    return [{"params": params[:-3]}, {"params": params[-3:], "lr": 2 * LR, "weight_decay": 0.01}]
-
-
-def global_grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor | None]:
-    gen = torch.Generator().manual_seed(7919 * (step + 1))
-    grads: list[torch.Tensor | None] = []
-    for p in params:
-        g = torch.randn(p.shape, generator=gen).to(p.dtype)
-        if step == 0 and g.dim() >= 2:
-            g[0] = 0.0  # a zero slab: accumulator entries that stay 0
-        grads.append(g)
-    if step == 3:
-        grads[1] = None  # a parameter without gradient on every rank: left alone
-    return grads
-
-
-def train(opt, params, steps, start=0, scheduler=None) -> None:
-    for step in range(start, start + steps):
-        for p, g in zip(params, global_grads(params, step)):
-            p.grad = None if g is None else g.clone()
-        opt.step()
-        if scheduler is not None:
-            scheduler.step()
-
-
-def reference_run(kind: str, momentum: float, beta: float, steps: int = STEPS) -> tuple[list[torch.Tensor], dict]:
-    model = make_model(kind)
-    opt = SM3(param_groups(model), lr=LR, momentum=momentum, beta=beta, **EXTRA.get(kind, {}))
-    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
-    params = list(model.parameters())
-    train(opt, params, steps, scheduler=scheduler)
-    return [p.detach().clone() for p in params], opt.state_dict()
-
-
-def cut_mid_row(numels_shapes: list[tuple[int, ...]], world_size: int) -> list[int]:
-    """Indices of rank>=2 parameters that a slice boundary cuts inside a row."""
-    partition = FlatPartition(numels=tuple(math.prod(s) for s in numels_shapes), world_size=world_size)
-    cut = []
-    offset = 0
-    for k, shape in enumerate(numels_shapes):
-        n = math.prod(shape)
-        for b in partition.bounds()[1:-1]:
-            if len(shape) >= 2 and offset < b < offset + n and (b - offset) % shape[-1]:
-                cut.append(k)
-        offset += n
-    return cut
-
-
-def expected_local_bytes(shapes: list[tuple[int, ...]], owned, momentum: bool) -> int:
-    """Momentum for the owned elements plus the hull of touched indices per accumulator, computed per element."""
-    total = 0
-    for shape, (a, b) in zip(shapes, owned):
-        if b == a:
-            continue
-        if momentum:
-            total += 4 * (b - a)
-        if len(shape) <= 1:
-            total += 4 * (b - a)
-            continue
-        idx = torch.unravel_index(torch.arange(a, b), shape)
-        total += 4 * sum(int(i.max() - i.min() + 1) for i in idx)
-    return total
-
-
-def assert_state_equal(ours: dict, ref: dict) -> None:
-    assert ours["param_groups"] == ref["param_groups"]
-    assert sorted(ours["state"]) == sorted(ref["state"])
-    for k, entry in ref["state"].items():
-        assert sorted(ours["state"][k]) == sorted(entry), k
-        for key, value in entry.items():
-            assert ours["state"][k][key].dtype == value.dtype, (k, key)
-            assert torch.equal(ours["state"][k][key], value), (k, key)
 
 
 # ---------------------------------------------------------------------- distributed sessions
@@ -540,151 +418,3 @@ def test_checkpoint_moves_between_sharded_and_plain_sm3(sessions):
     train(sharded, list(model.parameters()), STEPS - K, start=K)
     assert all(torch.equal(p.detach(), r) for p, r in zip(model.parameters(), ref_params))
     assert_state_equal(sharded.state_dict(), ref_state)
-
-
-# ---------------------------------------------------------------------- single process: the torch.optim contract
-
-
-def test_single_process_is_plain_sm3_with_schedulers_and_zero_grad():
-    for momentum, beta in HYPER:
-        ref_params, ref_state = reference_run("transformer", momentum, beta)
-        model = make_model()
-        opt = ShardedSM3(param_groups(model), lr=LR, momentum=momentum, beta=beta)
-        assert isinstance(opt, torch.optim.Optimizer)
-        assert opt.param_groups[0]["params"][0] is next(model.parameters())
-        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
-        train(opt, list(model.parameters()), STEPS, scheduler=scheduler)
-        assert opt.param_groups[0]["lr"] == LR * 0.25
-        assert all(torch.equal(p.detach(), r) for p, r in zip(model.parameters(), ref_params))
-        assert_state_equal(opt.state_dict(), ref_state)
-        opt.zero_grad()
-        assert all(p.grad is None for p in model.parameters())
-        assert local_state_bytes(opt) == expected_local_bytes(
-            [tuple(p.shape) for p in model.parameters()], opt.owned_ranges(), momentum > 0
-        )
-
-
-def test_closure_and_state_keys():
-    model = make_model()
-    opt = ShardedSM3(model.parameters(), lr=LR, momentum=0.9)
-    tokens = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(0))
-
-    def closure():
-        opt.zero_grad()
-        loss = model(tokens)
-        loss.backward()
-        return loss
-
-    loss = opt.step(closure)
-    assert torch.is_tensor(loss) and loss.dim() == 0
-    state = opt.state[model.attn.qkv]
-    assert set(state) == {STEP_KEY, MOMENTUM_KEY, *(accumulator_key(d) for d in range(3))}
-
-
-def test_state_dict_hooks_run():
-    model = make_model()
-    opt = ShardedSM3(model.parameters(), lr=LR, momentum=0.9)
-    train(opt, list(model.parameters()), 2)
-    calls = []
-    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
-    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
-    opt.register_load_state_dict_pre_hook(lambda o, sd: {k: v for k, v in sd.items() if k != "extra"})
-    opt.register_load_state_dict_post_hook(lambda o: calls.append("load-post"))
-    state = opt.state_dict()
-    assert state["extra"] == 1
-    opt.load_state_dict(state)
-    assert calls == ["pre", "load-post"]
-
-
-def test_flat_partition_geometry():
-    part = FlatPartition(numels=(3, 100, 2, 0, 1), world_size=4)
-    assert part.bounds() == (0, 26, 53, 79, 106)
-    assert part.owned(0) == ((0, 3), (0, 23), (0, 0), (0, 0), (0, 0))
-    assert part.owned(1) == ((3, 3), (23, 50), (0, 0), (0, 0), (0, 0))  # only the middle of one parameter
-    assert part.owned(3) == ((3, 3), (76, 100), (0, 2), (0, 0), (0, 1))
-    with pytest.raises(ValueError, match="rank 4 is outside"):
-        part.owned(4)
-
-
-# ---------------------------------------------------------------------- bad input
-
-
-def _sparse_grad(opt, model):
-    emb = nn.Embedding(4, 3, sparse=True)
-    opt = ShardedSM3(emb.parameters())
-    emb(torch.tensor([1, 2])).sum().backward()
-    opt.step()
-
-
-def _add_group(opt, model):
-    opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
-
-
-def _append_param(opt, model):
-    opt.param_groups[0]["params"].append(nn.Parameter(torch.zeros(3)))
-    opt.step()
-
-
-def _drop_param(opt, model):
-    opt.param_groups[0]["params"].pop()
-    opt.step()
-
-
-def _replace_storage(opt, model):
-    model.head.weight.data = torch.zeros_like(model.head.weight)
-    opt.step()
-
-
-def _other_model_state(opt, model):
-    other = nn.Linear(3, 2)
-    src = SM3(other.parameters())
-    other.weight.grad = torch.ones_like(other.weight)
-    other.bias.grad = torch.ones_like(other.bias)
-    src.step()
-    opt.load_state_dict(src.state_dict())
-
-
-def _wrong_accumulator_shape(opt, model):
-    state = opt.state_dict()
-    k = 2
-    state["state"][k] = {STEP_KEY: torch.tensor(1.0), "mu_0": torch.zeros(3), "mu_1": torch.zeros(6)}
-    opt.load_state_dict(state)
-
-
-BAD_USE = [
-    (_sparse_grad, TypeError, "sparse gradients"),
-    (_add_group, ValueError, "partitions its parameters once"),
-    (_append_param, ValueError, "param_groups' parameters changed"),
-    (_drop_param, ValueError, "param_groups' parameters changed"),
-    (_replace_storage, RuntimeError, r"param_groups\[0\]\['params'\]\[13\].*storage was replaced"),
-    (_other_model_state, ValueError, "another model"),
-    (_wrong_accumulator_shape, ValueError, r"param_groups\[0\]\['params'\]\[2\].*'mu_0' has shape \(3,\)"),
-]
-
-
-@pytest.mark.parametrize(("use", "error", "match"), BAD_USE, ids=lambda v: getattr(v, "__name__", None))
-def test_bad_use(use, error, match):
-    model = make_model()
-    opt = ShardedSM3(model.parameters(), lr=LR)
-    for p, g in zip(model.parameters(), global_grads(list(model.parameters()), 0)):
-        p.grad = g
-    opt.step()
-    with pytest.raises(error, match=match):
-        use(opt, model)
-
-
-BAD_CONSTRUCTION = [
-    (lambda: ShardedSM3([torch.zeros(3, dtype=torch.float64, requires_grad=True)]), TypeError, "float32, bfloat16"),
-    (lambda: ShardedSM3([torch.zeros(4, 3).t().requires_grad_()]), ValueError, r"\(shape \(3, 4\).*contiguous"),
-    (lambda: ShardedSM3([torch.zeros(3, requires_grad=True)], lr=-1.0), ValueError, "Invalid lr"),
-    (lambda: ShardedSM3([torch.zeros(3, requires_grad=True)], momentum=1.0), ValueError, "Invalid momentum"),
-    (lambda: ShardedSM3([torch.zeros(3, requires_grad=True)], shard_resolver=None), TypeError, "no shard_resolver"),
-    (lambda: ShardedSM3([torch.zeros(3, requires_grad=True)], process_group=object()), ValueError, "not initialized"),
-    (lambda: ShardedSM3([]), ValueError, "empty parameter list"),
-]
-
-
-@pytest.mark.parametrize(("build", "error", "match"), BAD_CONSTRUCTION)
-def test_bad_construction(build, error, match):
-    with pytest.raises(error, match=match):
-        build()
