@@ -6,7 +6,8 @@
   :func:`shared_result` - a spawned session computed once per pytest run, also
   under pytest-xdist (:func:`shared_root`).
 * :data:`KERNELS` - every SM3 kernel as the constructor flags that select it;
-  :data:`DEVICES` - ``cpu``, and ``cuda`` where a GPU is present.
+  :data:`DEVICES` - a device axis, ``cuda`` rows skipped where no GPU is present
+  (:data:`NEEDS_CUDA`).
 * :class:`TinyBlock`, :func:`make_model` - a transformer-like module whose
   dimensions shard unevenly (some shards empty at 3 and 4 ranks);
   :func:`seeded_grads`, :func:`global_grads` (by name), :func:`grads_like`, :func:`fill_grads` -
@@ -39,6 +40,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -52,6 +54,7 @@ __all__ = [
     "DEVICES",
     "FSDP1_PREFIX",
     "KERNELS",
+    "NEEDS_CUDA",
     "TinyBlock",
     "assert_same",
     "clone_blocks",
@@ -86,8 +89,10 @@ KERNELS: dict[str, dict[str, bool]] = {
 }
 """Every kernel SM3 offers, as the ``SM3``/``functional.sm3`` flags that select it."""
 
-DEVICES: tuple[str, ...] = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
-"""The devices tests run on here: CUDA rows only where a GPU is present."""
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+"""A device axis for ``pytest.mark.parametrize``: ``cpu``, and ``cuda`` rows that run where a GPU is present
+(skipped with the reason elsewhere)."""
 
 
 # ---------------------------------------------------------------------------------------------- processes

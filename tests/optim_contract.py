@@ -19,8 +19,6 @@ from tests.common import KERNELS
 from tests.optim_info import sm3_optim_inputs
 
 CUDA = torch.cuda.is_available()
-NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 CONFIGS = list(dict.fromkeys(i.desc for dev in ("cpu", "cuda") for i in sm3_optim_inputs(dev)))
 SCHEDULERS = {
     "none": [],

@@ -169,8 +169,30 @@ DEEPSPEED_SKIP_STEP = 5
 """At this step rank 1's input holds a NaN: DeepSpeed's own overflow check skips before SM3 is called."""
 
 
-def _nonfinite(engine, run: Run, rank: int, world: int) -> dict:
+def _train_checking(engine, run: Run, rank: int, steps: int, nan_input_at: int, checked, on_step=None) -> dict:
+    """Train ``steps`` steps, rank 1's input holding a NaN at step ``nan_input_at``; whether each step in
+    ``checked`` left parameters, partitions and state bitwise unchanged; who skipped how many steps.
+    ``on_step(step)`` is called before each step's backward."""
     base = engine.basic_optimizer
+    unchanged, skipped_by_deepspeed = {}, engine.skipped_steps
+    for step in range(steps):
+        if on_step is not None:
+            on_step(step)
+        engine.backward(loss_of(engine, run.kind, step, poison=step == nan_input_at and rank == 1))
+        before = _snapshot(engine) if step in checked else None
+        engine.step()
+        if before is not None:
+            unchanged[step] = _same(before, _snapshot(engine))
+    base._wait_for_maxima()
+    return dict(
+        params=_full_params(engine),
+        unchanged=unchanged,
+        sm3_skipped=base.skipped_steps,
+        deepspeed_skipped=engine.skipped_steps - skipped_by_deepspeed,
+    )
+
+
+def _nonfinite(engine, run: Run, rank: int, world: int) -> dict:
     offset, name, index = _fragment_target(engine, rank)
     current = {"step": -1}
 
@@ -180,27 +202,11 @@ def _nonfinite(engine, run: Run, rank: int, world: int) -> dict:
             (flat,) = [p for g in optimizer.param_groups for p in g["params"]]
             flat.grad.view(-1)[offset] = float(planned[0])
 
-    handle = base.register_step_pre_hook(inject)
-    unchanged, skipped_by_deepspeed = {}, engine.skipped_steps
-    for step in range(8):
-        current["step"] = step
-        poison = step == DEEPSPEED_SKIP_STEP and rank == 1
-        engine.backward(loss_of(engine, run.kind, step, poison=poison))
-        if step in NONFINITE_PLAN or step == DEEPSPEED_SKIP_STEP:
-            before = _snapshot(engine)
-            engine.step()
-            unchanged[step] = _same(before, _snapshot(engine))
-        else:
-            engine.step()
+    handle = engine.basic_optimizer.register_step_pre_hook(inject)
+    checked = (*NONFINITE_PLAN, DEEPSPEED_SKIP_STEP)
+    result = _train_checking(engine, run, rank, 8, DEEPSPEED_SKIP_STEP, checked, lambda step: current.update(step=step))
     handle.remove()
-    base._wait_for_maxima()
-    return dict(
-        params=_full_params(engine),
-        unchanged=unchanged,
-        sm3_skipped=base.skipped_steps,
-        deepspeed_skipped=engine.skipped_steps - skipped_by_deepspeed,
-        target=(name, index),
-    )
+    return dict(result, target=(name, index))
 
 
 POISON_STEP = 2
@@ -208,21 +214,7 @@ POISON_STEP = 2
 
 def _poison(engine, run: Run, rank: int) -> dict:
     """A NaN in rank 1's input at one step: every rank's averaged gradient turns NaN."""
-    base = engine.basic_optimizer
-    unchanged, skipped_by_deepspeed = None, engine.skipped_steps
-    for step in range(5):
-        engine.backward(loss_of(engine, run.kind, step, poison=step == POISON_STEP and rank == 1))
-        before = _snapshot(engine) if step == POISON_STEP else None
-        engine.step()
-        if before is not None:
-            unchanged = _same(before, _snapshot(engine))
-    base._wait_for_maxima()
-    return dict(
-        params=_full_params(engine),
-        unchanged=unchanged,
-        sm3_skipped=base.skipped_steps,
-        deepspeed_skipped=engine.skipped_steps - skipped_by_deepspeed,
-    )
+    return _train_checking(engine, run, rank, 5, POISON_STEP, (POISON_STEP,))
 
 
 def _raise(engine, run: Run, rank: int, world: int) -> dict:
@@ -501,7 +493,7 @@ def test_nonfinite_input_is_skipped_once_by_deepspeed_or_by_sm3(sessions, run, s
     results = _results(sessions, 2, f"poison-{run}")
     model, _ = reference(steps=5, skip=(POISON_STEP,))
     for rank, result in enumerate(results):
-        assert result["unchanged"] is True, f"rank {rank}"
+        assert result["unchanged"] == {POISON_STEP: True}, f"rank {rank}"
         assert (result["sm3_skipped"], result["deepspeed_skipped"]) == ((1, 0) if skipper == "sm3" else (0, 1))
         for name, p in model.named_parameters():
             assert torch.equal(result["params"][name], p.detach()), f"rank {rank}: {name}"

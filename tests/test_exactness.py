@@ -16,10 +16,9 @@ import torch
 
 from sm3_dist import MOMENTUM_KEY, SM3, accumulator_key, local_state_bytes
 from tests import exactness_cases as cases
-from tests.common import make_model, named_shapes, run_distributed, shared_result
+from tests.common import DEVICES, make_model, named_shapes, run_distributed, shared_result
 from tests.reference import ReferenceSM3
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 SLOW = dict.fromkeys(cases.DEEPSPEED_SETUPS, pytest.mark.slow)
 """DeepSpeed's rows: twenty engines, one after another."""
 REFERENCE_KEYS = ("momentum", "beta", "eps", "weight_decay", "bias_correction")

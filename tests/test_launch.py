@@ -82,6 +82,14 @@ def _losses(out: Path) -> dict[int, float]:
     return {step: r["loss"] for step, r in records.items()}
 
 
+def _assert_resumed_on_the_same_trajectory(first, second, resumed_steps: list[int]) -> None:
+    """The resumed run's losses are the uninterrupted run's at its steps, and so is the Polyak average's eval loss."""
+    a, b = _losses(first), _losses(second)
+    assert sorted(b) == resumed_steps
+    assert all(a[s] == b[s] for s in b), (a, b)
+    assert _summary(first)["eval_loss_polyak"] == _summary(second)["eval_loss_polyak"]
+
+
 def _summary(out: Path) -> dict:
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     (summary,) = [r for r in lines if r["kind"] == "summary"][-1:]
@@ -357,10 +365,7 @@ def test_accelerate_ddp_trains_and_resumes_exactly(tmp_path):
     step_3 = first / "checkpoints" / "step_0000003"
     assert (step_3 / checkpoint.DONE_FILE).exists()
     _accelerate(config, *common, "--out", str(second), "--resume", str(step_3))
-    a, b = _losses(first), _losses(second)
-    assert sorted(b) == [4, 5, 6]
-    assert all(a[s] == b[s] for s in b), (a, b)
-    assert _summary(first)["eval_loss_polyak"] == _summary(second)["eval_loss_polyak"]
+    _assert_resumed_on_the_same_trajectory(first, second, [4, 5, 6])
 
 
 @pytest.mark.slow
@@ -380,10 +385,7 @@ def test_torchrun_fsdp2_with_polyak_resumes_exactly(tmp_path):
     _torchrun(*common, "--out", str(first), "--checkpoint-every", "3")
     _assert_trained(first, 6, png=False)
     _torchrun(*common, "--out", str(second), "--resume", str(first / "checkpoints" / "step_0000003"))
-    a, b = _losses(first), _losses(second)
-    assert sorted(b) == [4, 5, 6]
-    assert all(a[s] == b[s] for s in b), (a, b)
-    assert _summary(first)["eval_loss_polyak"] == _summary(second)["eval_loss_polyak"]
+    _assert_resumed_on_the_same_trajectory(first, second, [4, 5, 6])
 
 
 @pytest.mark.slow

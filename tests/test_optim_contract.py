@@ -21,10 +21,9 @@ from torch.nn import Parameter
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from sm3_dist import SM3
-from tests.common import KERNELS, fill_grads, grads_like
+from tests.common import DEVICES, KERNELS, fill_grads, grads_like
 from tests.optim_contract import (  # noqa: F401  (one_thread: an autouse fixture)
     CONFIGS,
-    DEVICES,
     SCHEDULERS,
     all_settings,
     kernel,

@@ -17,11 +17,10 @@ from torch.optim import SGD
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from sm3_dist import SM3, ShardedSM3
-from tests.common import KERNELS, fill_grads
+from tests.common import DEVICES, KERNELS, fill_grads
 from tests.optim_contract import (  # noqa: F401  (one_thread: an autouse fixture)
     CLASSES,
     CONFIGS,
-    DEVICES,
     all_settings,
     one_thread,
     params_of,

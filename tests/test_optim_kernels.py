@@ -15,12 +15,10 @@ import torch
 from torch.nn import Parameter
 
 from sm3_dist import SM3, functional, fused
-from tests.common import KERNELS, fill_grads
+from tests.common import DEVICES, KERNELS, NEEDS_CUDA, fill_grads
 from tests.optim_contract import (  # noqa: F401  (one_thread: an autouse fixture)
     CONFIGS,
     CUDA,
-    DEVICES,
-    NEEDS_CUDA,
     compare_between,
     config,
     derived_models,

@@ -16,11 +16,9 @@ import torch
 from torch.nn import Parameter
 
 from sm3_dist import SM3
-from tests.common import KERNELS, fill_grads
+from tests.common import DEVICES, KERNELS, NEEDS_CUDA, fill_grads
 from tests.optim_contract import (  # noqa: F401  (one_thread: an autouse fixture)
     CONFIGS,
-    DEVICES,
-    NEEDS_CUDA,
     assert_tree_equal,
     kernel,
     linear_problem,
