@@ -21,6 +21,7 @@ Each setup runs in one spawned world, all options one after another.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -356,6 +357,7 @@ def deepspeed_worker(rank: int, world: int, device: str) -> dict:
 
     from tests.deepspeed_models import MODELS, _config, loss_of
 
+    os.environ["DS_ACCELERATOR"] = device  # deepspeed_models sets cpu on import
     _prepare_device(rank, device)
     out = {}
     for stage in range(4):

@@ -59,3 +59,30 @@ def test_seeded_gradients_and_snapshot():
     after, state = snapshot(model, opt)
     assert not torch.equal(before["qkv.weight"], after["qkv.weight"])
     assert state["qkv.weight"] and all(k in state for k in before)
+
+
+def test_seeded_grads_by_shape_and_on_parameters():
+    from tests.common import fill_grads, grads_like, seeded_grads
+
+    shapes = [(3, 4), (5,)]
+    a, b = seeded_grads(shapes, 2, seed=11), seeded_grads(shapes, 2, seed=11)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and [tuple(x.shape) for x in a] == shapes
+    assert not torch.equal(seeded_grads(shapes, 2, seed=12)[0], a[0])
+    assert (seeded_grads(shapes, 0, zero_slice=True)[0][..., 0] == 0).all()
+    assert (seeded_grads(shapes, 1, zero_slice=True)[0][..., 0] != 0).any()  # step 0 only
+    params = [torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.bfloat16)), torch.nn.Parameter(torch.zeros(5))]
+    fill_grads(params, 2, seed=11)
+    assert params[0].grad.dtype == torch.bfloat16 and torch.equal(params[1].grad, a[1])
+    assert torch.equal(grads_like(params, 2, seed=11)[0], a[0].bfloat16())
+
+
+def test_random_blocks_and_assert_same():
+    from tests.common import assert_same, clone_blocks, random_blocks
+
+    blocks = random_blocks(3, [(2, 3), ()])
+    copy = clone_blocks(blocks)
+    assert_same(blocks, copy)
+    assert [len(a) for a in blocks[3]] == [2, 1]  # an accumulator per dimension, one for a scalar
+    copy[3][0][1][0] += 1.0
+    with pytest.raises(AssertionError):
+        assert_same(blocks, copy)
