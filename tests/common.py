@@ -13,7 +13,8 @@
   :func:`seeded_grads`, :func:`global_grads` (by name), :func:`grads_like`, :func:`fill_grads` -
   the same seeded gradients on every rank; :func:`set_grads` sets them on plain
   or DTensor parameters; :func:`snapshot` - a model's parameters and its
-  optimizer's state, by parameter name.
+  optimizer's state, by parameter name; :func:`train_with_reference` - a
+  distributed optimizer and single-process SM3 stepped on the same gradients.
 * :func:`wrap_fsdp1`, :func:`flat_pieces`, :func:`hull`, :func:`set_fsdp1_grads`,
   :func:`fsdp1_full_params` - FSDP1 units, the flat pieces of each original
   parameter a rank holds (read from FSDP's metadata), its gradients, its full parameters.
@@ -79,6 +80,7 @@ __all__ = [
     "shared_result",
     "shared_root",
     "snapshot",
+    "train_with_reference",
     "wrap_fsdp1",
 ]
 
@@ -304,6 +306,24 @@ def set_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
         if isinstance(p, DTensor):
             g = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
         p.grad = g
+
+
+def train_with_reference(
+    opt: torch.optim.Optimizer,
+    set_local_grads: Callable[[dict[str, torch.Tensor]], None],
+    ref_model: nn.Module,
+    ref: torch.optim.Optimizer,
+    steps: int,
+) -> None:
+    """``steps`` steps of a distributed ``opt`` (its gradients set by ``set_local_grads(global gradients)``) and of
+    single-process ``ref`` on ``ref_model``, both fed the same :func:`global_grads`."""
+    shapes = named_shapes(ref_model)
+    for step in range(steps):
+        grads = global_grads(shapes, step)
+        set_local_grads(grads)
+        set_grads(ref_model, {n: g.clone() for n, g in grads.items()})
+        opt.step()
+        ref.step()
 
 
 def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -16,16 +16,16 @@ import pytest
 import torch
 
 from sm3_dist import SM3, STEP_KEY
-from tests.common import global_grads, make_model, run_distributed
-from tests.test_fsdp2 import LR, set_dtensor_grads
+from tests.common import global_grads, make_model, run_distributed, set_grads
+from tests.test_fsdp2 import LR
 
 FIRST, SECOND = 4, 5
 HYPER = [dict(momentum=0.9, beta=0.9), dict(momentum=0.0, beta=0.0)]
 
 
-def _train(model, opt, shapes, steps: range, set_grads) -> None:
+def _train(model, opt, shapes, steps: range) -> None:
     for step in steps:
-        set_grads(global_grads(shapes, step))
+        set_grads(model, global_grads(shapes, step))
         opt.step()
 
 
@@ -67,7 +67,7 @@ def _run_fsdp2(rank: int, world_size: int, path: str, load: bool, steps: range) 
             for p in model.parameters():
                 for key, value in opt.state[p].items():
                     assert key == STEP_KEY or isinstance(value, DTensor), f"{key} lost its DTensor form on load"
-        _train(model, opt, shapes, steps, lambda grads, model=model: set_dtensor_grads(model, grads))
+        _train(model, opt, shapes, steps)
         if not load:
             model_sd, optim_sd = get_state_dict(model, opt)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint)
@@ -79,13 +79,7 @@ def _reference(hyper: dict, steps: int) -> tuple[dict, dict]:
     model = make_model()
     opt = SM3(model.parameters(), lr=LR, **hyper)
     shapes = [(n, p.shape) for n, p in model.named_parameters()]
-    params = dict(model.named_parameters())
-
-    def set_grads(grads):
-        for name, p in params.items():
-            p.grad = grads[name].clone()
-
-    _train(model, opt, shapes, range(steps), set_grads)
+    _train(model, opt, shapes, range(steps))
     return _full_state(model, opt)
 
 

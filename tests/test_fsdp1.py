@@ -11,6 +11,7 @@ weights mid-row, and the tests assert that they do.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import pytest
@@ -27,6 +28,7 @@ from tests.common import (
     make_model,
     run_distributed,
     set_fsdp1_grads,
+    train_with_reference,
     wrap_fsdp1,
 )
 from tests.test_fsdp2 import HYPER, LR, STEPS
@@ -39,7 +41,6 @@ def _orig_params_worker(rank: int, world_size: int) -> list[tuple[str, tuple[int
         fsdp_model = wrap_fsdp1(copy.deepcopy(ref_model), use_orig_params=True)
         opt = SM3(fsdp_model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(fsdp_model))
         ref = SM3(ref_model.parameters(), lr=LR, **hyper)
-        shapes = [(n, p.shape) for n, p in ref_model.named_parameters()]
         local = {n.replace(PREFIX, ""): p for n, p in fsdp_model.named_parameters()}
         ref_params = dict(ref_model.named_parameters())
         assert local.keys() == ref_params.keys()
@@ -50,14 +51,7 @@ def _orig_params_worker(rank: int, world_size: int) -> list[tuple[str, tuple[int
             assert param is local[name]
             assert param.shape == (stop - start,), f"{name}: an FSDP1 original parameter is a 1-D view of its piece"
             span[name] = (start, stop)
-        for step in range(STEPS):
-            grads = global_grads(shapes, step)
-            for name, p in local.items():
-                start, stop = span[name]
-                p.grad = grads[name].flatten()[start:stop].clone()
-                ref_params[name].grad = grads[name].clone()
-            opt.step()
-            ref.step()
+        train_with_reference(opt, functools.partial(set_fsdp1_grads, fsdp_model), ref_model, ref, STEPS)
         opt.state_dict()  # waits for the last all-reduce of maxima
         expected_bytes = 0
         for name, p in local.items():
@@ -100,15 +94,8 @@ def _flat_params_worker(rank: int, world_size: int) -> None:
         fsdp_model = wrap_fsdp1(copy.deepcopy(ref_model), use_orig_params=False)
         opt = SM3(fsdp_model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(fsdp_model))
         ref = SM3(ref_model.parameters(), lr=LR, **hyper)
-        shapes = [(n, p.shape) for n, p in ref_model.named_parameters()]
         ref_params = dict(ref_model.named_parameters())
-        for step in range(STEPS):
-            grads = global_grads(shapes, step)
-            set_fsdp1_grads(fsdp_model, grads)
-            for name, r in ref_params.items():
-                r.grad = grads[name].clone()
-            opt.step()
-            ref.step()
+        train_with_reference(opt, functools.partial(set_fsdp1_grads, fsdp_model), ref_model, ref, STEPS)
         opt.state_dict()
         for name, p in fsdp1_full_params(fsdp_model).items():
             assert torch.equal(p, ref_params[name].detach()), f"{hyper}: parameter {name} differs"
@@ -128,17 +115,10 @@ def _no_shard_worker(rank: int, world_size: int) -> None:
         )
         opt = SM3(fsdp_model.parameters(), lr=LR, momentum=0.9, shard_resolver=fsdp1_shard_resolver(fsdp_model))
         ref = SM3(ref_model.parameters(), lr=LR, momentum=0.9)
-        shapes = [(n, p.shape) for n, p in ref_model.named_parameters()]
         ref_params = dict(ref_model.named_parameters())
-        for step in range(3):
-            grads = global_grads(shapes, step)
-            for *_, shape, start, stop, _ in flat_pieces(fsdp_model):
-                assert (start, stop) == (0, torch.Size(shape).numel()), "NO_SHARD holds every parameter whole"
-            set_fsdp1_grads(fsdp_model, grads)
-            for name, r in ref_params.items():
-                r.grad = grads[name].clone()
-            opt.step()
-            ref.step()
+        for *_, shape, start, stop, _ in flat_pieces(fsdp_model):
+            assert (start, stop) == (0, torch.Size(shape).numel()), "NO_SHARD holds every parameter whole"
+        train_with_reference(opt, functools.partial(set_fsdp1_grads, fsdp_model), ref_model, ref, 3)
         opt.state_dict()
         for _, param, name, shape, *_ in flat_pieces(fsdp_model):
             r = ref_params[name]

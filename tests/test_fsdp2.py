@@ -10,22 +10,18 @@ rank's full parameters and accumulators are ``torch.equal`` to a plain
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 from torch import nn
 
 from sm3_dist import MOMENTUM_KEY, SM3, UnsupportedLayoutError, accumulator_key, local_state_bytes
-from tests.common import global_grads, make_model, run_distributed, set_grads
+from tests.common import make_model, run_distributed, set_grads, train_with_reference
 
 HYPER = [dict(momentum=m, beta=b) for m in (0.0, 0.9) for b in (0.0, 0.9)]
 STEPS = 10
 LR = 0.05
-
-
-def set_dtensor_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
-    """Every DTensor parameter's gradient: its shard of the same global gradient."""
-    set_grads(model, grads)
 
 
 def expected_accumulator_placements(param) -> list[tuple]:
@@ -80,14 +76,7 @@ def compare_with_reference(model: nn.Module, opt: SM3, ref_model: nn.Module, ref
 def train_and_compare(model, ref_model, hyper, what, steps=STEPS) -> None:
     opt = SM3(model.parameters(), lr=LR, **hyper)
     ref = SM3(ref_model.parameters(), lr=LR, **hyper)
-    shapes = [(n, p.shape) for n, p in ref_model.named_parameters()]
-    for step in range(steps):
-        grads = global_grads(shapes, step)
-        set_dtensor_grads(model, grads)
-        for n, p in ref_model.named_parameters():
-            p.grad = grads[n].clone()
-        opt.step()
-        ref.step()
+    train_with_reference(opt, functools.partial(set_grads, model), ref_model, ref, steps)
     compare_with_reference(model, opt, ref_model, ref, what)
     assert local_state_bytes(opt) == expected_state_bytes(model, hyper["momentum"]), what
 
