@@ -25,6 +25,7 @@ theirs. ``tests/test_launch.py`` checks this paragraph against the source.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import sys
@@ -53,6 +54,8 @@ __all__ = [
 
 
 _RELEASE_TIMEOUT_S = 5.0
+_EXIT_DRAIN_S = 0.25
+_exit_drain_registered = False
 
 
 def _use_counts(tensors: Sequence[Tensor]) -> tuple[int, ...]:
@@ -77,9 +80,34 @@ def _await_release(tensors: Sequence[Tensor], before: tuple[int, ...]) -> None:
     waited for (that would synchronize the host).
     """
     pending = [(t, n) for t, n in zip(tensors, before) if t.device.type == "cpu"]
+    if pending:
+        _register_exit_drain()
     deadline = time.monotonic() + _RELEASE_TIMEOUT_S
     while any(t._use_count() > n for t, n in pending) and time.monotonic() < deadline:
         time.sleep(1e-4)
+
+
+def _register_exit_drain() -> None:
+    """Once per process that ran a CPU collective here: :func:`_drain_gloo_workers` at interpreter exit."""
+    global _exit_drain_registered
+    if not _exit_drain_registered:
+        atexit.register(_drain_gloo_workers)
+        _exit_drain_registered = True
+
+
+def _drain_gloo_workers() -> None:
+    """Offer the GIL to gloo's workers for a moment before the interpreter finalizes.
+
+    :func:`_await_release` covers this module's collectives; the frameworks'
+    (DeepSpeed's, accelerate's, a user's own) can still leave a worker waiting
+    for the GIL to free a collective's tensors when the script ends, and the
+    process then aborts during finalization (a core dump of
+    ``examples/hf_trainer.py`` under DeepSpeed showed a list ``all_gather``'s
+    work). ``atexit`` callbacks run before finalization begins: sleeping here
+    lets such a worker finish. It costs ``_EXIT_DRAIN_S`` at exit, only in
+    processes that ran a collective on CPU tensors through this module.
+    """
+    time.sleep(_EXIT_DRAIN_S)
 
 
 def end_process(rc: int = 0) -> NoReturn:

@@ -6,10 +6,17 @@ process at exit (SIGABRT, "terminate called without an active exception"; pytorc
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import torch
 
 from sm3_dist import comm
 from tests.common import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROUNDS = 20
 
@@ -48,3 +55,39 @@ def _still_referenced(rank: int, world: int) -> dict[str, int]:
 def test_cpu_collectives_return_after_gloo_released_their_tensors():
     for rank, result in enumerate(run_distributed(_still_referenced, 2)):
         assert result == dict.fromkeys(COLLECTIVES, 0), f"rank {rank}: calls that returned with gloo holding a tensor"
+
+
+# A framework's last collective on temporaries, its work handle dropped, then Python code until the script ends with
+# the GIL never offered (switch interval 1000 s): gloo's worker is still waiting for the GIL to free the tensors when
+# the interpreter finalizes. Without comm's exit drain every rank aborts ("terminate called without an active
+# exception"); with it the workers finish while the atexit callback sleeps.
+EXIT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from sm3_dist import comm
+
+    sys.setswitchinterval(1000.0)
+    dist.init_process_group("gloo")
+    comm.all_reduce_(torch.zeros(1), "max", None)
+    dist.all_gather([torch.empty(4) for _ in range(2)], torch.ones(4), async_op=True)
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        pass
+    """
+)
+
+
+def test_a_script_ending_while_a_gloo_worker_waits_for_the_gil_exits_cleanly(tmp_path):
+    script = tmp_path / "ends_after_a_collective.py"
+    script.write_text(EXIT_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    for _ in range(2):
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "terminate called" not in done.stderr, done.stderr[-3000:]
