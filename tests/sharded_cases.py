@@ -74,7 +74,7 @@ MODELS = {"transformer": TinyTransformer, "wide": Wide}
 EXTRA = {"wide": dict(momentum_dtype=torch.bfloat16)}
 
 
-def make_model(kind: str = "transformer", seed: int = 0) -> nn.Module:
+def make_sharded_model(kind: str = "transformer", seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return MODELS[kind]()
 
@@ -85,7 +85,7 @@ def param_groups(model: nn.Module) -> list[dict]:
     return [{"params": params[:-3]}, {"params": params[-3:], "lr": 2 * LR, "weight_decay": 0.01}]
 
 
-def global_grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor | None]:
+def sharded_grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor | None]:
     """:func:`tests.common.seeded_grads` in the parameters' dtypes (step 0 zeroes a slice of every matrix:
     accumulator entries that stay 0); at step 3 the second parameter has none on every rank (left alone)."""
     grads: list[torch.Tensor | None] = [
@@ -98,7 +98,7 @@ def global_grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor | N
 
 def train(opt, params, steps, start=0, scheduler=None) -> None:
     for step in range(start, start + steps):
-        for p, g in zip(params, global_grads(params, step)):
+        for p, g in zip(params, sharded_grads(params, step)):
             p.grad = None if g is None else g.clone()
         opt.step()
         if scheduler is not None:
@@ -106,7 +106,7 @@ def train(opt, params, steps, start=0, scheduler=None) -> None:
 
 
 def reference_run(kind: str, momentum: float, beta: float, steps: int = STEPS) -> tuple[list[torch.Tensor], dict]:
-    model = make_model(kind)
+    model = make_sharded_model(kind)
     opt = SM3(param_groups(model), lr=LR, momentum=momentum, beta=beta, **EXTRA.get(kind, {}))
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     params = list(model.parameters())

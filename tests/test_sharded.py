@@ -31,7 +31,7 @@ from tests.sharded_cases import (
     assert_state_equal,
     cut_mid_row,
     expected_local_bytes,
-    make_model,
+    make_sharded_model,
     param_groups,
     reference_run,
     train,
@@ -76,7 +76,7 @@ def _count_collectives() -> dict[str, int]:
 def _exactness_job(counts: dict[str, int], runs: list[tuple[str, float, float]]) -> dict:
     results = {}
     for kind, momentum, beta in runs:
-        model = make_model(kind)
+        model = make_sharded_model(kind)
         params = list(model.parameters())
         opt = ShardedSM3(param_groups(model), lr=LR, momentum=momentum, beta=beta, **EXTRA.get(kind, {}))
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
@@ -98,10 +98,10 @@ def _exactness_job(counts: dict[str, int], runs: list[tuple[str, float, float]])
 def _ddp_job(rank: int, steps: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = make_model()
+    model = make_sharded_model()
     ddp = DDP(model)
     opt = ShardedSM3(ddp.parameters(), lr=LR, momentum=0.9, beta=0.9)
-    plain = make_model()
+    plain = make_sharded_model()
     grads, local_grads, losses = [], [], []
     for step in range(steps):
         gen = torch.Generator().manual_seed(1000 * step + rank)
@@ -126,7 +126,7 @@ def _ddp_job(rank: int, steps: int) -> dict:
 
 
 def _fresh_model_and_optimizer():
-    model = make_model(seed=123)  # other initial values: everything must come from the checkpoint
+    model = make_sharded_model(seed=123)  # other initial values: everything must come from the checkpoint
     return model, ShardedSM3(param_groups(model), lr=1.0, momentum=0.9, beta=0.9)
 
 
@@ -137,7 +137,7 @@ def _resume_first_half_job(rank: int, checkpoint_dir: str) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    model = make_model()
+    model = make_sharded_model()
     opt = ShardedSM3(param_groups(model), lr=LR, momentum=0.9, beta=0.9)
     train(opt, list(model.parameters()), K)
     dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=checkpoint_dir)
@@ -179,7 +179,7 @@ def _subgroup_job(rank: int, world_size: int) -> dict:
 
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
     group = groups[rank // 2]
-    model = make_model()
+    model = make_sharded_model()
     opt = ShardedSM3(param_groups(model), process_group=group, lr=LR, momentum=0.9, beta=0.9)
     assert (opt.world_size, opt.rank) == (2, rank % 2)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
@@ -249,8 +249,8 @@ def sessions(tmp_path_factory) -> Sessions:
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_partition_cuts_a_weight_mid_row(world_size):
-    shapes = [tuple(p.shape) for p in make_model().parameters()]
-    names = [n for n, _ in make_model().named_parameters()]
+    shapes = [tuple(p.shape) for p in make_sharded_model().parameters()]
+    names = [n for n, _ in make_sharded_model().named_parameters()]
     cut = cut_mid_row(shapes, world_size)
     assert cut, f"no slice boundary cuts a weight mid-row at world size {world_size}"
     if world_size in (3, 4):
@@ -297,7 +297,7 @@ def test_param_larger_than_a_slice_and_bf16_buckets(sessions, world_size):
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize(("momentum", "beta"), HYPER, ids=lambda v: str(v))
 def test_per_rank_state_bytes(sessions, world_size, momentum, beta):
-    shapes = [tuple(p.shape) for p in make_model().parameters()]
+    shapes = [tuple(p.shape) for p in make_sharded_model().parameters()]
     results = sessions.exact(world_size)
     full = sum(math.prod(s) for s in shapes)
     covered = 0
@@ -313,7 +313,7 @@ def test_per_rank_state_bytes(sessions, world_size, momentum, beta):
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_one_bucketed_collective_of_each_kind_per_step(sessions, world_size):
-    shapes = [tuple(p.shape) for p in make_model().parameters()]
+    shapes = [tuple(p.shape) for p in make_sharded_model().parameters()]
     for by_run in sessions.exact(world_size):
         run = by_run[("transformer", 0.9, 0.9)]
         comm = run["comm"]
@@ -349,7 +349,7 @@ def test_inside_distributed_data_parallel(sessions):
             torch.testing.assert_close(g, mean, rtol=1e-5, atol=1e-7)
     assert results[0]["losses"] != results[1]["losses"]  # different data per rank
 
-    model = make_model()
+    model = make_sharded_model()
     opt = SM3(model.parameters(), lr=LR, momentum=0.9, beta=0.9)
     for step in range(DDP_STEPS):
         for p, g in zip(model.parameters(), results[0]["grads"][step]):
@@ -374,7 +374,7 @@ def test_process_subgroups(sessions):
 
 
 def _uninterrupted():
-    model = make_model()
+    model = make_sharded_model()
     params = list(model.parameters())
     opt = SM3(param_groups(model), lr=LR, momentum=0.9, beta=0.9)
     train(opt, params, STEPS)
@@ -403,7 +403,7 @@ def test_checkpoint_moves_between_sharded_and_plain_sm3(sessions):
     """A ShardedSM3 state_dict is a plain SM3 state_dict, and the other way round (world size 1 here)."""
     saved = sessions.saved()
     ref_params, ref_state = _uninterrupted()
-    model = make_model(seed=5)
+    model = make_sharded_model(seed=5)
     model.load_state_dict(saved["model"])
     plain = SM3(param_groups(model), lr=LR, momentum=0.9, beta=0.9)
     plain.load_state_dict(copy.deepcopy(saved["optim"]))
@@ -411,7 +411,7 @@ def test_checkpoint_moves_between_sharded_and_plain_sm3(sessions):
     assert all(torch.equal(p.detach(), r) for p, r in zip(model.parameters(), ref_params))
     assert_state_equal(plain.state_dict(), ref_state)
 
-    model = make_model(seed=6)
+    model = make_sharded_model(seed=6)
     model.load_state_dict(saved["model"])
     sharded = ShardedSM3(param_groups(model), lr=LR, momentum=0.9, beta=0.9)
     sharded.load_state_dict(copy.deepcopy(saved["optim"]))

@@ -19,10 +19,10 @@ from tests.sharded_cases import (
     STEPS,
     assert_state_equal,
     expected_local_bytes,
-    global_grads,
-    make_model,
+    make_sharded_model,
     param_groups,
     reference_run,
+    sharded_grads,
     train,
 )
 
@@ -32,7 +32,7 @@ from tests.sharded_cases import (
 def test_single_process_is_plain_sm3_with_schedulers_and_zero_grad():
     for momentum, beta in HYPER:
         ref_params, ref_state = reference_run("transformer", momentum, beta)
-        model = make_model()
+        model = make_sharded_model()
         opt = ShardedSM3(param_groups(model), lr=LR, momentum=momentum, beta=beta)
         assert isinstance(opt, torch.optim.Optimizer)
         assert opt.param_groups[0]["params"][0] is next(model.parameters())
@@ -49,7 +49,7 @@ def test_single_process_is_plain_sm3_with_schedulers_and_zero_grad():
 
 
 def test_closure_and_state_keys():
-    model = make_model()
+    model = make_sharded_model()
     opt = ShardedSM3(model.parameters(), lr=LR, momentum=0.9)
     tokens = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(0))
 
@@ -66,7 +66,7 @@ def test_closure_and_state_keys():
 
 
 def test_state_dict_hooks_run():
-    model = make_model()
+    model = make_sharded_model()
     opt = ShardedSM3(model.parameters(), lr=LR, momentum=0.9)
     train(opt, list(model.parameters()), 2)
     calls = []
@@ -148,9 +148,9 @@ BAD_USE = [
 
 @pytest.mark.parametrize(("use", "error", "match"), BAD_USE, ids=lambda v: getattr(v, "__name__", None))
 def test_bad_use(use, error, match):
-    model = make_model()
+    model = make_sharded_model()
     opt = ShardedSM3(model.parameters(), lr=LR)
-    for p, g in zip(model.parameters(), global_grads(list(model.parameters()), 0)):
+    for p, g in zip(model.parameters(), sharded_grads(list(model.parameters()), 0)):
         p.grad = g
     opt.step()
     with pytest.raises(error, match=match):
