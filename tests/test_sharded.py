@@ -403,18 +403,11 @@ def test_checkpoint_moves_between_sharded_and_plain_sm3(sessions):
     """A ShardedSM3 state_dict is a plain SM3 state_dict, and the other way round (world size 1 here)."""
     saved = sessions.saved()
     ref_params, ref_state = _uninterrupted()
-    model = make_sharded_model(seed=5)
-    model.load_state_dict(saved["model"])
-    plain = SM3(param_groups(model), lr=LR, momentum=0.9, beta=0.9)
-    plain.load_state_dict(copy.deepcopy(saved["optim"]))
-    train(plain, list(model.parameters()), STEPS - K, start=K)
-    assert all(torch.equal(p.detach(), r) for p, r in zip(model.parameters(), ref_params))
-    assert_state_equal(plain.state_dict(), ref_state)
-
-    model = make_sharded_model(seed=6)
-    model.load_state_dict(saved["model"])
-    sharded = ShardedSM3(param_groups(model), lr=LR, momentum=0.9, beta=0.9)
-    sharded.load_state_dict(copy.deepcopy(saved["optim"]))
-    train(sharded, list(model.parameters()), STEPS - K, start=K)
-    assert all(torch.equal(p.detach(), r) for p, r in zip(model.parameters(), ref_params))
-    assert_state_equal(sharded.state_dict(), ref_state)
+    for cls, seed in ((SM3, 5), (ShardedSM3, 6)):  # other initial values: everything comes from the checkpoint
+        model = make_sharded_model(seed=seed)
+        model.load_state_dict(saved["model"])
+        opt = cls(param_groups(model), lr=LR, momentum=0.9, beta=0.9)
+        opt.load_state_dict(copy.deepcopy(saved["optim"]))
+        train(opt, list(model.parameters()), STEPS - K, start=K)
+        assert all(torch.equal(p.detach(), r) for p, r in zip(model.parameters(), ref_params)), cls.__name__
+        assert_state_equal(opt.state_dict(), ref_state)
