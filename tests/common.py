@@ -91,6 +91,11 @@ KERNELS: dict[str, dict[str, bool]] = {
 }
 """Every kernel SM3 offers, as the ``SM3``/``functional.sm3`` flags that select it."""
 
+SHARDED_HYPER = [dict(momentum=m, beta=b) for m in (0.0, 0.9) for b in (0.0, 0.9)]
+"""The settings the FSDP1/FSDP2 exactness and checkpoint runs take: every momentum x beta combination."""
+SHARDED_STEPS = 10
+SHARDED_LR = 0.05
+
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 """A device axis for ``pytest.mark.parametrize``: ``cpu``, and ``cuda`` rows that run where a GPU is present

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from sm3_dist import SM3, STEP_KEY
-from tests.common import global_grads, make_model, run_distributed, set_grads
-from tests.test_fsdp2 import LR
+from tests.common import SHARDED_LR, global_grads, make_model, run_distributed, set_grads
 
 FIRST, SECOND = 4, 5
 HYPER = [dict(momentum=0.9, beta=0.9), dict(momentum=0.0, beta=0.0)]
@@ -58,7 +57,7 @@ def _run_fsdp2(rank: int, world_size: int, path: str, load: bool, steps: range) 
         model = make_model(seed=100 if load else 0)  # a resumed run must not depend on its own initialization
         shapes = [(n, p.shape) for n, p in model.named_parameters()]
         fully_shard(model, mesh=mesh)
-        opt = SM3(model.parameters(), lr=LR, **hyper)
+        opt = SM3(model.parameters(), lr=SHARDED_LR, **hyper)
         if load:
             model_sd, optim_sd = get_state_dict(model, opt)
             state = {"model": model_sd, "optim": optim_sd}
@@ -77,7 +76,7 @@ def _run_fsdp2(rank: int, world_size: int, path: str, load: bool, steps: range) 
 
 def _reference(hyper: dict, steps: int) -> tuple[dict, dict]:
     model = make_model()
-    opt = SM3(model.parameters(), lr=LR, **hyper)
+    opt = SM3(model.parameters(), lr=SHARDED_LR, **hyper)
     shapes = [(n, p.shape) for n, p in model.named_parameters()]
     _train(model, opt, shapes, range(steps))
     return _full_state(model, opt)

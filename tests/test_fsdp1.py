@@ -21,6 +21,9 @@ from sm3_dist.integrations.fsdp1 import fsdp1_shard_resolver
 from sm3_dist import MOMENTUM_KEY, SM3, UnsupportedLayoutError, accumulator_key, local_state_bytes
 from tests.common import FSDP1_PREFIX as PREFIX
 from tests.common import (
+    SHARDED_HYPER,
+    SHARDED_LR,
+    SHARDED_STEPS,
     flat_pieces,
     fsdp1_full_params,
     global_grads,
@@ -31,16 +34,15 @@ from tests.common import (
     train_with_reference,
     wrap_fsdp1,
 )
-from tests.test_fsdp2 import HYPER, LR, STEPS
 
 
 def _orig_params_worker(rank: int, world_size: int) -> list[tuple[str, tuple[int, ...], int, int]]:
 
-    for hyper in HYPER:
+    for hyper in SHARDED_HYPER:
         ref_model = make_model()
         fsdp_model = wrap_fsdp1(copy.deepcopy(ref_model), use_orig_params=True)
-        opt = SM3(fsdp_model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(fsdp_model))
-        ref = SM3(ref_model.parameters(), lr=LR, **hyper)
+        opt = SM3(fsdp_model.parameters(), lr=SHARDED_LR, **hyper, shard_resolver=fsdp1_shard_resolver(fsdp_model))
+        ref = SM3(ref_model.parameters(), lr=SHARDED_LR, **hyper)
         local = {n.replace(PREFIX, ""): p for n, p in fsdp_model.named_parameters()}
         ref_params = dict(ref_model.named_parameters())
         assert local.keys() == ref_params.keys()
@@ -51,7 +53,7 @@ def _orig_params_worker(rank: int, world_size: int) -> list[tuple[str, tuple[int
             assert param is local[name]
             assert param.shape == (stop - start,), f"{name}: an FSDP1 original parameter is a 1-D view of its piece"
             span[name] = (start, stop)
-        train_with_reference(opt, functools.partial(set_fsdp1_grads, fsdp_model), ref_model, ref, STEPS)
+        train_with_reference(opt, functools.partial(set_fsdp1_grads, fsdp_model), ref_model, ref, SHARDED_STEPS)
         opt.state_dict()  # waits for the last all-reduce of maxima
         expected_bytes = 0
         for name, p in local.items():
@@ -89,13 +91,13 @@ def test_use_orig_params_matches_single_process(world_size):
 
 def _flat_params_worker(rank: int, world_size: int) -> None:
 
-    for hyper in HYPER[1:3]:
+    for hyper in SHARDED_HYPER[1:3]:
         ref_model = make_model()
         fsdp_model = wrap_fsdp1(copy.deepcopy(ref_model), use_orig_params=False)
-        opt = SM3(fsdp_model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(fsdp_model))
-        ref = SM3(ref_model.parameters(), lr=LR, **hyper)
+        opt = SM3(fsdp_model.parameters(), lr=SHARDED_LR, **hyper, shard_resolver=fsdp1_shard_resolver(fsdp_model))
+        ref = SM3(ref_model.parameters(), lr=SHARDED_LR, **hyper)
         ref_params = dict(ref_model.named_parameters())
-        train_with_reference(opt, functools.partial(set_fsdp1_grads, fsdp_model), ref_model, ref, STEPS)
+        train_with_reference(opt, functools.partial(set_fsdp1_grads, fsdp_model), ref_model, ref, SHARDED_STEPS)
         opt.state_dict()
         for name, p in fsdp1_full_params(fsdp_model).items():
             assert torch.equal(p, ref_params[name].detach()), f"{hyper}: parameter {name} differs"
@@ -113,8 +115,8 @@ def _no_shard_worker(rank: int, world_size: int) -> None:
         fsdp_model = wrap_fsdp1(
             copy.deepcopy(ref_model), use_orig_params=use_orig_params, sharding_strategy=ShardingStrategy.NO_SHARD
         )
-        opt = SM3(fsdp_model.parameters(), lr=LR, momentum=0.9, shard_resolver=fsdp1_shard_resolver(fsdp_model))
-        ref = SM3(ref_model.parameters(), lr=LR, momentum=0.9)
+        opt = SM3(fsdp_model.parameters(), lr=SHARDED_LR, momentum=0.9, shard_resolver=fsdp1_shard_resolver(fsdp_model))
+        ref = SM3(ref_model.parameters(), lr=SHARDED_LR, momentum=0.9)
         ref_params = dict(ref_model.named_parameters())
         for *_, shape, start, stop, _ in flat_pieces(fsdp_model):
             assert (start, stop) == (0, torch.Size(shape).numel()), "NO_SHARD holds every parameter whole"
@@ -141,7 +143,7 @@ def _resume_worker(rank: int, world_size: int, path: str, load: bool) -> None:
     hyper = dict(momentum=0.9, beta=0.9)
     first, second = 3, 4
     fsdp_model = wrap_fsdp1(make_model(seed=5 if load else 0), use_orig_params=True)
-    opt = SM3(fsdp_model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(fsdp_model))
+    opt = SM3(fsdp_model.parameters(), lr=SHARDED_LR, **hyper, shard_resolver=fsdp1_shard_resolver(fsdp_model))
     rows = flat_pieces(fsdp_model)
     shapes = [(name, torch.Size(shape)) for _, _, name, shape, *_ in rows]
     file = os.path.join(path, f"rank{rank}.pt")
@@ -160,7 +162,7 @@ def _resume_worker(rank: int, world_size: int, path: str, load: bool) -> None:
         torch.save({"params": [row[1].detach().clone() for row in rows], "optim": opt.state_dict()}, file)
         return
     ref_model = make_model()
-    ref = SM3(ref_model.parameters(), lr=LR, **hyper)
+    ref = SM3(ref_model.parameters(), lr=SHARDED_LR, **hyper)
     ref_params = dict(ref_model.named_parameters())
     for step in range(first + second):
         grads = global_grads(shapes, step)

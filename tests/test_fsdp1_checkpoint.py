@@ -28,6 +28,7 @@ from torch import nn
 
 from sm3_dist import MOMENTUM_KEY, SM3, STEP_KEY, accumulator_key
 from tests.common import (
+    SHARDED_LR,
     TinyBlock,
     flat_pieces,
     fsdp1_full_params,
@@ -38,7 +39,6 @@ from tests.common import (
     set_fsdp1_grads,
     wrap_fsdp1,
 )
-from tests.test_fsdp2 import LR
 
 # (use_orig_params, SM3 hyperparameters): the flat-parameter form shares the checkpoint format; bf16 momentum
 # puts two elements, possibly of two ranks, in each 32-bit word of the momentum bucket
@@ -96,7 +96,7 @@ def _run(index: int, fmt: str, path: str, steps: range) -> tuple:
     path = os.path.join(path, fmt.replace(".", "_"))
     # a resumed stage must not depend on its own initialization
     model = wrap_fsdp1(make_model(seed=0 if steps.start == 0 else 100 + steps.start), use_orig_params=orig)
-    opt = SM3(model.parameters(), lr=LR, **hyper, shard_resolver=fsdp1_shard_resolver(model))
+    opt = SM3(model.parameters(), lr=SHARDED_LR, **hyper, shard_resolver=fsdp1_shard_resolver(model))
     shapes = named_shapes(make_model())
     if steps.start:
         loaded = _load(model, opt, os.path.join(path, f"{index}-{steps.start}"), fmt)
@@ -115,7 +115,7 @@ def _reference(hyper: dict, stops: list[int]) -> dict[int, tuple[dict, dict]]:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     model = make_model()
-    opt = SM3(model.parameters(), lr=LR, **hyper)
+    opt = SM3(model.parameters(), lr=SHARDED_LR, **hyper)
     params = dict(model.named_parameters())
     shapes = named_shapes(model)
     out = {}
@@ -178,7 +178,7 @@ def test_reshards_and_continues_identically(tmp_path):
         saved = torch.load(os.path.join(path, "torch_save", f"{index}-{stops[-1]}.pt"), weights_only=True)
         model = make_model(seed=1)
         model.load_state_dict(saved["model"])
-        opt = SM3(model.parameters(), lr=LR, **hyper)
+        opt = SM3(model.parameters(), lr=SHARDED_LR, **hyper)
         set_optimizer_state_dict(model, opt, saved["optim"])
         _assert_state_equal(get_optimizer_state_dict(model, opt), want[index][stops[-1]][1], "single process")
 
@@ -202,7 +202,7 @@ def _errors_worker(rank: int, world_size: int) -> None:
     for key, module in modules.items():
         shapes = named_shapes(module)
         models[key] = model = wrap_fsdp1(module, use_orig_params=True)
-        opts[key] = SM3(model.parameters(), lr=LR, momentum=0.9, shard_resolver=fsdp1_shard_resolver(model))
+        opts[key] = SM3(model.parameters(), lr=SHARDED_LR, momentum=0.9, shard_resolver=fsdp1_shard_resolver(model))
         for step in range(2):
             set_fsdp1_grads(model, global_grads(shapes, step))
             opts[key].step()

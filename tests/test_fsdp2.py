@@ -17,11 +17,15 @@ import torch
 from torch import nn
 
 from sm3_dist import MOMENTUM_KEY, SM3, UnsupportedLayoutError, accumulator_key, local_state_bytes
-from tests.common import make_model, run_distributed, set_grads, train_with_reference
-
-HYPER = [dict(momentum=m, beta=b) for m in (0.0, 0.9) for b in (0.0, 0.9)]
-STEPS = 10
-LR = 0.05
+from tests.common import (
+    SHARDED_HYPER,
+    SHARDED_LR,
+    SHARDED_STEPS,
+    make_model,
+    run_distributed,
+    set_grads,
+    train_with_reference,
+)
 
 
 def expected_accumulator_placements(param) -> list[tuple]:
@@ -73,9 +77,9 @@ def compare_with_reference(model: nn.Module, opt: SM3, ref_model: nn.Module, ref
             assert MOMENTUM_KEY not in state
 
 
-def train_and_compare(model, ref_model, hyper, what, steps=STEPS) -> None:
-    opt = SM3(model.parameters(), lr=LR, **hyper)
-    ref = SM3(ref_model.parameters(), lr=LR, **hyper)
+def train_and_compare(model, ref_model, hyper, what, steps=SHARDED_STEPS) -> None:
+    opt = SM3(model.parameters(), lr=SHARDED_LR, **hyper)
+    ref = SM3(ref_model.parameters(), lr=SHARDED_LR, **hyper)
     train_with_reference(opt, functools.partial(set_grads, model), ref_model, ref, steps)
     compare_with_reference(model, opt, ref_model, ref, what)
     assert local_state_bytes(opt) == expected_state_bytes(model, hyper["momentum"]), what
@@ -91,7 +95,7 @@ def _fully_shard_worker(rank: int, world_size: int) -> dict:
 
     mesh = init_device_mesh("cpu", (world_size,))
     local_shapes = {}
-    for hyper in HYPER:
+    for hyper in SHARDED_HYPER:
         model = make_model()
         ref_model = copy.deepcopy(model)
         # the attention projection is sharded on dim 1 (as tensor parallel would), the rest on dim 0
@@ -124,14 +128,14 @@ def _training_loop_worker(rank: int, world_size: int) -> None:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world_size,))
-    for hyper in HYPER[::3]:
+    for hyper in SHARDED_HYPER[::3]:
         model = make_model(3)
         ref_model = copy.deepcopy(model)
         fully_shard(model.qkv, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        opt = SM3(model.parameters(), lr=LR, **hyper)
-        ref = SM3(ref_model.parameters(), lr=LR, **hyper)
-        for step in range(STEPS):
+        opt = SM3(model.parameters(), lr=SHARDED_LR, **hyper)
+        ref = SM3(ref_model.parameters(), lr=SHARDED_LR, **hyper)
+        for step in range(SHARDED_STEPS):
             idx = torch.randint(0, 5, (3, 4), generator=torch.Generator().manual_seed(step))
             for m, o in ((model, opt), (ref_model, ref)):
                 o.zero_grad()
@@ -153,7 +157,7 @@ def _hsdp_worker(rank: int, world_size: int) -> None:
     from torch.distributed.tensor import Replicate, Shard
 
     mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
-    for hyper in HYPER[::3]:
+    for hyper in SHARDED_HYPER[::3]:
         model = make_model(1)
         ref_model = copy.deepcopy(model)
         fully_shard(model, mesh=mesh)
@@ -188,7 +192,7 @@ def _tp_worker(rank: int, world_size: int) -> None:
         "bias": (Shard(0), Replicate()),
         "nested": (Shard(0), Shard(0)),  # one dim sharded over both mesh axes
     }
-    for hyper in HYPER:
+    for hyper in SHARDED_HYPER:
         torch.manual_seed(2)
         ref_model = TPBlock()
         model = copy.deepcopy(ref_model)
