@@ -399,14 +399,3 @@ def assert_fragments_equal(frags: list[Fragment], ref_state: dict[str, dict[str,
         assert torch.equal(value.reshape(ref.shape), ref), f"{what}: {name} {key} {how} {lo_hi} differs"
         seen.add((name, key))
     return seen
-
-
-def reference_step(ref, grads: list[torch.Tensor], *, keep_max: bool) -> None:
-    """One step of the independent reference; ``keep_max`` (``ema_keeps_max``) keeps the max of its accumulators
-    before and after (the update itself reads the new average either way)."""
-    before = [[list(mu_d) for mu_d in mu] for mu in ref.mu]
-    ref.step(grads)
-    if keep_max:
-        for old, new in zip(before, ref.mu):
-            for old_d, new_d in zip(old, new):
-                new_d[:] = [max(a, b) for a, b in zip(old_d, new_d)]

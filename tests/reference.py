@@ -9,7 +9,10 @@ Rank-0 and rank-1 tensors get one accumulator per element.
 Variants: ``bias_correction`` (with ``beta > 0``) divides ``nu`` by
 ``1 - beta ** t`` for the update only, ``t`` being the number of steps the
 parameter has taken (this one included), as Adam corrects its second moment;
-the accumulators keep the plain moving average.
+the accumulators keep the plain moving average. ``ema_keeps_max`` (with
+``beta > 0``) stores the larger of an accumulator's old value and its new
+maximum, so accumulators never decrease (the rule of the PyTorch SM3 ports);
+the update reads the new average either way.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ class ReferenceSM3:
         weight_decay=0.0,
         maximize=False,
         bias_correction=False,
+        ema_keeps_max=False,
     ):
         self.params = [p.detach().double().clone() for p in params]
         self.lr, self.momentum, self.beta, self.eps = lr, momentum, beta, eps
         self.weight_decay, self.maximize = weight_decay, maximize
         self.bias_correction = bias_correction
+        self.keep_max = ema_keeps_max and beta > 0
         self.steps = [0] * len(self.params)
         self.mu = []
         for p in self.params:
@@ -79,14 +84,14 @@ class ReferenceSM3:
                 nu[idx] = (least + gi * gi, gi, flat)
         if diagonal:
             for v, _, flat in nu.values():
-                mu[0][flat] = v
+                mu[0][flat] = max(mu[0][flat], v) if self.keep_max else v
         else:
             for d, n in enumerate(shape):
                 new = {}
                 for idx, (v, _, _) in nu.items():
                     new[idx[d]] = max(new.get(idx[d], 0.0), v)
                 for i in range(n):
-                    if rows is not None and d > 0:
+                    if (rows is not None and d > 0) or (self.keep_max and i in new):
                         mu[d][i] = max(mu[d][i], new.get(i, 0.0))
                     elif i in new:
                         mu[d][i] = new[i]
