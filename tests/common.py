@@ -91,6 +91,19 @@ KERNELS: dict[str, dict[str, bool]] = {
 }
 """Every kernel SM3 offers, as the ``SM3``/``functional.sm3`` flags that select it."""
 
+
+def native_library() -> Any:
+    """The native CPU kernel's library. The test is skipped only where there is no C++ compiler: where there is
+    one, a library that fails to build fails it."""
+    from sm3_dist import _native
+
+    if _native._compiler() is None:
+        pytest.skip("no C++ compiler for the native kernel")
+    lib = _native.load()
+    assert lib is not None, "the native kernel failed to build (its logged warning says why)"
+    return lib
+
+
 SHARDED_HYPER = [dict(momentum=m, beta=b) for m in (0.0, 0.9) for b in (0.0, 0.9)]
 """The settings the FSDP1/FSDP2 exactness and checkpoint runs take: every momentum x beta combination."""
 SHARDED_STEPS = 10

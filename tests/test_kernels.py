@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 import warnings
 
 import pytest
@@ -24,7 +23,7 @@ from sm3_dist import SM3, _native, functional, fused
 from sm3_dist.layout import split_flat_range
 from sm3_dist.native_plan import NativePlan, pack_block
 from sm3_dist.rule import UpdateRule
-from tests.common import KERNELS, assert_same, clone_blocks, random_blocks
+from tests.common import KERNELS, assert_same, clone_blocks, native_library, random_blocks
 
 SHAPES = [(37,), (13, 11), (5, 7, 9), (3, 4, 5, 6), (2, 70)]
 HYPERS = {
@@ -129,8 +128,7 @@ def test_shard_boundaries_do_not_change_bits(kernel, hyper, shape, pdtype, mdtyp
 @pytest.mark.parametrize("shape", [*SHAPES, (1,), (3, 40000), (70001,)], ids=str)
 @pytest.mark.parametrize("pdtype,mdtype", [("fp32", "fp32"), ("fp32", "none"), ("bf16", "bf16"), ("bf16", "fp32")])
 def test_native_kernel_is_bitwise_eager(hyper, shape, pdtype, mdtype):
-    if _native.load() is None:
-        pytest.skip("native kernel unavailable (see the logged reason)")
+    native_library()
     args = (shape, PARAM_DTYPES[pdtype], MOMENTA[mdtype], HYPERS[hyper])
     ranges = _splits(shape)["whole"]
     _assert_bitwise(_run("eager", *args, ranges, momentum=0.5), _run("fused", *args, ranges, momentum=0.5))
@@ -153,11 +151,12 @@ def _train(params, steps=3, **kwargs):
 
 
 def test_many_shapes_native_matches_eager():
+    native_library()
     base = _many_shapes_model()
     fused = _train([p.detach().clone().requires_grad_() for p in base], fused=True)
     eager = _train([p.detach().clone().requires_grad_() for p in base], foreach=False)
     for a, b in zip(fused, eager):
-        assert torch.equal(a, b) or _native.load() is None
+        assert torch.equal(a, b)
 
 
 def test_native_build_failure_falls_back_and_says_so_once(monkeypatch, tmp_path):
@@ -176,45 +175,6 @@ def test_native_build_failure_falls_back_and_says_so_once(monkeypatch, tmp_path)
     assert torch.isfinite(params[0]).all()
     with pytest.raises(RuntimeError, match=r"no fused SM3 kernel for device type 'cpu'.*unavailable here"):
         _train([torch.randn(6, 5, requires_grad=True)], fused=True)
-
-
-def test_native_layout_is_one_table():
-    """The C++ reads every field by its generated name, never by number, and the built library reports the
-    layout Python packs (its ABI version, field count and field names, in order)."""
-    text = _native._SOURCE_FILE.read_text()
-    assert not re.search(r"\bf\[\s*\d", text), "the C++ indexes a block field by number"
-    assert set(re.findall(r"\bF_[A-Z_]+\b", text)) == {f"F_{name.upper()}" for name in _native.BLOCK_FIELDS}
-    assert _native.META_FIELDS == len(_native.BLOCK_FIELDS) == len(set(_native.BLOCK_FIELDS))
-    assert all(_native.FIELD[name] == i for i, name in enumerate(_native.BLOCK_FIELDS))
-    lib = _native.load()
-    if lib is None:
-        pytest.skip("native kernel unavailable (see the logged reason)")
-    _native.check_layout(lib)
-    assert lib.sm3_native_abi() == _native.ABI_VERSION
-    assert lib.sm3_native_nfields() == _native.META_FIELDS
-    assert lib.sm3_native_field_names().decode().split(",") == list(_native.BLOCK_FIELDS)
-
-
-@pytest.mark.parametrize(
-    "fields,abi",
-    [
-        (("g", "w", *_native.BLOCK_FIELDS[2:]), None),  # two fields swapped
-        (_native.BLOCK_FIELDS[:-1], None),  # one field fewer
-        (None, _native.ABI_VERSION + 1),  # another interface version
-    ],
-    ids=["swapped", "fewer", "abi"],
-)
-def test_native_layout_mismatch_is_refused(monkeypatch, fields, abi):
-    lib = _native.load()
-    if lib is None:
-        pytest.skip("native kernel unavailable (see the logged reason)")
-    if fields is not None:
-        monkeypatch.setattr(_native, "BLOCK_FIELDS", fields)
-        monkeypatch.setattr(_native, "META_FIELDS", len(fields))
-    if abi is not None:
-        monkeypatch.setattr(_native, "ABI_VERSION", abi)
-    with pytest.raises(RuntimeError, match="is not this module's"):
-        _native.check_layout(lib)
 
 
 @pytest.mark.parametrize("fields", [{"w": 1}, {name: 0 for name in (*_native.BLOCK_FIELDS, "extra")}], ids=str)
@@ -413,9 +373,8 @@ def test_a_registered_fused_kernel_becomes_the_default(monkeypatch):
             device_type="cpu", available=kernel.available, build=Recording.build, param_dtypes=kernel.param_dtypes
         )
 
+    native_library()
     functional.register_fused_kernel("cpu", loader)
-    if functional.fused_kernel("cpu") is None:
-        pytest.skip("native kernel unavailable (see the logged reason)")
     blocks = _blocks()
     expected = clone_blocks(blocks)
     functional.sm3(*expected, rule=RULE, lr=0.1, foreach=False, fused=False)

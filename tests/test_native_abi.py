@@ -17,7 +17,7 @@ from sm3_dist import _native, functional
 from sm3_dist.native_plan import MOMENTUM_KINDS, PARAM_DTYPES
 from sm3_dist.nonfinite import SCAN_DTYPES, first_nonfinite
 from sm3_dist.rule import UpdateRule
-from tests.common import KERNELS, assert_same, random_blocks
+from tests.common import KERNELS, assert_same, native_library, random_blocks
 
 SOURCE = _native._SOURCE_FILE.read_text()
 GENERATED = [
@@ -29,13 +29,6 @@ GENERATED = [
     "NHYPER",
     "ABI_VERSION",
 ]
-
-
-def _library():
-    lib = _native.load()
-    if lib is None:
-        pytest.skip("native kernel unavailable (see the logged reason)")
-    return lib
 
 
 # ---------------------------------------------------------------------------------------------- the C++ source
@@ -83,10 +76,19 @@ def test_python_codes_are_the_tables():
 # ---------------------------------------------------------------------------------------------- the built library
 
 
+def test_the_cpp_names_every_block_field():
+    assert set(re.findall(r"\bF_[A-Z_]+\b", SOURCE)) == {f"F_{name.upper()}" for name in _native.BLOCK_FIELDS}
+    assert _native.META_FIELDS == len(_native.BLOCK_FIELDS) == len(set(_native.BLOCK_FIELDS))
+    assert all(_native.FIELD[name] == i for i, name in enumerate(_native.BLOCK_FIELDS))
+
+
 def test_the_library_reports_pythons_tables():
-    lib = _library()
+    """Its ABI version, block layout (field count and names, in order), hyperparameter order and codes."""
+    lib = native_library()
     _native.check_layout(lib)
     assert lib.sm3_native_abi() == _native.ABI_VERSION
+    assert lib.sm3_native_nfields() == _native.META_FIELDS
+    assert lib.sm3_native_field_names().decode().split(",") == list(_native.BLOCK_FIELDS)
     assert lib.sm3_native_hyper_names().decode().split(",") == list(_native.HYPER_FIELDS)
     reported = dict(item.split("=") for item in lib.sm3_native_codes().decode().split(","))
     assert {name: int(value) for name, value in reported.items()} == _native.CODES
@@ -97,17 +99,24 @@ def _swapped(names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 MISMATCHES = {
-    "two flags swapped": ("FLAGS", _swapped(_native.FLAGS)),
-    "two momentum kinds swapped": ("ENUMS", {**_native.ENUMS, "MomentumKind": _swapped(_native.ENUMS["MomentumKind"])}),
-    "a scanned dtype fewer": ("ENUMS", {**_native.ENUMS, "ScanDtype": _native.ENUMS["ScanDtype"][:-1]}),
-    "two hyperparameters swapped": ("HYPER_FIELDS", _swapped(_native.HYPER_FIELDS)),
+    # what Python would pack differently from the built library: the _native attributes that say so
+    "two block fields swapped": dict(BLOCK_FIELDS=_swapped(_native.BLOCK_FIELDS)),
+    "a block field fewer": dict(BLOCK_FIELDS=_native.BLOCK_FIELDS[:-1], META_FIELDS=_native.META_FIELDS - 1),
+    "another interface version": dict(ABI_VERSION=_native.ABI_VERSION + 1),
+    "two flags swapped": dict(FLAGS=_swapped(_native.FLAGS)),
+    "two momentum kinds swapped": dict(
+        ENUMS={**_native.ENUMS, "MomentumKind": _swapped(_native.ENUMS["MomentumKind"])}
+    ),
+    "a scanned dtype fewer": dict(ENUMS={**_native.ENUMS, "ScanDtype": _native.ENUMS["ScanDtype"][:-1]}),
+    "two hyperparameters swapped": dict(HYPER_FIELDS=_swapped(_native.HYPER_FIELDS)),
 }
 
 
-@pytest.mark.parametrize("table,value", list(MISMATCHES.values()), ids=list(MISMATCHES))
-def test_a_library_built_with_other_codes_is_refused(monkeypatch, table, value):
-    lib = _library()
-    monkeypatch.setattr(_native, table, value)
+@pytest.mark.parametrize("mismatch", list(MISMATCHES))
+def test_a_library_built_with_another_interface_is_refused(monkeypatch, mismatch):
+    lib = native_library()
+    for name, value in MISMATCHES[mismatch].items():
+        monkeypatch.setattr(_native, name, value)
     with pytest.raises(RuntimeError, match="is not this module's"):
         _native.check_layout(lib)
 
@@ -131,7 +140,7 @@ FLAG_SETTINGS = {
 def test_every_code_makes_the_kernel_compute_the_eager_result(param_dtype, momentum_dtype, flags):
     """Each parameter dtype, momentum kind and flag Python packs, through the native kernel: bitwise the
     per-tensor loop's parameters, momentum and maxima."""
-    _library()
+    native_library()
     settings = dict(FLAG_SETTINGS[flags])
     step = {k: settings.pop(k) for k in ("nu_divisor", "grad_scale") if k in settings}
     rule = UpdateRule(momentum=0.0 if momentum_dtype is None else 0.9, maximize="maximize" in flags, **settings)
@@ -156,7 +165,7 @@ def test_every_code_makes_the_kernel_compute_the_eager_result(param_dtype, momen
 def test_every_scanned_dtype_is_read_as_itself(dtype):
     """A scanned dtype's code read as another dtype would miss (or invent) an inf: the native scan finds each
     dtype's own inf and NaN, and no finite maximum."""
-    _library()
+    native_library()
     tensors = [torch.zeros(70_000, dtype=dtype), torch.zeros(5, dtype=dtype)]
     tensors[0][-1] = torch.finfo(dtype).max
     assert first_nonfinite(tensors) is None
