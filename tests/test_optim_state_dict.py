@@ -45,6 +45,20 @@ def _without_names(state_dict):
     return state_dict
 
 
+def _conv_bn(device: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A small Conv2d + BatchNorm2d model (seed 1) and its input."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1, stride=2), torch.nn.BatchNorm2d(2)).to(device)
+    return model, torch.rand(1, 4, 16, 16, device=device)
+
+
+def _train(model: torch.nn.Module, x: torch.Tensor, optimizer: SM3, steps: int) -> None:
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+
+
 def _named(params, named):
     return [(f"name{i}", p) for i, p in enumerate(params)] if named else params
 
@@ -88,14 +102,9 @@ def test_state_dict_deterministic(device, kname, desc):
 def test_can_load_older_state_dict(device, kname, desc):
     """A state_dict saved before a flag existed (its key absent from the param groups) loads and steps."""
     kwargs = settings(device, desc, kname)
-    torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1, stride=2), torch.nn.BatchNorm2d(2)).to(device)
-    x = torch.rand(1, 4, 16, 16, device=device)
+    model, x = _conv_bn(device)
     optimizer = SM3(model.parameters(), **kwargs)
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(x).sum().backward()
-        optimizer.step()
+    _train(model, x, optimizer, 3)
     old = copy.deepcopy(optimizer.state_dict())
     for group in old["param_groups"]:
         for flag in SM3_INFO.not_og_supported_flags:
@@ -117,20 +126,13 @@ def test_can_load_older_state_dict(device, kname, desc):
 def test_can_load_from_to_named_state_dict(device, kname, desc):
     for named0, named1 in product((False, True), repeat=2):
         kwargs = settings(device, desc, kname)
-        torch.manual_seed(1)
-        model = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1, stride=2), torch.nn.BatchNorm2d(2)).to(device)
-        x = torch.rand(1, 4, 16, 16, device=device)
+        model, x = _conv_bn(device)
         optimizer = SM3(model.named_parameters() if named0 else model.parameters(), **copy.deepcopy(kwargs))
-        for _ in range(3):
-            optimizer.zero_grad()
-            model(x).sum().backward()
-            optimizer.step()
+        _train(model, x, optimizer, 3)
         saved = copy.deepcopy(optimizer.state_dict())
         optimizer2 = SM3(model.named_parameters() if named1 else model.parameters(), **copy.deepcopy(kwargs))
         optimizer2.load_state_dict(saved)
-        optimizer2.zero_grad()
-        model(x).sum().backward()
-        optimizer2.step()
+        _train(model, x, optimizer2, 1)
         if named0 or named1:
             assert optimizer2.state_dict()["param_groups"][0]["param_names"] == [
                 "0.weight",
