@@ -181,17 +181,17 @@ def run(
     vocab, width, blocks = parse_size(size)
     shapes = gpt_shapes(vocab, width, blocks)
     numel = sum(math.prod(s) for s in shapes)
+    config = dict(
+        shapes=shapes,
+        steps=steps,
+        warmup=warmup,
+        momentum=momentum,
+        beta=beta,
+        threads=threads,
+        timeout=timeout,
+    )
     rows = []
     for world_size in world_sizes:
-        config = dict(
-            shapes=shapes,
-            steps=steps,
-            warmup=warmup,
-            momentum=momentum,
-            beta=beta,
-            threads=threads,
-            timeout=timeout,
-        )
         start = time.perf_counter()
         rows.append(summarize(world_size, _spawn(world_size, config), numel))
         if progress is not None:
