@@ -26,11 +26,12 @@ theirs. ``tests/test_launch.py`` checks this paragraph against the source.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 import torch
@@ -85,6 +86,14 @@ def _await_release(tensors: Sequence[Tensor], before: tuple[int, ...]) -> None:
     deadline = time.monotonic() + _RELEASE_TIMEOUT_S
     while any(t._use_count() > n for t, n in pending) and time.monotonic() < deadline:
         time.sleep(1e-4)
+
+
+@contextlib.contextmanager
+def _released(*tensors: Tensor) -> Iterator[None]:
+    """Around a blocking collective on ``tensors``: leaves once gloo's workers hold none of them."""
+    before = _use_counts(tensors)
+    yield
+    _await_release(tensors, before)
 
 
 def _register_exit_drain() -> None:
@@ -203,9 +212,8 @@ def all_gather_flat(local: Tensor, output: Tensor, group: dist.ProcessGroup | No
     """Gather equally sized flat chunks from every rank of ``group`` into ``output``."""
     # torch >= 2.13 names it all_gather_single and deprecates all_gather_into_tensor
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    before = _use_counts((local, output))
-    gather(output, local, group=group)
-    _await_release((local, output), before)
+    with _released(local, output):
+        gather(output, local, group=group)
 
 
 def any_rank_true(flag: bool, group: dist.ProcessGroup | None, device: torch.device) -> bool:
@@ -213,9 +221,8 @@ def any_rank_true(flag: bool, group: dist.ProcessGroup | None, device: torch.dev
     if world_size(group) == 1:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    before = _use_counts((t,))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    _await_release((t,), before)
+    with _released(t):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item() > 0)
 
 
@@ -229,9 +236,8 @@ def all_reduce_flag_(flag: Tensor, groups: Sequence[dist.ProcessGroup | None]) -
     """
     for group in groups:
         if world_size(group) > 1:
-            before = _use_counts((flag,))
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True).wait()
-            _await_release((flag,), before)
+            with _released(flag):
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True).wait()
     return flag
 
 
@@ -243,9 +249,8 @@ def all_reduce_(bucket: Tensor, op: str, group: dist.ProcessGroup | None) -> Ten
     if op not in _REDUCE_OPS:
         raise ValueError(f"op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
     if world_size(group) > 1:
-        before = _use_counts((bucket,))
-        dist.all_reduce(bucket, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=group)
-        _await_release((bucket,), before)
+        with _released(bucket):
+            dist.all_reduce(bucket, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=group)
     return bucket
 
 
