@@ -102,8 +102,7 @@ from sm3_dist.comm import all_reduce_
 from sm3_dist.layout import Piece, TensorLayout, flat_range_piece, full_piece, normalize_shape
 from sm3_dist.optimizer import SM3
 from sm3_dist.placement import ShardSpec, SpecResolver, UnsupportedLayoutError
-from sm3_dist.state import MOMENTUM_KEY, STEP_KEY, accumulator_key
-from sm3_dist.state_check import check_hyperparameters
+from sm3_dist.state import MOMENTUM_KEY, STEP_KEY, accumulator_key, check_hyperparameters
 
 __all__ = ["fsdp1_load_optim_state_dict", "fsdp1_optim_state_dict", "fsdp1_shard_resolver"]
 

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sm3_dist import functional, fused
 from sm3_dist.comm import MaxReducer
+from sm3_dist.kernels import dispatch, registry
+from sm3_dist.kernels.rule import UpdateRule
 from sm3_dist.layout import TensorLayout
-from sm3_dist.rule import UpdateRule
 
 __all__ = [
     "BlockRef",
@@ -121,7 +121,7 @@ class Finalizer:
     """``accumulators <- maxima`` (their max under ``keep_max``) unless ``found_inf``, for fixed lists of tensors.
 
     Through the device's fused kernel's prepared finalize (one launch) where it
-    has one and the tensors are fp32, else :func:`sm3_dist.functional.finalize_`.
+    has one and the tensors are fp32, else :func:`sm3_dist.dispatch.finalize_`.
     """
 
     def __init__(self, accumulators: Sequence[Tensor], maxima: Sequence[Tensor]) -> None:
@@ -129,7 +129,7 @@ class Finalizer:
         self.maxima = list(maxima)
         self._plan = None
         if self.accumulators:
-            kernel = fused.fused_kernel(self.accumulators[0].device.type)
+            kernel = registry.fused_kernel(self.accumulators[0].device.type)
             make = None if kernel is None else kernel.finalize_plan
             if make is not None and all(t.dtype == torch.float32 for t in (*self.accumulators, *self.maxima)):
                 self._plan = make(self.accumulators, self.maxima)
@@ -140,7 +140,7 @@ class Finalizer:
         if self._plan is not None:
             self._plan.run(keep_max=keep_max, found_inf=found_inf, zero_maxima=zero_maxima)
         else:
-            functional.finalize_(
+            dispatch.finalize_(
                 self.accumulators, self.maxima, keep_max=keep_max, found_inf=found_inf, zero_maxima=zero_maxima
             )
 
@@ -152,7 +152,7 @@ class GroupPlan:
     signature: tuple
     """What the plan was built for (see :func:`plan_signature`)."""
     kernel: str
-    """``"fused"``, ``"foreach"`` or ``"single"`` (:func:`sm3_dist.fused.default_kernel`)."""
+    """``"fused"``, ``"foreach"`` or ``"single"`` (:func:`sm3_dist.registry.default_kernel`)."""
     stepped: tuple[int, ...]
     """Positions in ``group["params"]`` of the parameters with a dense gradient."""
     sparse: tuple[int, ...]
@@ -182,7 +182,7 @@ class GroupPlan:
     """The device's fused-kernel plan over the blocks :attr:`fused_blocks` (``None``: no fused plan)."""
     fused_blocks: tuple[int, ...] = ()
     other_blocks: tuple[int, ...] = ()
-    """Blocks the kernel runs through :func:`sm3_dist.functional.sm3` each step (all of them without a fused plan)."""
+    """Blocks the kernel runs through :func:`sm3_dist.dispatch.sm3` each step (all of them without a fused plan)."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def block_grads(self, grads: Sequence[Tensor]) -> list[Tensor]:
@@ -226,7 +226,7 @@ class GroupPlan:
         if not rule.bias_correction or rule.beta == 0.0:
             return [(None, None)]
         first = self.steps[0]
-        if self.uniform_steps and first.device.type not in functional.HOST_READ_DEVICES:
+        if self.uniform_steps and first.device.type not in dispatch.HOST_READ_DEVICES:
             # 1 - beta ** step in fp64, as UpdateRule.nu_divisor computes it on the host (the kernels round it)
             power = torch.pow(rule.beta, first.reshape(()).to(torch.float64))
             return [(power.neg_().add_(1.0), None)]
@@ -354,7 +354,7 @@ def fused_plan_for(
 ) -> tuple[Any, tuple[int, ...], tuple[int, ...]]:
     """The device's fused-kernel plan over the blocks it takes as they are (contiguous, of its dtypes):
     ``(plan or None, its blocks, the other blocks)``."""
-    kernel = fused.require_fused_kernel(params)
+    kernel = registry.require_fused_kernel(params)
     take = [
         i
         for i, (p, g, m) in enumerate(zip(params, block_grads, bufs))
@@ -377,7 +377,7 @@ def fused_plan_for(
 def stack_step_counts(steps: Sequence[Tensor]) -> tuple[Tensor | None, list[Tensor]]:
     """On one accelerator, the step counts as one tensor and each count a 0-d view of its element (one add
     counts a step): ``(that tensor, the views)``; elsewhere ``(None, the counts as they are)``."""
-    host = functional.HOST_READ_DEVICES
+    host = dispatch.HOST_READ_DEVICES
     if (
         steps
         and all(type(s) is Tensor and s.device.type not in host for s in steps)

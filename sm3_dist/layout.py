@@ -5,7 +5,7 @@ frozen dataclasses:
 
 * :class:`Block` - a dense box of the global parameter (a start and a length per
   dimension) stored contiguously in the local tensor. A block is what the math
-  in :mod:`sm3_dist.functional` runs on: a strided view with the box's shape.
+  in :mod:`sm3_dist.kernels.math` runs on: a strided view with the box's shape.
 * :class:`Piece` - the part of one global parameter held locally: the blocks it
   consists of and, per dimension, the range of accumulator entries it touches.
 

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sm3_dist import functional, fused
 from sm3_dist.comm import all_reduce_flag_, rank_suffix
-from sm3_dist.nonfinite import SCAN_DTYPES, first_nonfinite, nonfinite_
+from sm3_dist.kernels import dispatch, registry
+from sm3_dist.kernels.dispatch import first_nonfinite, nonfinite_
+from sm3_dist.kernels.registry import SCAN_DTYPES
 from sm3_dist.placement import first_device, group_key, to_local
 from sm3_dist.state import SKIPPED_KEY
 
@@ -45,7 +46,7 @@ class NonfiniteSteps:
         the host waiting, and the kernels read it; ``skipped_steps`` counts it there.
         """
         device = first_device(self.param_groups)
-        host = device.type in functional.HOST_READ_DEVICES
+        host = device.type in dispatch.HOST_READ_DEVICES
         if given is None:
             if self.nonfinite == "ignore":
                 return False, None
@@ -103,7 +104,7 @@ class NonfiniteSteps:
     def _check_nonfinite_on_device(self, grads: list[Tensor], flag: Tensor) -> None:
         """``nonfinite_``, through the device kernel's prepared check, kept (in the plan cache) while
         the gradients keep their sizes and dtypes."""
-        kernel = fused.fused_kernel(flag.device.type)
+        kernel = registry.fused_kernel(flag.device.type)
         make = None if kernel is None else kernel.nonfinite_plan
         if make is None or any(g.dtype not in SCAN_DTYPES or not g.is_contiguous() for g in grads):
             nonfinite_(grads, flag)

@@ -10,21 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from sm3_dist import functional
-from sm3_dist.comm import MaxReducer
-from sm3_dist.fused import default_kernel
-from sm3_dist.nonfinite_steps import NonfiniteSteps
-from sm3_dist.placement import (
-    LayoutGuard,
-    ShardSpec,
-    SpecResolver,
-    UnsupportedLayoutError,
-    default_spec,
-    first_device,
-    group_key,
-    to_local,
-)
-from sm3_dist.plan import (
+from sm3_dist.block_plan import (
     BlockRef,
     Finalizer,
     GroupPlan,
@@ -36,7 +22,22 @@ from sm3_dist.plan import (
     plan_signature,
     stack_step_counts,
 )
-from sm3_dist.rule import UpdateRule, check_hyperparameter_values
+from sm3_dist.comm import MaxReducer
+from sm3_dist.kernels import dispatch
+from sm3_dist.kernels.math import sm3_sparse_rows_
+from sm3_dist.kernels.registry import default_kernel
+from sm3_dist.kernels.rule import UpdateRule, check_hyperparameter_values
+from sm3_dist.nonfinite_steps import NonfiniteSteps
+from sm3_dist.placement import (
+    LayoutGuard,
+    ShardSpec,
+    SpecResolver,
+    UnsupportedLayoutError,
+    default_spec,
+    first_device,
+    group_key,
+    to_local,
+)
 from sm3_dist.state import (
     MOMENTUM_DTYPES,
     MOMENTUM_KEY,
@@ -72,7 +73,7 @@ class SM3(NonfiniteSteps, Optimizer):
        &m = \text{momentum}\cdot m + (1-\text{momentum})\, u;\quad w = w - \text{lr}\cdot m
        \end{aligned}
 
-    The math itself is in :mod:`sm3_dist.functional`.
+    The math itself is in :mod:`sm3_dist.kernels.math`.
 
     **Sharded state.** Constructed on FSDP2 (DTensor) parameters, or given a
     ``shard_resolver`` by an integration (FSDP1, DeepSpeed ZeRO), each rank keeps
@@ -100,7 +101,7 @@ class SM3(NonfiniteSteps, Optimizer):
             parameters (fp16 parameters run per tensor inside the CPU fused step). With neither set: the
             device's fused kernel where it is available, else foreach on accelerators and the per-tensor loop
             on CPU, as ``torch.optim`` chooses. Every kernel computes bitwise the same result
-            (:func:`sm3_dist.fused.default_kernel` decides).
+            (:func:`sm3_dist.kernels.registry.default_kernel` decides).
         momentum_dtype: ``torch.float32`` (default) or ``torch.bfloat16``: the dtype the momentum buffer is
             stored in (computed in fp32, rounded to nearest even when stored). Accumulators are always fp32.
         ema_keeps_max: with ``beta > 0``, keep ``mu_d = max(mu_d, new maxima)`` as the PyTorch ports do
@@ -328,7 +329,7 @@ class SM3(NonfiniteSteps, Optimizer):
     def _step_device(self, local: Tensor) -> torch.device:
         """Where a parameter's step count lives: on CPU for CPU parameters; on the parameter's device otherwise
         (and always under ``capturable``), so that a skipped step is not counted without a host synchronization."""
-        host = local.device.type in functional.HOST_READ_DEVICES and not self._capturable
+        host = local.device.type in dispatch.HOST_READ_DEVICES and not self._capturable
         return torch.device("cpu") if host else local.device
 
     def _check_state(self, p: Tensor, spec: ShardSpec, momentum: float, name: str) -> None:
@@ -395,7 +396,7 @@ class SM3(NonfiniteSteps, Optimizer):
         return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(shape)})"
 
     def _signature(self, group: dict[str, Any]) -> tuple[tuple, list[Tensor | None]]:
-        """What the group's plan depends on, and its local gradients (:func:`sm3_dist.plan.plan_signature`)."""
+        """What the group's plan depends on, and its local gradients (:func:`sm3_dist.block_plan.plan_signature`)."""
         return plan_signature(group, self.state)
 
     def _init_group(self, gi: int, group: dict[str, Any]) -> GroupPlan:
@@ -527,7 +528,7 @@ class SM3(NonfiniteSteps, Optimizer):
             else:
                 rest = range(len(plan.blocks)) if selected is None else selected
             if rest:
-                functional.sm3(
+                dispatch.sm3(
                     [plan.params[i] for i in rest],
                     [block_grads[i] for i in rest],
                     [plan.momentum_buffers[i] for i in rest],
@@ -553,7 +554,7 @@ class SM3(NonfiniteSteps, Optimizer):
         state = self.state[p]
         spec = self._specs[p]
         step = state[STEP_KEY]
-        functional.sm3_sparse_rows_(
+        sm3_sparse_rows_(
             to_local(p),
             to_local(p.grad),
             to_local(state.get(MOMENTUM_KEY)),
@@ -574,13 +575,13 @@ class SM3(NonfiniteSteps, Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state, keeping each tensor's saved dtype (fp32 accumulators, fp32/bf16 momentum).
 
-        Everything is checked first (:func:`sm3_dist.state_check.check_sm3_state_dict`: param groups and
+        Everything is checked first (:func:`sm3_dist.state.check_sm3_state_dict`: param groups and
         SM3's hyperparameter names, every state key, every tensor's shape against the parameter's layout,
         the momentum dtype); state of another model or optimizer raises ``ValueError`` naming the parameter
         and leaves the optimizer as it was. ``torch.optim.Optimizer`` would cast state to the parameter's
         dtype, which for bf16 parameters would round the fp32 accumulators.
         """
-        from sm3_dist.state_check import check_sm3_state_dict
+        from sm3_dist.state import check_sm3_state_dict
 
         self._wait_for_maxima()
         check_sm3_state_dict(self, state_dict, **getattr(self, "_load_check_options", {}))

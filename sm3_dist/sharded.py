@@ -49,8 +49,7 @@ from sm3_dist.comm import MaxReducer, all_gather_flat
 from sm3_dist.layout import TensorLayout, flat_range_piece, normalize_shape
 from sm3_dist.optimizer import SM3
 from sm3_dist.placement import ShardSpec, _is_dtensor
-from sm3_dist.state import MOMENTUM_KEY, SKIPPED_KEY, STEP_KEY, accumulator_key
-from sm3_dist.state_check import check_groups, check_param_state
+from sm3_dist.state import MOMENTUM_KEY, SKIPPED_KEY, STEP_KEY, accumulator_key, check_groups, check_param_state
 
 __all__ = ["CommVolume", "FlatPartition", "ShardedSM3"]
 

@@ -95,11 +95,11 @@ KERNELS: dict[str, dict[str, bool]] = {
 def native_library() -> Any:
     """The native CPU kernel's library. The test is skipped only where there is no C++ compiler: where there is
     one, a library that fails to build fails it."""
-    from sm3_dist import _native
+    from sm3_dist.kernels.cpu import library
 
-    if _native._compiler() is None:
+    if library._compiler() is None:
         pytest.skip("no C++ compiler for the native kernel")
-    lib = _native.load()
+    lib = library.load()
     assert lib is not None, "the native kernel failed to build (its logged warning says why)"
     return lib
 

@@ -18,7 +18,8 @@ import math
 import pytest
 import torch
 
-from sm3_dist import SM3, functional, fused
+from sm3_dist import SM3, functional
+from sm3_dist.kernels import dispatch, registry
 from tests.common import KERNELS, seeded_grads
 
 SHAPES = [(6, 5), (4,), (3, 2, 4), ()]
@@ -27,7 +28,7 @@ HYPER = dict(lr=0.05, momentum=0.9, beta=0.9, bias_correction=True)
 
 @pytest.fixture
 def device_path(monkeypatch):
-    monkeypatch.setattr(functional, "HOST_READ_DEVICES", set())
+    monkeypatch.setattr(dispatch, "HOST_READ_DEVICES", set())
 
 
 def _grads(step, bad=False):
@@ -64,7 +65,7 @@ def test_device_flag_skips_like_the_host_check(device_path, kernel, monkeypatch)
         for key, value in entry.items():
             assert torch.equal(snaps[3][1][k][key], value), key
     assert opt.state[params[0]]["step"].item() == 4.0
-    monkeypatch.setattr(functional, "HOST_READ_DEVICES", {"cpu"})
+    monkeypatch.setattr(dispatch, "HOST_READ_DEVICES", {"cpu"})
     host_params, host_opt, _ = _train(kernel)
     assert host_opt.skipped_steps == 1
     for p, q in zip(params, host_params):
@@ -240,7 +241,7 @@ def _strict_kernel() -> functional.FusedKernel:
 def test_scan_and_finalize_leave_what_the_fused_kernel_cannot_take_to_torch(monkeypatch):
     """Non-contiguous gradients and float64 state go through the torch path, not the device's fused scan/finalize."""
     kernel = _strict_kernel()
-    monkeypatch.setattr(fused, "fused_kernel", lambda device_type: kernel)
+    monkeypatch.setattr(registry, "fused_kernel", lambda device_type: kernel)
     found = torch.zeros(1)
     grad = torch.ones(4, 3).t()
     grad[1, 2] = float("nan")

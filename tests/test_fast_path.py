@@ -1,9 +1,9 @@
 """The block plan computes what the plain eager kernel computes, and is rebuilt exactly when what it holds changes.
 
 ``functional.sm3(..., maxima_out=...)`` writes the maxima where it is told
-(possibly into the accumulators it reads), :class:`~sm3_dist.native_plan.NativePlan`
+(possibly into the accumulators it reads), :class:`~sm3_dist.kernels.cpu.native_step.NativePlan`
 repeats one native launch with only the pointers re-read, and ``SM3`` keeps one
-:class:`~sm3_dist.plan.GroupPlan` per param group. Each is held bitwise to the
+:class:`~sm3_dist.block_plan.GroupPlan` per param group. Each is held bitwise to the
 plain eager kernel, including after a gradient disappears, a state tensor or a
 parameter's storage is replaced, a gradient changes dtype or layout, or the
 layout changes; and the plan is *not* rebuilt while none of that happens.
@@ -14,16 +14,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sm3_dist import SM3, _native, functional
+from sm3_dist import SM3, functional
+from sm3_dist.block_plan import block_refs
+from sm3_dist.kernels.cpu import library
+from sm3_dist.kernels.cpu.native_step import NativePlan
+from sm3_dist.kernels.rule import UpdateRule
 from sm3_dist.layout import TensorLayout, flat_range_piece, full_piece
-from sm3_dist.native_plan import NativePlan
 from sm3_dist.placement import ShardSpec
-from sm3_dist.plan import block_refs
-from sm3_dist.rule import UpdateRule
 from tests.common import KERNELS, assert_same, clone_blocks, fill_grads, random_blocks
 
 # skipped only without a compiler: where one exists, a kernel that fails to build fails these tests
-needs_native = pytest.mark.skipif(_native._compiler() is None, reason="no C++ compiler for the native kernel")
+needs_native = pytest.mark.skipif(library._compiler() is None, reason="no C++ compiler for the native kernel")
 
 RULE = UpdateRule(momentum=0.9, beta=0.0, eps=0.0, weight_decay=0.01)
 

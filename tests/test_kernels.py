@@ -19,10 +19,12 @@ import warnings
 import pytest
 import torch
 
-from sm3_dist import SM3, _native, functional, fused
+from sm3_dist import SM3, functional
+from sm3_dist.kernels import dispatch, registry
+from sm3_dist.kernels.cpu import library
+from sm3_dist.kernels.cpu.native_step import NativePlan, pack_block
+from sm3_dist.kernels.rule import UpdateRule
 from sm3_dist.layout import split_flat_range
-from sm3_dist.native_plan import NativePlan, pack_block
-from sm3_dist.rule import UpdateRule
 from tests.common import KERNELS, assert_same, clone_blocks, native_library, random_blocks
 
 SHAPES = [(37,), (13, 11), (5, 7, 9), (3, 4, 5, 6), (2, 70)]
@@ -161,15 +163,15 @@ def test_many_shapes_native_matches_eager():
 
 def test_native_build_failure_falls_back_and_says_so_once(monkeypatch, tmp_path):
     monkeypatch.setenv("SM3_DIST_CACHE", str(tmp_path))
-    monkeypatch.setattr(_native, "_compiler", lambda: "/bin/false")
-    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setattr(library, "_compiler", lambda: "/bin/false")
+    monkeypatch.setattr(library, "_state", {})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _native.load() is None
-        assert _native.load() is None
+        assert library.load() is None
+        assert library.load() is None
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "per-tensor" in messages[0], messages
-    monkeypatch.setattr(fused, "_FUSED_CACHE", {})
+    monkeypatch.setattr(registry, "_FUSED_CACHE", {})
     assert functional.default_kernel([torch.zeros(2)]) == "single"
     params = _train([torch.randn(6, 5, requires_grad=True)])  # the default kernel falls back to per tensor
     assert torch.isfinite(params[0]).all()
@@ -177,7 +179,7 @@ def test_native_build_failure_falls_back_and_says_so_once(monkeypatch, tmp_path)
         _train([torch.randn(6, 5, requires_grad=True)], fused=True)
 
 
-@pytest.mark.parametrize("fields", [{"w": 1}, {name: 0 for name in (*_native.BLOCK_FIELDS, "extra")}], ids=str)
+@pytest.mark.parametrize("fields", [{"w": 1}, {name: 0 for name in (*library.BLOCK_FIELDS, "extra")}], ids=str)
 def test_native_block_packing_refuses_bad_fields(fields):
     with pytest.raises(ValueError, match="native block fields"):
         pack_block(**fields)
@@ -185,17 +187,17 @@ def test_native_block_packing_refuses_bad_fields(fields):
 
 def test_native_reordered_layout_still_bitwise(monkeypatch, tmp_path):
     """Reordering the one table rebuilds the library with that order and both sides follow it."""
-    if _native._compiler() is None:
+    if library._compiler() is None:
         pytest.skip("no C++ compiler")
-    fields = tuple(reversed(_native.BLOCK_FIELDS))
-    monkeypatch.setattr(_native, "BLOCK_FIELDS", fields)
-    monkeypatch.setattr(_native, "FIELD", {name: i for i, name in enumerate(fields)})
+    fields = tuple(reversed(library.BLOCK_FIELDS))
+    monkeypatch.setattr(library, "BLOCK_FIELDS", fields)
+    monkeypatch.setattr(library, "FIELD", {name: i for i, name in enumerate(fields)})
     monkeypatch.setenv("SM3_DIST_CACHE", str(tmp_path))
-    monkeypatch.setattr(_native, "_state", {})
-    lib = _native.load()
+    monkeypatch.setattr(library, "_state", {})
+    lib = library.load()
     assert lib is not None
     assert lib.sm3_native_field_names().decode().split(",") == list(fields)
-    assert "F_W = 11" in _native.layout_header()
+    assert "F_W = 11" in library.layout_header()
     base = [*_many_shapes_model(6), torch.randn(3, 4, 5, requires_grad=True)]
     fused = _train([p.detach().clone().requires_grad_() for p in base], fused=True)
     eager = _train([p.detach().clone().requires_grad_() for p in base], foreach=False)
@@ -204,11 +206,11 @@ def test_native_reordered_layout_still_bitwise(monkeypatch, tmp_path):
 
 
 def test_native_builds_in_a_fresh_cache(monkeypatch, tmp_path):
-    if _native._compiler() is None:
+    if library._compiler() is None:
         pytest.skip("no C++ compiler")
     monkeypatch.setenv("SM3_DIST_CACHE", str(tmp_path))
-    monkeypatch.setattr(_native, "_state", {})
-    assert _native.load() is not None
+    monkeypatch.setattr(library, "_state", {})
+    assert library.load() is not None
     assert len(list(tmp_path.glob("sm3_native_*.so"))) == 1
 
 
@@ -217,7 +219,7 @@ def test_native_builds_in_a_fresh_cache(monkeypatch, tmp_path):
 @pytest.mark.parametrize("native", [True, False])
 def test_first_nonfinite(monkeypatch, dtype, bad, native):
     if not native:
-        monkeypatch.setattr(_native, "load", lambda: None)
+        monkeypatch.setattr(library, "load", lambda: None)
     tensors = [
         torch.randn(5).to(dtype),
         torch.randn(0).to(dtype),
@@ -313,7 +315,7 @@ def test_non_contiguous_params_and_grads_equal_the_contiguous_case(kernel):
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_found_inf_writes_nothing(kernel, read, monkeypatch):
     if read == "device":  # the flag stays a tensor the kernels read, as on an accelerator
-        monkeypatch.setattr(functional, "HOST_READ_DEVICES", set())
+        monkeypatch.setattr(dispatch, "HOST_READ_DEVICES", set())
     blocks = _blocks()
     before = clone_blocks(blocks)
     outs = [[torch.full_like(a, 7.0) for a in accs] for accs in blocks[3]]
@@ -358,8 +360,8 @@ def test_the_default_kernel_is_decided_in_one_place(monkeypatch):
 
 def test_a_registered_fused_kernel_becomes_the_default(monkeypatch):
     """A device type's fused kernel is one registry entry: registered, it is the default and runs the step."""
-    monkeypatch.setattr(fused, "_FUSED", dict(fused._FUSED))
-    monkeypatch.setattr(fused, "_FUSED_CACHE", {})
+    monkeypatch.setattr(registry, "_FUSED", dict(registry._FUSED))
+    monkeypatch.setattr(registry, "_FUSED_CACHE", {})
     calls = []
 
     class Recording(NativePlan):
@@ -368,7 +370,7 @@ def test_a_registered_fused_kernel_becomes_the_default(monkeypatch):
             return super().step(grads, rule, **kw)
 
     def loader():
-        kernel = fused._native_loader()
+        kernel = registry._native_loader()
         return functional.FusedKernel(
             device_type="cpu", available=kernel.available, build=Recording.build, param_dtypes=kernel.param_dtypes
         )

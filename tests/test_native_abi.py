@@ -1,7 +1,7 @@
-"""The native CPU kernel's interface is defined once, in Python (``sm3_dist/_native.py``), and C++ agrees with it.
+"""The native CPU kernel's interface is defined once, in Python (``sm3_dist/library.py``), and C++ agrees with it.
 
 The block layout, the hyperparameters' order and the codes a block or a step carries (parameter dtype, momentum
-kind, scanned dtype, flags) are tables in ``_native.py``; the C++ enums are generated from them. These tests fail
+kind, scanned dtype, flags) are tables in ``library.py``; the C++ enums are generated from them. These tests fail
 when the C++ source numbers a code by hand, when a built library reports other tables than Python's, and when a
 code Python packs makes the kernel compute anything but the eager kernel's result.
 """
@@ -13,18 +13,19 @@ import re
 import pytest
 import torch
 
-from sm3_dist import _native, functional
-from sm3_dist.native_plan import MOMENTUM_KINDS, PARAM_DTYPES
-from sm3_dist.nonfinite import SCAN_DTYPES, first_nonfinite
-from sm3_dist.rule import UpdateRule
+from sm3_dist import functional
+from sm3_dist.kernels.cpu import library
+from sm3_dist.kernels.cpu.native_step import MOMENTUM_KINDS, PARAM_DTYPES
+from sm3_dist.kernels.cpu.scan import SCAN_CODES, first_nonfinite
+from sm3_dist.kernels.rule import UpdateRule
 from tests.common import KERNELS, assert_same, native_library, random_blocks
 
-SOURCE = _native._SOURCE_FILE.read_text()
+SOURCE = library._SOURCE_FILE.read_text()
 GENERATED = [
-    *(name for names in _native.ENUMS.values() for name in names),
-    *_native.FLAGS,
-    *(f"H_{name.upper()}" for name in _native.HYPER_FIELDS),
-    *(f"F_{name.upper()}" for name in _native.BLOCK_FIELDS),
+    *(name for names in library.ENUMS.values() for name in names),
+    *library.FLAGS,
+    *(f"H_{name.upper()}" for name in library.HYPER_FIELDS),
+    *(f"F_{name.upper()}" for name in library.BLOCK_FIELDS),
     "NFIELDS",
     "NHYPER",
     "ABI_VERSION",
@@ -39,7 +40,7 @@ def test_the_cpp_source_defines_no_generated_name():
     assert not re.search(r"^\s*enum\b", SOURCE, re.MULTILINE), "the .cpp declares an enum of its own"
     for name in GENERATED:
         assert not re.search(rf"\b{name}\s*=(?!=)", SOURCE), f"the .cpp defines {name}"
-        assert re.search(rf"\b{name}\s*=", _native.layout_header()), f"the prelude lacks {name}"
+        assert re.search(rf"\b{name}\s*=", library.layout_header()), f"the prelude lacks {name}"
 
 
 BY_NUMBER = {
@@ -58,40 +59,40 @@ def test_the_cpp_reads_codes_by_name(what):
 
 
 def test_the_cpp_uses_every_flag_and_hyperparameter():
-    for name in (*_native.FLAGS, *(f"H_{h.upper()}" for h in _native.HYPER_FIELDS)):
+    for name in (*library.FLAGS, *(f"H_{h.upper()}" for h in library.HYPER_FIELDS)):
         assert re.search(rf"\b{name}\b", SOURCE), f"the .cpp never reads {name}"
 
 
 def test_python_codes_are_the_tables():
-    codes = _native.codes()
-    assert codes == _native.CODES
-    for names in _native.ENUMS.values():
+    codes = library.codes()
+    assert codes == library.CODES
+    for names in library.ENUMS.values():
         assert [codes[n] for n in names] == list(range(len(names)))
-    assert [codes[n] for n in _native.FLAGS] == [1 << i for i in range(len(_native.FLAGS))]
-    assert sorted(PARAM_DTYPES.values()) == [codes[n] for n in _native.ENUMS["ParamDtype"]]
-    assert sorted(MOMENTUM_KINDS.values()) == [codes[n] for n in _native.ENUMS["MomentumKind"]]
-    assert sorted(SCAN_DTYPES.values()) == [codes[n] for n in _native.ENUMS["ScanDtype"]]
+    assert [codes[n] for n in library.FLAGS] == [1 << i for i in range(len(library.FLAGS))]
+    assert sorted(PARAM_DTYPES.values()) == [codes[n] for n in library.ENUMS["ParamDtype"]]
+    assert sorted(MOMENTUM_KINDS.values()) == [codes[n] for n in library.ENUMS["MomentumKind"]]
+    assert sorted(SCAN_CODES.values()) == [codes[n] for n in library.ENUMS["ScanDtype"]]
 
 
 # ---------------------------------------------------------------------------------------------- the built library
 
 
 def test_the_cpp_names_every_block_field():
-    assert set(re.findall(r"\bF_[A-Z_]+\b", SOURCE)) == {f"F_{name.upper()}" for name in _native.BLOCK_FIELDS}
-    assert _native.META_FIELDS == len(_native.BLOCK_FIELDS) == len(set(_native.BLOCK_FIELDS))
-    assert all(_native.FIELD[name] == i for i, name in enumerate(_native.BLOCK_FIELDS))
+    assert set(re.findall(r"\bF_[A-Z_]+\b", SOURCE)) == {f"F_{name.upper()}" for name in library.BLOCK_FIELDS}
+    assert library.META_FIELDS == len(library.BLOCK_FIELDS) == len(set(library.BLOCK_FIELDS))
+    assert all(library.FIELD[name] == i for i, name in enumerate(library.BLOCK_FIELDS))
 
 
 def test_the_library_reports_pythons_tables():
     """Its ABI version, block layout (field count and names, in order), hyperparameter order and codes."""
     lib = native_library()
-    _native.check_layout(lib)
-    assert lib.sm3_native_abi() == _native.ABI_VERSION
-    assert lib.sm3_native_nfields() == _native.META_FIELDS
-    assert lib.sm3_native_field_names().decode().split(",") == list(_native.BLOCK_FIELDS)
-    assert lib.sm3_native_hyper_names().decode().split(",") == list(_native.HYPER_FIELDS)
+    library.check_layout(lib)
+    assert lib.sm3_native_abi() == library.ABI_VERSION
+    assert lib.sm3_native_nfields() == library.META_FIELDS
+    assert lib.sm3_native_field_names().decode().split(",") == list(library.BLOCK_FIELDS)
+    assert lib.sm3_native_hyper_names().decode().split(",") == list(library.HYPER_FIELDS)
     reported = dict(item.split("=") for item in lib.sm3_native_codes().decode().split(","))
-    assert {name: int(value) for name, value in reported.items()} == _native.CODES
+    assert {name: int(value) for name, value in reported.items()} == library.CODES
 
 
 def _swapped(names: tuple[str, ...]) -> tuple[str, ...]:
@@ -100,15 +101,15 @@ def _swapped(names: tuple[str, ...]) -> tuple[str, ...]:
 
 MISMATCHES = {
     # what Python would pack differently from the built library: the _native attributes that say so
-    "two block fields swapped": dict(BLOCK_FIELDS=_swapped(_native.BLOCK_FIELDS)),
-    "a block field fewer": dict(BLOCK_FIELDS=_native.BLOCK_FIELDS[:-1], META_FIELDS=_native.META_FIELDS - 1),
-    "another interface version": dict(ABI_VERSION=_native.ABI_VERSION + 1),
-    "two flags swapped": dict(FLAGS=_swapped(_native.FLAGS)),
+    "two block fields swapped": dict(BLOCK_FIELDS=_swapped(library.BLOCK_FIELDS)),
+    "a block field fewer": dict(BLOCK_FIELDS=library.BLOCK_FIELDS[:-1], META_FIELDS=library.META_FIELDS - 1),
+    "another interface version": dict(ABI_VERSION=library.ABI_VERSION + 1),
+    "two flags swapped": dict(FLAGS=_swapped(library.FLAGS)),
     "two momentum kinds swapped": dict(
-        ENUMS={**_native.ENUMS, "MomentumKind": _swapped(_native.ENUMS["MomentumKind"])}
+        ENUMS={**library.ENUMS, "MomentumKind": _swapped(library.ENUMS["MomentumKind"])}
     ),
-    "a scanned dtype fewer": dict(ENUMS={**_native.ENUMS, "ScanDtype": _native.ENUMS["ScanDtype"][:-1]}),
-    "two hyperparameters swapped": dict(HYPER_FIELDS=_swapped(_native.HYPER_FIELDS)),
+    "a scanned dtype fewer": dict(ENUMS={**library.ENUMS, "ScanDtype": library.ENUMS["ScanDtype"][:-1]}),
+    "two hyperparameters swapped": dict(HYPER_FIELDS=_swapped(library.HYPER_FIELDS)),
 }
 
 
@@ -116,9 +117,9 @@ MISMATCHES = {
 def test_a_library_built_with_another_interface_is_refused(monkeypatch, mismatch):
     lib = native_library()
     for name, value in MISMATCHES[mismatch].items():
-        monkeypatch.setattr(_native, name, value)
+        monkeypatch.setattr(library, name, value)
     with pytest.raises(RuntimeError, match="is not this module's"):
-        _native.check_layout(lib)
+        library.check_layout(lib)
 
 
 # ---------------------------------------------------------------------------------------------- the codes at work
@@ -161,7 +162,7 @@ def test_every_code_makes_the_kernel_compute_the_eager_result(param_dtype, momen
     assert_same(results["fused"], results["eager"])
 
 
-@pytest.mark.parametrize("dtype", list(SCAN_DTYPES), ids=str)
+@pytest.mark.parametrize("dtype", list(SCAN_CODES), ids=str)
 def test_every_scanned_dtype_is_read_as_itself(dtype):
     """A scanned dtype's code read as another dtype would miss (or invent) an inf: the native scan finds each
     dtype's own inf and NaN, and no finite maximum."""

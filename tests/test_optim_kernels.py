@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch.nn import Parameter
 
-from sm3_dist import SM3, functional, fused
+from sm3_dist import SM3, functional
+from sm3_dist.kernels import registry
 from tests.common import DEVICES, KERNELS, NEEDS_CUDA, fill_grads
 from tests.optim_contract import (  # noqa: F401  (one_thread: an autouse fixture)
     CONFIGS,
@@ -160,7 +161,7 @@ def test_large_tensor(device, kname):
 def test_fused_without_a_kernel_is_refused(monkeypatch):
     """``fused=True`` where the device has no fused kernel (no compiler, no Triton) is a clear error at the
     step, which names the device type and the way out, and changes nothing."""
-    monkeypatch.setattr(fused, "fused_kernel", lambda device_type: None)
+    monkeypatch.setattr(registry, "fused_kernel", lambda device_type: None)
     param = Parameter(torch.randn(3, 2))
     before = param.detach().clone()
     optimizer = SM3([param], fused=True)

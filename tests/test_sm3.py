@@ -10,7 +10,7 @@ import torch
 from pytorch_optimizer import SM3 as PeerSM3
 
 from sm3_dist import MOMENTUM_KEY, SM3, accumulator_key, functional, local_state_bytes
-from sm3_dist.rule import UpdateRule
+from sm3_dist.kernels.rule import UpdateRule
 from tests.common import KERNELS, seeded_grads
 from tests.reference import ReferenceSM3
 

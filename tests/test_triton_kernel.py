@@ -1,8 +1,8 @@
-"""The Triton SM3 kernel (sm3_dist._triton) under Triton's interpreter, bitwise against the eager kernel.
+"""The Triton SM3 kernel (sm3_dist.kernels.cuda) under Triton's interpreter, bitwise against the eager kernel.
 
 ``TRITON_INTERPRET=1`` must be set before triton is imported, so the kernels run in one subprocess
 (``python -m tests.triton_cases``) over the whole table of tests/triton_cases.py, on CPU tensors; this module
-computes the eager reference (``functional._single_block`` on whole tensors) from the same inputs and compares.
+computes the eager reference (``single_block`` on whole tensors) from the same inputs and compares.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``SM3(fused=True)`` through the Triton kernel's registry entry equals the eager kernel bitwise.
 
 The optimizer side of the CUDA kernel: the block plan handing its blocks, maxima
-buffers and finalizers to :class:`sm3_dist._triton.TritonPlan`, the found-inf
+buffers and finalizers to :class:`sm3_dist.kernels.cuda.TritonPlan`, the found-inf
 flag kept on the device (a non-finite step skipped without the host reading
 it), step counts and bias-correction divisors on the device, a GradScaler's
 scale. Run under Triton's interpreter on CPU tensors in a subprocess

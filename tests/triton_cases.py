@@ -1,9 +1,9 @@
 """Cases for the Triton SM3 kernel: inputs, the kernel's run, and the eager reference, all from one table.
 
-``python -m tests.triton_cases OUT.pt`` runs every case through :mod:`sm3_dist._triton` (under
+``python -m tests.triton_cases OUT.pt`` runs every case through :mod:`sm3_dist.kernels.cuda` (under
 ``TRITON_INTERPRET=1``, which it sets before importing triton, on CPU tensors) and saves the results;
 tests/test_triton_kernel.py compares them with :func:`reference`, which runs the same inputs through
-``sm3_dist.functional._single_block`` on whole tensors.
+``sm3_dist.kernels.math.single_block`` on whole tensors.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sm3_dist import functional
+from sm3_dist.kernels.math import single_block
 from sm3_dist.layout import split_flat_range
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
@@ -143,7 +144,7 @@ def lr_at(step: int) -> float:
 
 
 def _rule(case: dict):
-    from sm3_dist.rule import UpdateRule
+    from sm3_dist.kernels.rule import UpdateRule
 
     return UpdateRule(
         momentum=case["momentum"],
@@ -178,7 +179,7 @@ def reference(case: dict) -> dict:
         for p, g, m, a in zip(params, grads, buffers, accs):
             if p.ndim == 0:  # the eager kernel takes a scalar as a vector of one element
                 p, g, m = p.view(1), g.view(1), None if m is None else m.view(1)
-            maxima = functional._single_block(p, g, m, a, rule, lr, nud, grad_scale)
+            maxima = single_block(p, g, m, a, rule, lr, nud, grad_scale)
             functional.store_maxima(list(a), list(maxima), case["keep_max"])
     return dict(params=params, buffers=buffers, accs=accs)
 
@@ -215,7 +216,7 @@ def _blocks(case: dict, params, buffers, accs, maxima):
 
 def run_triton(case: dict) -> dict:
     """The case through TritonPlan.step and finalize_ (on CPU tensors under the interpreter)."""
-    from sm3_dist import _triton
+    from sm3_dist.kernels import cuda as _triton
 
     inp = make_inputs(case)
     params, buffers, accs = inp["params"], inp["buffers"], inp["accs"]
@@ -266,7 +267,7 @@ def make_nonfinite(case: dict, seed: int = 1) -> list[Tensor]:
 
 
 def run_nonfinite(case: dict) -> Tensor:
-    from sm3_dist import _triton
+    from sm3_dist.kernels import cuda as _triton
 
     flag = torch.tensor([case["start"]], dtype=torch.float32)
     _triton.nonfinite_(make_nonfinite(case), flag)
@@ -275,7 +276,7 @@ def run_nonfinite(case: dict) -> Tensor:
 
 def _bad_inputs() -> dict[str, str | None]:
     """What TritonPlan.build says about inputs it cannot take (its ``reason``), and the errors of a bad step."""
-    from sm3_dist import _triton
+    from sm3_dist.kernels import cuda as _triton
 
     def reason(params, bufs=None, accs=None, outs=None):
         bufs = [None] * len(params) if bufs is None else bufs
@@ -326,7 +327,7 @@ def _bad_inputs() -> dict[str, str | None]:
 
 def _repeated_calls() -> dict[str, list[float]]:
     """nonfinite_ and finalize_ called again on the same tensors (a prepared table reused) and on new ones."""
-    from sm3_dist import _triton
+    from sm3_dist.kernels import cuda as _triton
 
     def scan(ts):
         flag = torch.zeros(1)
@@ -352,13 +353,13 @@ def _repeated_calls() -> dict[str, list[float]]:
 
 
 CHECK_SHAPES = [(5, 300), (3, 40), (2, 3, 4, 9), (7,), ()]
-"""Small shapes (wide, narrow, rank 4, flat, scalar) for :func:`sm3_dist._triton.check` on CPU."""
+"""Small shapes (wide, narrow, rank 4, flat, scalar) for :func:`sm3_dist.kernels.cuda.check` on CPU."""
 
 
 def _device_check() -> dict[str, list]:
     """``_triton.check("cpu")`` (what ``python -m sm3_dist._triton --check`` runs on a GPU), its cases on the
     small :data:`CHECK_SHAPES` so that the interpreter gets through them."""
-    from sm3_dist._triton import check, checking
+    from sm3_dist.kernels.cuda import check, checking
 
     full = checking._check_cases
     cases = [(name, {**spec, "shapes": CHECK_SHAPES}) for name, spec in full()]

@@ -83,9 +83,10 @@ def train(case: dict, **kernel) -> dict:
 
 
 def main(path: str) -> None:
-    from sm3_dist import functional, fused
+    from sm3_dist import functional
+    from sm3_dist.kernels import registry
 
-    functional.register_fused_kernel("cpu", lambda: replace(fused._triton_loader(), device_type="cpu"))
+    functional.register_fused_kernel("cpu", lambda: replace(registry._triton_loader(), device_type="cpu"))
     functional.HOST_READ_DEVICES.clear()
     results, errors = {}, {}
     for name, case in CASES.items():

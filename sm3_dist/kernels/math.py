@@ -37,21 +37,13 @@ kernel: every elementwise step is a single correctly rounded operation (no
 multiply-add that their scalar tail loops do not; ``sqrt`` then ``reciprocal``,
 never the approximate ``rsqrt`` of GPUs), and reductions are only ``min``/``max``.
 
-**One kernel interface.** Every kernel takes the same arguments: the blocks
-(``params``, ``grads``, ``momentum_buffers``, ``accumulators``), the
-:class:`~sm3_dist.rule.UpdateRule`, and the keywords of :data:`STEP_KEYWORDS`
-(``lr``, ``nu_divisor``, ``maxima_out``, ``keep_max``, ``found_inf``,
-``grad_scale``). There are three kinds: a per-tensor loop (the readable
-reference), a ``foreach`` kernel that batches the elementwise work across
-tensors, and a *fused* kernel per device type, looked up in the registry of
-:mod:`sm3_dist.fused` (:func:`fused_kernel`; CPU: the one-pass C++ kernel of
-:mod:`sm3_dist.native_plan`; CUDA: the Triton kernel of :mod:`sm3_dist._triton`
-where Triton imports), as ``torch.optim`` keeps its fused kernels.
-:func:`default_kernel` is the one place that picks a kernel when the caller does
-not. Every fused kernel is bitwise equal to the per-tensor loop. The checks for
-inf and NaN in gradients (:func:`first_nonfinite`, :func:`nonfinite_`) are in
-:mod:`sm3_dist.nonfinite`; this module's namespace carries them, and the
-registry's public names, as part of the functional API.
+These are the reference kernels every other kernel is held to, bitwise: the per-tensor loop
+(:func:`single_tensor_sm3`, one :func:`single_block` per block), the ``foreach`` kernel
+(:func:`foreach_sm3`, the same ops batched across blocks with ``torch._foreach_*``), the sparse-row
+step (:func:`sm3_sparse_rows_`), and the eager non-finite scan (:func:`first_nonfinite_eager`,
+:func:`nonfinite_eager_`). This module imports nothing of the package but :mod:`sm3_dist.kernels.rule`:
+the fused kernels (:mod:`sm3_dist.kernels.cpu`, :mod:`sm3_dist.kernels.cuda`) import it, and
+:mod:`sm3_dist.kernels.dispatch` routes a step to one of them.
 """
 
 from __future__ import annotations
@@ -62,37 +54,32 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from sm3_dist import fused
-from sm3_dist.fused import FusedKernel, default_kernel, fused_kernel, register_fused_kernel, require_fused_kernel
-from sm3_dist.nonfinite import first_nonfinite, nonfinite_
-from sm3_dist.rule import UpdateRule
+from sm3_dist.kernels.rule import UpdateRule
 
 __all__ = [
     "STEP_KEYWORDS",
-    "FusedKernel",
-    "default_kernel",
-    "finalize_",
-    "first_nonfinite",
-    "fused_kernel",
-    "nonfinite_",
-    "register_fused_kernel",
-    "sm3",
+    "as_scalar",
+    "compute_dtype",
+    "cover_maxima",
+    "divisor",
+    "first_nonfinite_eager",
+    "foreach_sm3",
+    "min_over_covers",
+    "nonfinite_eager_",
+    "single_block",
+    "single_tensor_sm3",
     "sm3_sparse_rows_",
     "store_maxima",
 ]
 
 STEP_KEYWORDS = ("lr", "nu_divisor", "maxima_out", "keep_max", "found_inf", "grad_scale")
-"""The keywords every kernel takes besides the blocks and the rule (see :func:`sm3`)."""
-
-HOST_READ_DEVICES = {"cpu"}
-"""Device types whose flags a step reads on the host (free there). Elsewhere a ``found_inf`` stays on the
-device and the kernels read it; tests empty this set to run that path on CPU."""
+"""The keywords every kernel takes besides the blocks and the rule (see :func:`sm3_dist.kernels.dispatch.sm3`)."""
 
 
 # ---------------------------------------------------------------------------------------------- the math
 
 
-def _min_over_covers(accumulators: Sequence[Tensor], shape: torch.Size) -> Tensor:
+def min_over_covers(accumulators: Sequence[Tensor], shape: torch.Size) -> Tensor:
     """``min_d mu_d[i_d]`` broadcast to ``shape``, as a new tensor."""
     ndim = len(shape)
     if ndim <= 1:
@@ -104,7 +91,7 @@ def _min_over_covers(accumulators: Sequence[Tensor], shape: torch.Size) -> Tenso
     return out.expand(shape).contiguous() if out.shape != shape else out
 
 
-def _maxima(nu: Tensor) -> tuple[Tensor, ...]:
+def cover_maxima(nu: Tensor) -> tuple[Tensor, ...]:
     """``max over i with i_d = k of nu[i]``, for every dimension ``d``."""
     ndim = nu.ndim
     if ndim <= 1:
@@ -112,12 +99,12 @@ def _maxima(nu: Tensor) -> tuple[Tensor, ...]:
     return tuple(nu.amax(dim=tuple(k for k in range(ndim) if k != d)) for d in range(ndim))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 parameters compute (and keep their state) in float64; every other dtype in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _scalar(value: float | Tensor | None) -> float | Tensor | None:
+def as_scalar(value: float | Tensor | None) -> float | Tensor | None:
     """A one-element tensor of any shape as a 0-d tensor (a Python number as it is)."""
     if isinstance(value, Tensor) and value.ndim:
         if value.numel() != 1:
@@ -132,7 +119,7 @@ def _rsqrt_(t: Tensor) -> Tensor:
     return t.rsqrt_() if t.is_cpu else t.sqrt_().reciprocal_()
 
 
-def _divisor(value: float | Tensor | None, like: Tensor) -> float | Tensor | None:
+def divisor(value: float | Tensor | None, like: Tensor) -> float | Tensor | None:
     """A divisor rounded once to ``like``'s dtype, as a number on CPU and as a tensor on ``like``'s device
     elsewhere (CUDA divides by a host scalar as a multiplication by its reciprocal, which is not the correctly
     rounded quotient)."""
@@ -149,7 +136,7 @@ def _divisor(value: float | Tensor | None, like: Tensor) -> float | Tensor | Non
 def _gradient(g: Tensor, w: Tensor, rule: UpdateRule, grad_scale: Tensor | None) -> Tensor:
     """``g / grad_scale``, negated to maximize, plus ``weight_decay * w`` (``g`` and ``w`` in the compute dtype)."""
     if grad_scale is not None:
-        g = g / _divisor(grad_scale, g)
+        g = g / divisor(grad_scale, g)
     if rule.maximize:
         g = -g
     if rule.weight_decay != 0.0:
@@ -159,7 +146,7 @@ def _gradient(g: Tensor, w: Tensor, rule: UpdateRule, grad_scale: Tensor | None)
 
 def _nu(accumulators: Sequence[Tensor], g: Tensor, rule: UpdateRule) -> Tensor:
     """``nu = min_d mu_d + g^2`` (running sum), or ``beta * min_d mu_d + (1 - beta) * g^2``, as a new tensor."""
-    nu = _min_over_covers(accumulators, g.shape)
+    nu = min_over_covers(accumulators, g.shape)
     if rule.beta > 0.0:
         nu.mul_(rule.beta)
         nu.add_((g * g).mul_(1.0 - rule.beta))
@@ -171,13 +158,13 @@ def _nu(accumulators: Sequence[Tensor], g: Tensor, rule: UpdateRule) -> Tensor:
 def _preconditioned(g: Tensor, nu: Tensor, rule: UpdateRule, nu_divisor: float | Tensor | None) -> Tensor:
     """``u = g / sqrt(nu_hat + eps)`` with ``nu_hat = nu / nu_divisor``; with ``eps = 0``, 0 where ``nu_hat = 0``
     (the 0/0 = 0 convention). A new tensor; ``nu`` is left as it is."""
-    nu_hat = nu if nu_divisor is None else nu / _divisor(nu_divisor, nu)
+    nu_hat = nu if nu_divisor is None else nu / divisor(nu_divisor, nu)
     if rule.eps > 0.0:
         return _rsqrt_(nu_hat + rule.eps).mul_(g)
     return torch.where(nu_hat > 0, g * _rsqrt_(nu_hat.clone()), torch.zeros((), dtype=g.dtype, device=g.device))
 
 
-def _single_block(
+def single_block(
     param: Tensor,
     grad: Tensor,
     momentum_buffer: Tensor | None,
@@ -188,11 +175,11 @@ def _single_block(
     grad_scale: Tensor | None,
 ) -> tuple[Tensor, ...]:
     """One block, eager. Updates ``param`` and ``momentum_buffer`` in place; returns the maxima."""
-    cdt = _compute_dtype(param.dtype)
+    cdt = compute_dtype(param.dtype)
     w = param if param.dtype == cdt else param.to(cdt)
     g = _gradient(grad.to(cdt), w, rule, grad_scale)
     nu = _nu(accumulators, g, rule)
-    maxima = _maxima(nu)
+    maxima = cover_maxima(nu)
     update = _preconditioned(g, nu, rule, nu_divisor)
     if momentum_buffer is not None:
         m = momentum_buffer if momentum_buffer.dtype == cdt else momentum_buffer.to(cdt)
@@ -214,14 +201,14 @@ def _single_block(
 # block. The common wrapper (:func:`sm3`) validates, gates on ``found_inf`` and stores into ``maxima_out``.
 
 
-def _single_tensor_sm3(params, grads, momentum_buffers, accumulators, *, rule, lr, nu_divisor, grad_scale):
+def single_tensor_sm3(params, grads, momentum_buffers, accumulators, *, rule, lr, nu_divisor, grad_scale):
     return [
-        _single_block(p, g, m, accs, rule, lr, nu_divisor, grad_scale)
+        single_block(p, g, m, accs, rule, lr, nu_divisor, grad_scale)
         for p, g, m, accs in zip(params, grads, momentum_buffers, accumulators)
     ]
 
 
-def _foreach_sm3(params, grads, momentum_buffers, accumulators, *, rule, lr, nu_divisor, grad_scale):
+def foreach_sm3(params, grads, momentum_buffers, accumulators, *, rule, lr, nu_divisor, grad_scale):
     """The elementwise work batched across blocks with ``torch._foreach_*``.
 
     Blocks whose parameter, gradient and momentum are not all of one compute
@@ -234,7 +221,7 @@ def _foreach_sm3(params, grads, momentum_buffers, accumulators, *, rule, lr, nu_
         if p.dtype in (torch.float32, torch.float64) and g.dtype == p.dtype and (m is None or m.dtype == p.dtype):
             batches.setdefault(p.dtype, []).append(i)
         else:
-            results[i] = _single_block(p, g, m, accumulators[i], rule, lr, nu_divisor, grad_scale)
+            results[i] = single_block(p, g, m, accumulators[i], rule, lr, nu_divisor, grad_scale)
     for batch in batches.values():
         for chunk in _chunks(batch, params):
             _foreach_batch(
@@ -267,20 +254,20 @@ def _foreach_batch(batch, params, grads, momentum_buffers, accumulators, results
     ps = [params[i] for i in batch]
     gs = [grads[i] for i in batch]
     if grad_scale is not None:
-        gs = torch._foreach_div(gs, _divisor(grad_scale, gs[0]))
+        gs = torch._foreach_div(gs, divisor(grad_scale, gs[0]))
     if rule.maximize:
         gs = torch._foreach_neg(gs)
     if rule.weight_decay != 0.0:
         gs = torch._foreach_add(gs, torch._foreach_mul(ps, rule.weight_decay))
-    nus = [_min_over_covers(accumulators[i], g.shape) for i, g in zip(batch, gs)]
+    nus = [min_over_covers(accumulators[i], g.shape) for i, g in zip(batch, gs)]
     squares = torch._foreach_mul(gs, gs)
     if rule.beta > 0.0:
         torch._foreach_mul_(nus, rule.beta)
         torch._foreach_mul_(squares, 1.0 - rule.beta)
     torch._foreach_add_(nus, squares)
     for i, nu in zip(batch, nus):
-        results[i] = _maxima(nu)
-    nu_hats = nus if nu_divisor is None else torch._foreach_div(nus, _divisor(nu_divisor, nus[0]))
+        results[i] = cover_maxima(nu)
+    nu_hats = nus if nu_divisor is None else torch._foreach_div(nus, divisor(nu_divisor, nus[0]))
     if rule.eps > 0.0:
         updates = torch._foreach_add(nu_hats, rule.eps)
         if updates[0].is_cpu:
@@ -301,172 +288,6 @@ def _foreach_batch(batch, params, grads, momentum_buffers, accumulators, results
     else:
         torch._foreach_mul_(updates, lr)
     torch._foreach_sub_(ps, updates)
-
-
-def _fused_sm3(params, grads, momentum_buffers, accumulators, *, rule, lr, nu_divisor, grad_scale, found_inf):
-    """One-off step of the device's fused kernel: a plan built for these blocks, zeroed maxima buffers, one step.
-
-    Blocks the kernel cannot take as they are (a non-contiguous tensor) go
-    through contiguous working copies that are written back; blocks of a dtype
-    the kernel lacks but the per-tensor kernel has (see :class:`FusedKernel`)
-    run per tensor.
-    """
-    kernel = require_fused_kernel(params)
-    results: list[tuple[Tensor, ...] | None] = [None] * len(params)
-    taken, copies = [], []
-    for i, (p, g, m) in enumerate(zip(params, grads, momentum_buffers)):
-        if p.numel() == 0:
-            results[i] = tuple(
-                torch.zeros(n, dtype=a.dtype, device=a.device) for n, a in zip(p.shape or (1,), accumulators[i])
-            )
-        elif kernel.takes(p, g, m):
-            taken.append(i)
-        else:
-            results[i] = _single_block(p, g, m, accumulators[i], rule, lr, nu_divisor, grad_scale)
-    if not taken:
-        return results
-    ps, gs, ms, accs = [], [], [], []
-    for i in taken:
-        p, g, m = params[i], grads[i], momentum_buffers[i]
-        pc, mc = _contiguous(p), None if m is None else _contiguous(m)
-        if pc is not p or (m is not None and mc is not m):
-            copies.append((p, pc, m, mc))
-        ps.append(pc)
-        gs.append(_contiguous(g))
-        ms.append(mc)
-        accs.append([_contiguous(a) for a in accumulators[i]])
-    outs = [[torch.zeros(a.numel(), dtype=torch.float32, device=a.device) for a in block] for block in accs]
-    plan = kernel.build(ps, ms, accs, outs)
-    if plan is None:
-        raise RuntimeError(f"the fused SM3 kernel for {kernel.device_type} refused blocks it reported it takes")
-    plan.step(gs, rule, lr=lr, nu_divisor=nu_divisor, found_inf=found_inf, grad_scale=grad_scale)
-    for p, pc, m, mc in copies:
-        if pc is not p:
-            p.copy_(pc)
-        if m is not None and mc is not m:
-            m.copy_(mc)
-    for i, block in zip(taken, outs):
-        results[i] = tuple(block)
-    return results
-
-
-def _contiguous(t: Tensor) -> Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
-# ---------------------------------------------------------------------------------------------- the common entry
-
-
-def sm3(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor | None],
-    accumulators: Sequence[Sequence[Tensor]],
-    *,
-    rule: UpdateRule,
-    lr: float | Tensor,
-    nu_divisor: float | Tensor | None = None,
-    maxima_out: Sequence[Sequence[Tensor]] | None = None,
-    keep_max: bool = False,
-    found_inf: Tensor | None = None,
-    grad_scale: Tensor | None = None,
-    foreach: bool | None = None,
-    fused: bool | None = None,
-) -> list[tuple[Tensor, ...]] | None:
-    """One SM3 step on a list of dense blocks; returns each block's maxima per dimension.
-
-    ``params[i]``, ``grads[i]`` and ``momentum_buffers[i]`` (``None`` when
-    momentum is 0) are views of one dense block, all of the same shape (any
-    strides); ``accumulators[i][d]`` is the 1-D slice of ``mu_d`` that the
-    block's indices along ``d`` cover (fp32, fp64 for fp64 parameters; read
-    only). The parameter and momentum are updated in place (computed in fp32,
-    or fp64 for fp64 parameters, written back in their own dtypes); the returned
-    ``maxima[i][d]`` are the new values of that slice of ``mu_d`` as far as this
-    block can see them.
-
-    ``lr`` is a number or a one-element tensor (any shape), ``nu_divisor`` the
-    bias-correction divisor (:meth:`UpdateRule.nu_divisor`; ``None``: none),
-    ``grad_scale`` a one-element tensor the raw gradients are divided by (a
-    ``GradScaler``'s scale), ``found_inf`` a one-element tensor: where it is
-    nonzero the parameters and momentum stay bitwise unchanged and the maxima
-    are the accumulators as they were (nothing is accumulated under
-    ``keep_max``). Off CPU it is read on the device, without a host
-    synchronization.
-
-    With ``maxima_out`` the maxima are written into ``maxima_out[i][d]`` instead
-    and ``None`` is returned: assigned, or under ``keep_max`` the elementwise max
-    of the old values and the new maxima (so zeroed outputs shared by several
-    blocks collect their maxima). ``maxima_out[i]`` may be ``accumulators[i]``
-    itself: every accumulator is read before any maximum is written.
-
-    ``foreach``/``fused`` choose the kernel as in :func:`default_kernel`.
-    """
-    for i, (p, g, accs) in enumerate(zip(params, grads, accumulators)):
-        if g.shape != p.shape:
-            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape {tuple(p.shape)}")
-        if len(accs) != max(g.ndim, 1) or any(a.numel() != n for a, n in zip(accs, g.shape or (1,))):
-            raise ValueError(
-                f"accumulators[{i}] have lengths {[a.numel() for a in accs]}, expected {list(g.shape or (1,))}"
-            )
-    if maxima_out is not None and len(maxima_out) != len(params):
-        raise ValueError(f"maxima_out has {len(maxima_out)} entries for {len(params)} blocks")
-    kind = default_kernel(params, foreach=foreach, fused=fused)
-    lr, nu_divisor, grad_scale, found_inf = _scalar(lr), _scalar(nu_divisor), _scalar(grad_scale), _scalar(found_inf)
-    gate = None
-    if found_inf is not None:
-        if found_inf.device.type in HOST_READ_DEVICES:  # reading it costs nothing here
-            if bool(found_inf):
-                if maxima_out is None:
-                    return [tuple(a.clone() for a in accs) for accs in accumulators]
-                if not keep_max:
-                    store_maxima(
-                        [o for outs in maxima_out for o in outs], [a.clone() for accs in accumulators for a in accs]
-                    )
-                return None
-            found_inf = None
-        elif kind != "fused":
-            gate, found_inf = found_inf, None
-    args = dict(rule=rule, lr=lr, nu_divisor=nu_divisor, grad_scale=grad_scale)
-    if gate is not None:
-        maxima = _gated(kind, params, grads, momentum_buffers, accumulators, gate, args)
-    elif kind == "fused":
-        maxima = _fused_sm3(params, grads, momentum_buffers, accumulators, found_inf=found_inf, **args)
-    elif kind == "foreach":
-        maxima = _foreach_sm3(params, grads, momentum_buffers, accumulators, **args)
-    else:
-        maxima = _single_tensor_sm3(params, grads, momentum_buffers, accumulators, **args)
-    flag = found_inf if found_inf is not None else gate
-    if flag is not None:  # skipped on the device: the maxima are the accumulators as they were, nothing collected
-        skip = flag != 0
-        if maxima_out is None:
-            return [
-                tuple(torch.where(skip, a, new) for a, new in zip(accs, block))
-                for accs, block in zip(accumulators, maxima)
-            ]
-        for outs, accs, block in zip(maxima_out, accumulators, maxima):
-            for o, a, new in zip(outs, accs, block):
-                o.copy_(torch.where(skip, o, torch.maximum(o, new)) if keep_max else torch.where(skip, a, new))
-        return None
-    if maxima_out is None:
-        return maxima
-    outs = [o for block in maxima_out for o in block]
-    store_maxima(outs, [m for block in maxima for m in block], keep_max)
-    return None
-
-
-def _gated(kind, params, grads, momentum_buffers, accumulators, found_inf, args):
-    """A non-fused kernel on an accelerator with a device-side ``found_inf``: it runs on working copies, which
-    replace the originals only where the flag is clear (no host synchronization, one extra pass)."""
-    work_p = [p.clone() for p in params]
-    work_m = [None if m is None else m.clone() for m in momentum_buffers]
-    kernel = _foreach_sm3 if kind == "foreach" else _single_tensor_sm3
-    maxima = kernel(work_p, grads, work_m, accumulators, **args)
-    skip = found_inf != 0
-    for p, w, m, wm in zip(params, work_p, momentum_buffers, work_m):
-        p.copy_(torch.where(skip, p, w))
-        if m is not None:
-            m.copy_(torch.where(skip, m, wm))
-    return maxima
 
 
 def store_maxima(accumulators: list[Tensor], maxima: list[Tensor], keep_max: bool = False) -> None:
@@ -492,39 +313,6 @@ def store_maxima(accumulators: list[Tensor], maxima: list[Tensor], keep_max: boo
             acc.copy_(value)
 
 
-def finalize_(
-    accumulators: Sequence[Tensor],
-    maxima: Sequence[Tensor],
-    *,
-    keep_max: bool,
-    found_inf: Tensor | None = None,
-    zero_maxima: bool = True,
-) -> None:
-    """``accumulators <- maxima`` (their max under ``keep_max``) unless ``found_inf`` is set; then the maxima are
-    zeroed for the next step. The device's fused kernel does it in one launch where it has a ``finalize``."""
-    if not accumulators:
-        return
-    kernel = fused.fused_kernel(accumulators[0].device.type)
-    if (
-        kernel is not None
-        and kernel.finalize is not None
-        and all(t.dtype == torch.float32 and t.is_contiguous() for t in (*accumulators, *maxima))
-    ):  # the fused finalize takes contiguous fp32 state; float64 state (per-tensor and foreach kernels) does not
-        kernel.finalize(accumulators, maxima, keep_max=keep_max, found_inf=found_inf, zero_maxima=zero_maxima)
-        return
-    if found_inf is not None and found_inf.device.type in HOST_READ_DEVICES:
-        if not bool(found_inf):
-            store_maxima(list(accumulators), list(maxima), keep_max)
-    elif found_inf is not None:
-        skip = _scalar(found_inf) != 0
-        for acc, new in zip(accumulators, maxima):
-            acc.copy_(torch.where(skip, acc, torch.maximum(acc, new) if keep_max else new))
-    else:
-        store_maxima(list(accumulators), list(maxima), keep_max)
-    if zero_maxima:
-        torch._foreach_zero_(list(maxima))
-
-
 def sm3_sparse_rows_(
     param: Tensor,
     grad: Tensor,
@@ -545,14 +333,14 @@ def sm3_sparse_rows_(
     Momentum decays on touched rows only. Updates ``param``, ``momentum_buffer``
     and ``accumulators`` in place.
     """
-    lr, nu_divisor, grad_scale = _scalar(lr), _scalar(nu_divisor), _scalar(grad_scale)
-    cdt = _compute_dtype(param.dtype)
+    lr, nu_divisor, grad_scale = as_scalar(lr), as_scalar(nu_divisor), as_scalar(grad_scale)
+    cdt = compute_dtype(param.dtype)
     grad = grad.coalesce()
     rows = grad.indices()[0]
     w_rows = param[rows].to(cdt)
     values = _gradient(grad.values().to(cdt), w_rows, rule, grad_scale)
     nu = _nu([accumulators[0].index_select(0, rows), *accumulators[1:]], values, rule)
-    maxima = _maxima(nu)
+    maxima = cover_maxima(nu)
     accumulators[0].index_copy_(0, rows, maxima[0])
     for acc, new in zip(accumulators[1:], maxima[1:]):
         torch.maximum(acc, new, out=acc)
@@ -565,3 +353,31 @@ def sm3_sparse_rows_(
     else:
         update.mul_(lr)
     param.index_copy_(0, rows, w_rows.sub_(update).to(param.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- inf and NaN
+
+
+def abs_max(tensors: Sequence[Tensor]) -> Tensor:
+    """The largest absolute value of each tensor, as one fp32 vector (batched with ``torch._foreach_norm``)."""
+    return torch.stack([n.float() for n in torch._foreach_norm(list(tensors), ord=float("inf"))])
+
+
+def first_nonfinite_eager(tensors: Sequence[Tensor]) -> int | None:
+    """Index of the first tensor holding an inf or NaN, ``None`` if all are finite (read on the host)."""
+    nonempty = [i for i, t in enumerate(tensors) if t.numel()]
+    if not nonempty:
+        return None
+    finite = torch.isfinite(abs_max([tensors[i] for i in nonempty]))
+    if bool(finite.all()):
+        return None
+    return nonempty[int((~finite).nonzero()[0])]
+
+
+def nonfinite_eager_(tensors: Sequence[Tensor], found_inf: Tensor) -> None:
+    """Set ``found_inf`` where any tensor holds an inf or NaN, on the device, without a host synchronization."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return
+    bad = (~torch.isfinite(abs_max(tensors))).any().to(found_inf.dtype)
+    torch.maximum(found_inf, bad.view(found_inf.shape).to(found_inf.device), out=found_inf)

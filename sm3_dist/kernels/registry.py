@@ -1,9 +1,10 @@
 """The fused SM3 kernels, one per device type, behind one registry; and the one place a step's kernel is chosen.
 
 A device type's fused kernel is one :class:`FusedKernel` entry (:func:`register_fused_kernel`), as
-``torch.optim`` keeps its fused kernels: CPU, the one-pass C++ kernel (:class:`sm3_dist.native_plan.NativePlan`);
-CUDA, the Triton kernel of :mod:`sm3_dist._triton` where Triton imports. Entries are loaded at first use, so
-importing this module builds and imports nothing. :func:`default_kernel` picks among ``"single"`` (the
+``torch.optim`` keeps its fused kernels: CPU, the one-pass C++ kernel of :mod:`sm3_dist.kernels.cpu`
+(:class:`~sm3_dist.kernels.cpu.native_step.NativePlan`); CUDA, the Triton kernel of
+:mod:`sm3_dist.kernels.cuda` where Triton imports. Entries are loaded at first use, so importing this module
+builds and imports nothing; no kernel imports this module. :func:`default_kernel` picks among ``"single"`` (the
 per-tensor loop), ``"foreach"`` and ``"fused"`` when the caller does not.
 """
 
@@ -19,6 +20,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "MOMENTUM_DTYPES",
+    "SCAN_DTYPES",
     "FusedKernel",
     "default_kernel",
     "fused_kernel",
@@ -30,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 MOMENTUM_DTYPES = frozenset({None, torch.float32, torch.bfloat16})
 """Momentum dtypes every fused kernel takes (``None``: no momentum)."""
+SCAN_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+"""The dtypes every fused non-finite scan reads (contiguous tensors only)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,9 @@ class FusedKernel:
     """``finalize(accumulators, maxima, *, keep_max, found_inf, zero_maxima)`` in one launch."""
     finalize_plan: Callable[..., Any] | None = None
     """``finalize_plan(accumulators, maxima)``: :attr:`finalize` prepared once for fixed lists (``.run(...)``)."""
+    first_nonfinite: Callable[[Sequence[Tensor]], int | None] | None = None
+    """``first_nonfinite(tensors)``: the index of the first tensor holding an inf/NaN (``None``: all finite), read on
+    the host (a kernel whose device reads flags on the host for free)."""
     nonfinite_plan: Callable[..., Any] | None = None
     """``nonfinite_plan(tensors)``: :attr:`nonfinite` prepared once (``.run(found_inf, tensors)`` re-points it to
     tensors of the same sizes and dtypes, and raises ``ValueError`` for others)."""
@@ -144,8 +152,8 @@ def default_kernel(params: Sequence[Tensor], *, foreach: bool | None = None, fus
 
 
 def _native_loader() -> FusedKernel:
-    from sm3_dist.native_plan import PARAM_DTYPES, NativePlan, native_available
-    from sm3_dist.nonfinite import nonfinite_on_host_
+    from sm3_dist.kernels.cpu.native_step import PARAM_DTYPES, NativePlan, native_available
+    from sm3_dist.kernels.cpu.scan import first_nonfinite, nonfinite_on_host_
 
     return FusedKernel(
         device_type="cpu",
@@ -154,12 +162,13 @@ def _native_loader() -> FusedKernel:
         param_dtypes=frozenset(PARAM_DTYPES),
         fallback_dtypes=frozenset({torch.float16}),
         nonfinite=nonfinite_on_host_,
+        first_nonfinite=first_nonfinite,
     )
 
 
 def _triton_loader() -> FusedKernel | None:
     try:
-        triton_kernel = importlib.import_module("sm3_dist._triton")
+        triton_kernel = importlib.import_module("sm3_dist.kernels.cuda")
     except ImportError as exc:  # no Triton (or no module): the CUDA default falls back to foreach
         logger.info("sm3_dist: the Triton SM3 kernel is unavailable: %s", exc)
         return None

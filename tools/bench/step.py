@@ -311,13 +311,13 @@ def run(
 
 
 def check(device: torch.device, progress: Callable[[str], None] = lambda s: None) -> int:
-    """The fused CUDA kernels against the eager CPU kernel on a few shapes (:func:`sm3_dist._triton.check`);
+    """The fused CUDA kernels against the eager CPU kernel on a few shapes (:func:`sm3_dist.kernels.cuda.check`);
     prints one line per case and returns 0 when all are bitwise equal."""
     if device.type != "cuda":
         print(f"--check compares the CUDA kernels with the eager CPU kernel: nothing to check on {device}")
         return 0
     try:
-        from sm3_dist import _triton
+        from sm3_dist.kernels import cuda as _triton
     except ImportError as exc:
         print(f"--check: the Triton kernel is unavailable ({exc}); install the gpu extra")
         return 1

@@ -8,7 +8,7 @@ all blocks of a step are cut into one contiguous range per OpenMP thread (long
 streams, prefetched 1 KiB ahead), in one parallel region.
 
 Every elementwise step is one correctly rounded IEEE operation in the same
-order as :func:`sm3_dist.functional._single_block` (compiled with
+order as :func:`sm3_dist.kernels.math.single_block` (compiled with
 ``-ffp-contract=off -fno-fast-math``: no fused multiply-add, no approximate
 reciprocal square root), and reductions are only NaN-propagating min/max, so
 the results are bitwise those of the eager kernel, wherever a block is cut.

@@ -1,9 +1,9 @@
 """The CPU entry of the fused-kernel registry: :class:`NativePlan`, the one-pass C++ kernel of
-:mod:`sm3_dist._native` stepping a fixed list of contiguous blocks.
+:mod:`sm3_dist.kernels.cpu.library` stepping a fixed list of contiguous blocks.
 
-A block's arguments are packed by name (:func:`pack_block`) in the order of :data:`sm3_dist._native.BLOCK_FIELDS`;
-the codes they carry (parameter dtype, momentum kind, flags) are those of :mod:`sm3_dist._native`. Rank > 2
-blocks get their leading dimensions' maxima from the kernel's row maxima with :mod:`sm3_dist.functional`'s math.
+A block's arguments are packed by name (:func:`pack_block`) in the order of :data:`sm3_dist.kernels.cpu.library.BLOCK_FIELDS`;
+the codes they carry (parameter dtype, momentum kind, flags) are those of :mod:`sm3_dist.kernels.cpu.library`. Rank > 2
+blocks get their leading dimensions' maxima from the kernel's row maxima with :mod:`sm3_dist.kernels.math`.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from sm3_dist import _native
-from sm3_dist.functional import _maxima, _min_over_covers
-from sm3_dist.rule import UpdateRule
+from sm3_dist.kernels.cpu import library
+from sm3_dist.kernels.math import cover_maxima, min_over_covers
+from sm3_dist.kernels.rule import UpdateRule
 
 __all__ = ["MOMENTUM_KINDS", "PARAM_DTYPES", "NativePlan", "native_available", "pack_block"]
 
-PARAM_DTYPES = {torch.float32: _native.CODES["DTYPE_F32"], torch.bfloat16: _native.CODES["DTYPE_BF16"]}
+PARAM_DTYPES = {torch.float32: library.CODES["DTYPE_F32"], torch.bfloat16: library.CODES["DTYPE_BF16"]}
 """The parameter dtypes the kernel takes, and their codes."""
 MOMENTUM_KINDS = {
-    None: _native.CODES["MOMENTUM_NONE"],
-    torch.float32: _native.CODES["MOMENTUM_F32"],
-    torch.bfloat16: _native.CODES["MOMENTUM_BF16"],
+    None: library.CODES["MOMENTUM_NONE"],
+    torch.float32: library.CODES["MOMENTUM_F32"],
+    torch.bfloat16: library.CODES["MOMENTUM_BF16"],
 }
 """The momentum dtypes the kernel takes (``None``: no momentum), and their codes."""
 _POS_INF: dict[torch.device, Tensor] = {}
@@ -47,12 +47,12 @@ def _native_geometry(p: Tensor, accs: Sequence[Tensor]) -> tuple[int, int, Tenso
 
 def pack_block(**fields: int) -> list[int]:
     """One block's row of the native kernel's argument array, packed by name in the order of
-    :data:`sm3_dist._native.BLOCK_FIELDS` (every field exactly once)."""
-    if set(fields) != set(_native.BLOCK_FIELDS):
-        missing = sorted(set(_native.BLOCK_FIELDS) - set(fields))
-        unknown = sorted(set(fields) - set(_native.BLOCK_FIELDS))
+    :data:`sm3_dist.kernels.cpu.library.BLOCK_FIELDS` (every field exactly once)."""
+    if set(fields) != set(library.BLOCK_FIELDS):
+        missing = sorted(set(library.BLOCK_FIELDS) - set(fields))
+        unknown = sorted(set(fields) - set(library.BLOCK_FIELDS))
         raise ValueError(f"native block fields: missing {missing}, unknown {unknown}")
-    return [int(fields[name]) for name in _native.BLOCK_FIELDS]
+    return [int(fields[name]) for name in library.BLOCK_FIELDS]
 
 
 def _native_run(lib, meta: array, nblocks: int, rule: UpdateRule, lr, nu_divisor, grad_scale) -> None:
@@ -69,8 +69,8 @@ def _native_run(lib, meta: array, nblocks: int, rule: UpdateRule, lr, nu_divisor
         "nu_divisor": 1.0 if nu_divisor is None else float(nu_divisor),
         "grad_scale": 1.0 if grad_scale is None else float(grad_scale),
     }
-    hyper = (ctypes.c_double * len(_native.HYPER_FIELDS))(*[values[name] for name in _native.HYPER_FIELDS])
-    code = _native.CODES
+    hyper = (ctypes.c_double * len(library.HYPER_FIELDS))(*[values[name] for name in library.HYPER_FIELDS])
+    code = library.CODES
     flags = (
         (code["FLAG_WD"] if rule.weight_decay != 0.0 else 0)
         | (code["FLAG_BETA"] if rule.beta > 0.0 else 0)
@@ -79,7 +79,7 @@ def _native_run(lib, meta: array, nblocks: int, rule: UpdateRule, lr, nu_divisor
         | (code["FLAG_SCALE"] if grad_scale is not None else 0)
     )
     status = lib.sm3_native_step(
-        meta.buffer_info()[0], nblocks, ctypes.addressof(hyper), flags, torch.get_num_threads(), _native.TILE_ELEMS
+        meta.buffer_info()[0], nblocks, ctypes.addressof(hyper), flags, torch.get_num_threads(), library.TILE_ELEMS
     )
     if status != 0:
         raise RuntimeError(f"native SM3 kernel failed with status {status}")
@@ -134,7 +134,7 @@ class NativePlan:
     @classmethod
     def build(cls, params, momentum_buffers, accumulators, maxima_out) -> NativePlan | None:
         """A plan for these blocks, or ``None`` when the native kernel is off or cannot take them all."""
-        lib = _native.load() if params else None
+        lib = library.load() if params else None
         if lib is None:
             return None
         for p, m, accs, outs in zip(params, momentum_buffers, accumulators, maxima_out):
@@ -173,18 +173,18 @@ class NativePlan:
         for i in self._deep:
             accs = self._accumulators[i]
             shape = params[i].shape
-            self._rowmin[i].copy_(_min_over_covers(accs[:-1], shape[:-1]).reshape(-1))
+            self._rowmin[i].copy_(min_over_covers(accs[:-1], shape[:-1]).reshape(-1))
             self._rowmax[i].zero_()
-        meta, n, field = self._meta, _native.META_FIELDS, _native.FIELD
+        meta, n, field = self._meta, library.META_FIELDS, library.FIELD
         meta[field["w"] :: n] = array("q", [p.data_ptr() for p in params])
         meta[field["g"] :: n] = array("q", [g.data_ptr() for g in grads])
         _native_run(self._lib, meta, len(params), rule, lr, nu_divisor, grad_scale)
         for i in self._deep:
             shape = params[i].shape
-            for out, new in zip(self._outs[i][:-1], _maxima(self._rowmax[i].view(shape[:-1]))):
+            for out, new in zip(self._outs[i][:-1], cover_maxima(self._rowmax[i].view(shape[:-1]))):
                 torch.maximum(out, new, out=out)
 
 
 def native_available() -> bool:
     """Whether the one-pass native CPU kernel is built (or builds now) and enabled."""
-    return _native.load() is not None
+    return library.load() is not None

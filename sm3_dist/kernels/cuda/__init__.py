@@ -13,7 +13,7 @@ alignment and so emits 16-byte vector loads and stores where every row is
 aligned (a pointer made from an integer carries no alignment it can see).
 
 Each block is viewed as ``rows x cols``, its last dimension against the others,
-as the native CPU kernel views it (:mod:`sm3_dist._native`). A program takes a
+as the native CPU kernel views it (:mod:`sm3_dist.kernels.cpu.library`). A program takes a
 tile of ``rows_per_program x BC`` elements (rows in steps of ``BR``): it loads
 one slice of the column accumulator, and per step one slice of the row minima,
 then reads ``w``, ``g`` and ``m`` once and writes ``w`` and ``m`` once. The
@@ -27,19 +27,19 @@ leading dimensions' maxima are reduced from the row maxima after it, with torch
 ops, as the native kernel does.
 
 Every elementwise step is one correctly rounded IEEE operation in the order of
-:func:`sm3_dist.functional._single_block` (``tl.sqrt_rn``, ``tl.div_rn``, the
+:func:`sm3_dist.kernels.math.single_block` (``tl.sqrt_rn``, ``tl.div_rn``, the
 kernel compiled with ``enable_fp_fusion=False``: no multiply-add contraction;
 bf16 stores rounded to nearest even with integer operations), so the results
 are bitwise those of the eager kernel. Under ``TRITON_INTERPRET=1`` (set before
 ``triton`` is imported) the same kernels run on CPU tensors.
 
 The package, by role: :mod:`.table` (dtype codes, the block table's fields and tile geometry, and the
-packing of one block's row), :mod:`.update_kernel` (the update's device code), :mod:`.plan`
+packing of one block's row), :mod:`.update_kernel` (the update's device code), :mod:`.step`
 (:class:`TritonPlan`, which packs, uploads and launches it), :mod:`.scan_finalize` (the non-finite scan and the
 finalize kernels with their plans), :mod:`.checking` (:func:`check`), :mod:`.benchmark` (:func:`bench`) and
 ``__main__`` (the command line).
 
-``python -m sm3_dist._triton --check`` compares the kernel on a CUDA device with
+``python -m sm3_dist.kernels.cuda --check`` compares the kernel on a CUDA device with
 the eager CPU kernel; ``--bench`` times it against ``torch.optim.Adam(fused=True)``.
 """
 
@@ -49,8 +49,8 @@ import torch
 
 from .benchmark import bench
 from .checking import check
-from .plan import TritonPlan
 from .scan_finalize import FinalizePlan, NonfinitePlan, finalize_, nonfinite_
+from .step import TritonPlan
 from .table import _INTERPRET
 
 __all__ = [

@@ -1,19 +1,19 @@
-"""``python -m sm3_dist._triton --check|--bench``: the kernels against the eager CPU kernel, and timed."""
+"""``python -m sm3_dist.kernels.cuda --check|--bench``: the kernels against the eager CPU kernel, and timed."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import sm3_dist._triton as package
+import sm3_dist.kernels.cuda as package
 
 from .benchmark import bench
 from .checking import check
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m sm3_dist._triton", description=package.__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sm3_dist.kernels.cuda", description=package.__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="compare the kernels with the eager CPU kernel")
     parser.add_argument("--bench", action="store_true", help="time the step against Adam(fused=True)")
     parser.add_argument("--tune", action="store_true", help="with --bench: try a few tile shapes first")
@@ -48,4 +48,4 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    raise SystemExit(main())

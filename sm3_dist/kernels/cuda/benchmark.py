@@ -1,4 +1,4 @@
-"""Timing the step against ``torch.optim.Adam(fused=True)``: :func:`bench` (``python -m sm3_dist._triton --bench``)."""
+"""Timing the step against ``torch.optim.Adam(fused=True)``: :func:`bench` (``python -m sm3_dist.kernels.cuda --bench``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .plan import _ALIGN_HINTS, _LAST, TritonPlan
 from .scan_finalize import FinalizePlan, NonfinitePlan
+from .step import _ALIGN_HINTS, _LAST, TritonPlan
 from .table import _NUM_WARPS, _TUNE, _WIDE
 
 
@@ -57,7 +57,7 @@ def bench(
     bandwidth bound. SM3 moves ``20 * numel`` (reads w, g, m; writes w, m) plus the accumulators and maxima;
     Adam ``28 * numel``.
     """
-    from sm3_dist.rule import UpdateRule
+    from sm3_dist.kernels.rule import UpdateRule
 
     device = torch.device(device)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Checking a device against the eager CPU kernel, bitwise: :func:`check` (``python -m sm3_dist._triton --check``)."""
+"""Checking a device against the eager CPU kernel, bitwise: :func:`check` (``python -m sm3_dist.kernels.cuda --check``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import torch
 from torch import Tensor
 
-from .plan import TritonPlan
 from .scan_finalize import FinalizePlan, nonfinite_
+from .step import TritonPlan
 
 
 def _same_bits(a: Tensor, b: Tensor) -> bool:
@@ -25,7 +25,7 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
 
 
 def _check_cases():
-    from sm3_dist.rule import UpdateRule
+    from sm3_dist.kernels.rule import UpdateRule
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     mixed = [(1000, 256), (256,), (64, 1024), (1024, 64), (300, 3), (3, 5, 7), (2, 3, 4, 300), (7,), ()]
@@ -71,8 +71,8 @@ def _flat_blocks(tensors, accs, outs, cuts):
 
 
 def _run_check_case(spec: dict, device: torch.device, steps: int = 2) -> dict:
-    from sm3_dist import functional
-    from sm3_dist.rule import UpdateRule
+    from sm3_dist.kernels.math import single_block, store_maxima
+    from sm3_dist.kernels.rule import UpdateRule
 
     gen = torch.Generator().manual_seed(0)
     rule = spec.get("rule", UpdateRule())
@@ -140,8 +140,8 @@ def _run_check_case(spec: dict, device: torch.device, steps: int = 2) -> dict:
         for p, g, m, aa in zip(params, gs, bufs, accs):
             if p.ndim == 0:
                 p, g, m = p.view(1), g.view(1), None if m is None else m.view(1)
-            maxima = functional._single_block(p, g, m, aa, rule, lr, nud, gsc)
-            functional.store_maxima(list(aa), list(maxima), keep)
+            maxima = single_block(p, g, m, aa, rule, lr, nud, gsc)
+            store_maxima(list(aa), list(maxima), keep)
     bad = []
     for k in range(len(shapes)):
         if not _same_bits(d_params[k], params[k]):

@@ -248,7 +248,7 @@ class TritonPlan:
     def step(self, grads: Sequence[Tensor], rule, *, lr, nu_divisor=None, found_inf=None, grad_scale=None) -> None:
         """One SM3 step of every block: one kernel launch (plus torch ops for blocks of rank > 2).
 
-        ``rule``: an :class:`~sm3_dist.rule.UpdateRule`. ``lr``, ``nu_divisor``: numbers or 1-element device
+        ``rule``: an :class:`~sm3_dist.kernels.rule.UpdateRule`. ``lr``, ``nu_divisor``: numbers or 1-element device
         tensors (read on the device). ``found_inf``: ``None`` or a 1-element fp32 device tensor; when nonzero
         nothing is written. ``grad_scale``: ``None`` or a 1-element fp32 device tensor the gradients are
         divided by (one correctly rounded division, before ``maximize`` and weight decay).

@@ -1,6 +1,6 @@
 """The block table: dtype codes, the fields of a block's row, tile geometry, and small host helpers.
 
-Each block of a :class:`~sm3_dist._triton.plan.TritonPlan` is one row of ``_NF`` int64 fields in a device
+Each block of a :class:`~sm3_dist.kernels.cuda.step.TritonPlan` is one row of ``_NF`` int64 fields in a device
 table; :func:`_block_row` packs it, and the update kernel (:mod:`.update_kernel`) reads the fields at the
 offsets ``_F_*`` (``tl.load(e + 0)`` is ``_F_W``, and so on).
 """

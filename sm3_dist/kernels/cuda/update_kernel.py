@@ -1,7 +1,7 @@
-"""Device code of the SM3 update: one program per tile of a block, every op as ``functional._single_block``.
+"""Device code of the SM3 update: one program per tile of a block, every op as ``sm3_dist.kernels.math.single_block``.
 
 The kernel reads each block's row of the table at the field offsets of :mod:`.table` (``e + 0`` is ``_F_W``,
-...); :class:`~sm3_dist._triton.plan.TritonPlan` packs and launches it.
+...); :class:`~sm3_dist.kernels.cuda.step.TritonPlan` packs and launches it.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _update(
     NUD: tl.constexpr,
     GS: tl.constexpr,
 ):
-    """One tile of the update, op for op as ``_single_block``; writes ``w`` and ``m``, returns ``nu``."""
+    """One tile of the update, op for op as ``single_block``; writes ``w`` and ``m``, returns ``nu``."""
     g = _load(root, g_addr, base, offs, mask, gkind, GK)
     if GS:
         g = tl.div_rn(g, gs)
