@@ -174,3 +174,57 @@ def test_every_scanned_dtype_is_read_as_itself(dtype):
         tensors[1][3] = bad
         assert first_nonfinite(tensors) == 1
         tensors[1][3] = 0.0
+
+
+# ---------------------------------------------------------------------------------------------- the build it reports
+
+
+def test_build_info_reports_the_target_it_was_built_for():
+    """The loaded library's ISA and vector width come from the C++ (its compiler macros), the rest from the
+    build; the ISA is the one ``SM3_DIST_NATIVE_ISA`` (default ``native``) asked for."""
+    lib = native_library()
+    info = library.build_info()
+    assert info == library.build_info(lib)
+    assert set(info) >= {"isa", "vector_width", "openmp", "max_threads", "compiler", "flags", "path"}
+    assert info["vector_width"] in (1, 4, 8, 16) and info["max_threads"] >= 1
+    assert info["path"] == lib._name and isinstance(info["flags"], list) and info["compiler"]
+    setting = library.requested_isa()
+    if setting == "native":
+        assert info["isa"].startswith("native (") and "-march=native" in info["flags"]
+    else:
+        assert info["isa"] == setting and f"-march={setting}" in info["flags"]
+    assert library.unavailable_reason() is None
+
+
+def test_an_isa_setting_is_part_of_the_cache_key_and_reported(monkeypatch, tmp_path):
+    native_library()
+    levels = library.executable_isas()
+    if not levels:
+        pytest.skip("no x86-64 level to pin on this CPU")
+    monkeypatch.setenv("SM3_DIST_CACHE", str(tmp_path))
+    monkeypatch.setenv("SM3_DIST_NATIVE_ISA", levels[0])
+    monkeypatch.setattr(library, "_state", {})
+    info = library.build_info()
+    assert info["isa"] == levels[0] and f"-march={levels[0]}" in info["flags"]
+    monkeypatch.setenv("SM3_DIST_NATIVE_ISA", "native")
+    monkeypatch.setattr(library, "_state", {})
+    assert library.build_info()["isa"].startswith("native")
+    assert len(list(tmp_path.glob("sm3_native_*.so"))) == 2
+
+
+@pytest.mark.parametrize(
+    "env,reason", [({"SM3_DIST_NATIVE": "0"}, "SM3_DIST_NATIVE=0"), ({"SM3_DIST_NATIVE_ISA": "avx9"}, "avx9")]
+)
+def test_an_unavailable_library_says_why(monkeypatch, env, reason):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(library, "_state", {})
+    with pytest.warns(RuntimeWarning) if "SM3_DIST_NATIVE_ISA" in env else _no_warning():
+        assert library.build_info() is None
+    assert reason in library.unavailable_reason()
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -17,6 +17,24 @@
 #include <immintrin.h>
 #endif
 
+// the ISA level the compiler targets (the x86-64 psABI levels, or aarch64)
+#if defined(__aarch64__) && defined(__ARM_FEATURE_SVE)
+#define SM3_ISA_NAME "aarch64+sve"
+#elif defined(__aarch64__)
+#define SM3_ISA_NAME "aarch64"
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512CD__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__)
+#define SM3_ISA_NAME "x86-64-v4"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__BMI2__)
+#define SM3_ISA_NAME "x86-64-v3"
+#elif defined(__SSE4_2__) && defined(__POPCNT__)
+#define SM3_ISA_NAME "x86-64-v2"
+#elif defined(__x86_64__)
+#define SM3_ISA_NAME "x86-64"
+#else
+#define SM3_ISA_NAME "generic"
+#endif
+
 namespace {
 
 typedef uint16_t bf16_t;
@@ -260,6 +278,16 @@ extern "C" int sm3_native_nfields() { return NFIELDS; }
 extern "C" const char* sm3_native_field_names() { return FIELD_NAMES; }
 extern "C" const char* sm3_native_hyper_names() { return HYPER_NAMES; }
 extern "C" const char* sm3_native_codes() { return CODE_NAMES; }
+// the target it was compiled for (checked by Python at load; reported by build_info())
+extern "C" const char* sm3_native_isa() { return SM3_ISA_NAME; }
+extern "C" int sm3_native_vector_width() { return SM3_VEC::W; }
+extern "C" int sm3_native_openmp() {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 namespace {
 // work() on a team of nt threads (one OpenMP parallel region), or once on this thread
