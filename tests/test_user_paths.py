@@ -300,20 +300,35 @@ IMPORT_ORDERS = {
 
 
 @pytest.mark.parametrize("order", list(IMPORT_ORDERS), ids=list(IMPORT_ORDERS))
-def test_deepspeed_knows_sm3_without_importing_the_integration(order):
+def test_deepspeed_builds_sm3_from_a_config_without_importing_the_integration(order):
+    """A fresh interpreter imports only ``sm3_dist`` and ``deepspeed`` (in ``order``), never
+    ``sm3_dist.integrations.deepspeed``, whose import registers by itself: ``deepspeed.initialize`` must still build
+    SM3 from ``"type": "SM3"``, so only the post-import hook that ``import sm3_dist`` installs can have registered it."""
     code = (
         f"{IMPORT_ORDERS[order]}\n"
-        "import torch\n"
+        "import os, sys, torch, torch.distributed as dist\n"
         "from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS\n"
-        "from sm3_dist.integrations.deepspeed import DeepSpeedSM3\n"
-        "assert torch.optim.SM3 is DeepSpeedSM3\n"
-        "assert sm3_dist.SM3 in ZERO_SUPPORTED_OPTIMIZERS and DeepSpeedSM3 in ZERO_SUPPORTED_OPTIMIZERS\n"
-        "print('registered')\n"
+        "from sm3_dist.comm import end_process, free_port\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), RANK='0', WORLD_SIZE='1',\n"
+        "                  LOCAL_RANK='0', LOCAL_WORLD_SIZE='1', LOCAL_SIZE='1')\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "model = torch.nn.Linear(3, 2)\n"
+        "config = {'train_micro_batch_size_per_gpu': 1, 'steps_per_print': 10**9, 'zero_optimization': {'stage': 0},\n"
+        "          'optimizer': {'type': 'SM3', 'params': {'lr': 0.1, 'momentum': 0.9}}}\n"
+        "engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)\n"
+        "built = type(engine.basic_optimizer)\n"
+        "print('built', built.__module__, built.__name__)\n"
+        "assert isinstance(engine.basic_optimizer, sm3_dist.SM3), built\n"
+        "assert torch.optim.SM3 is built\n"
+        "assert sm3_dist.SM3 in ZERO_SUPPORTED_OPTIMIZERS and built in ZERO_SUPPORTED_OPTIMIZERS\n"
+        "engine.destroy()\n"
+        "dist.destroy_process_group()\n"
+        "end_process(0)\n"  # gloo's workers may still hold DeepSpeed's tensors: no interpreter finalization
     )
     env = {**os.environ, **ENV}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "registered" in done.stdout
+    assert "built sm3_dist.integrations.deepspeed.optimizer DeepSpeedSM3" in done.stdout
 
 
 # ---------------------------------------------------------------------- HF Trainer, tiny GPT-2, DeepSpeed ZeRO-2
