@@ -4,7 +4,7 @@ On an accelerator a step never reads a device value on the host for
 ``nonfinite="skip"``/``"ignore"``: the check sets a ``found_inf`` tensor the
 kernels read, the step counts add ``1 - found_inf``, the accumulators are
 finalized under it, and ``skipped_steps`` reads a device counter only when
-asked. Here that path runs on CPU (``functional.HOST_READ_DEVICES`` emptied) and
+asked. Here that path runs on CPU (``kernels.dispatch.HOST_READ_DEVICES`` emptied) and
 is held bitwise to the host path, on every kernel. GradScaler hands its scale
 and flag to the optimizer (``_step_supports_amp_scaling``): the kernels unscale,
 so a scaled run equals an unscaled one bitwise (power-of-two scales).

@@ -1,7 +1,7 @@
 """``SM3`` stepping through the Triton kernel as its fused-registry entry, run under Triton's interpreter.
 
 ``python -m tests.triton_optimizer_cases OUT`` (with ``TRITON_INTERPRET=1`` set before triton is imported)
-registers the Triton kernel for CPU tensors, empties ``functional.HOST_READ_DEVICES`` (so the step keeps its
+registers the Triton kernel for CPU tensors, empties ``kernels.dispatch.HOST_READ_DEVICES`` (so the step keeps its
 non-finite flag on the "device", as on a GPU) and trains every case of :data:`CASES` with ``fused=True``;
 tests/test_triton_optimizer.py trains the same cases with the eager kernel and compares bitwise.
 """
@@ -83,11 +83,10 @@ def train(case: dict, **kernel) -> dict:
 
 
 def main(path: str) -> None:
-    from sm3_dist import functional
-    from sm3_dist.kernels import registry
+    from sm3_dist.kernels import dispatch, registry
 
-    functional.register_fused_kernel("cpu", lambda: replace(registry._triton_loader(), device_type="cpu"))
-    functional.HOST_READ_DEVICES.clear()
+    registry.register_fused_kernel("cpu", lambda: replace(registry._triton_loader(), device_type="cpu"))
+    dispatch.HOST_READ_DEVICES.clear()
     results, errors = {}, {}
     for name, case in CASES.items():
         try:
