@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "bench": ("sm3_dist.tools.bench", "time one optimizer step: SM3 kernels vs Adam, Adagrad and a peer SM3"),
     "memory": ("sm3_dist.tools.memory", "per-rank memory model and the largest model/batch a budget allows"),
     "quality": ("sm3_dist.launch.quality", "learning-rate sweeps: SM3 vs AdamW and Adafactor on held-out loss"),
+    "doctor": ("sm3_dist.tools.doctor", "check this installation: environment, kernel correctness, speed; --full"),
 }
 
 
