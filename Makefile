@@ -1,4 +1,5 @@
-# Two commands on a fresh machine:  `make train` (set up, then the default 2-process CPU training run)
+# Two commands on a fresh machine:  `make train` (set up, then the default 2-process CPU training job: SM3 and AdamW
+# at their defaults, one plot of held-out loss)
 # and `make test` (set up, then the full test suite). Both create .venv from this repository's own files.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,7 +23,7 @@ test: $(VENV)/.installed
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 train: $(VENV)/.installed
-	$(VENV)/bin/sm3-dist train
+	$(VENV)/bin/sm3-dist train --compare sm3,adamw
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/sm3-dist bench

@@ -26,7 +26,7 @@ from typing import Any
 
 from sm3_dist.launch import checkpoint
 from sm3_dist.launch.data import STDLIB, VOCAB_SIZE
-from sm3_dist.launch.defaults import default_lr
+from sm3_dist.launch.defaults import SCHEDULE, SM3_RECOMMENDED, default_lr
 from sm3_dist.launch.model import SIZES
 
 __all__ = [
@@ -83,13 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="peak learning rate (default: per optimizer, model size and SM3's beta, launch/defaults.py)",
     )
-    p.add_argument("--momentum", type=float, default=0.9, help="SM3 momentum (0 keeps no momentum buffer)")
+    p.add_argument("--momentum", type=float, default=SM3_RECOMMENDED["momentum"],
+                   help="SM3 momentum (0 keeps no momentum buffer)")  # fmt: skip
     p.add_argument("--momentum-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="SM3 momentum storage: bfloat16 halves it (computed in fp32)")  # fmt: skip
-    p.add_argument("--beta", type=float, default=0.0, help="SM3 beta: 0 running sum, (0, 1) moving average")
+    p.add_argument("--beta", type=float, default=SM3_RECOMMENDED["beta"],
+                   help="SM3 beta: (0, 1) moving average of squared gradients (the measured best form); 0: the "
+                   "paper's running sum (SM3-II), which takes a larger default rate")  # fmt: skip
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction,
+                   default=SM3_RECOMMENDED["bias_correction"],
+                   help="SM3 with beta > 0: divide the average by 1 - beta^t in the update, as Adam does "
+                   "(no effect with --beta 0)")  # fmt: skip
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-fraction", type=float, default=0.05, help="quadratic warm-up over this part of the run")
-    p.add_argument("--cooldown-fraction", type=float, default=0.0, help="linear decay to 0 over this final part")
+    p.add_argument("--warmup-fraction", type=float, default=SCHEDULE["warmup_fraction"],
+                   help="quadratic warm-up over this part of the run (every optimizer)")  # fmt: skip
+    p.add_argument("--cooldown-fraction", type=float, default=SCHEDULE["cooldown_fraction"],
+                   help="linear decay to 0 over this final part (every optimizer; 0: none)")  # fmt: skip
     p.add_argument("--polyak", type=float, nargs="?", const=0.999, default=None, metavar="DECAY",
                    help="also evaluate an EMA of the weights (decay 0.999 if no value is given)")  # fmt: skip
     p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at the end); 0: end only")
@@ -416,10 +425,11 @@ def optimizer_config(args: argparse.Namespace, deepspeed_config: dict | None) ->
         "cooldown_fraction": args.cooldown_fraction,
     }
     if args.optimizer == "sm3":
-        config.update(momentum=args.momentum, beta=args.beta, momentum_dtype=args.momentum_dtype)
+        config.update(momentum=args.momentum, beta=args.beta, momentum_dtype=args.momentum_dtype,
+                      bias_correction=bool(args.bias_correction and args.beta > 0))  # fmt: skip
     section = (deepspeed_config or {}).get("optimizer") or {}
     if isinstance(section, dict) and str(section.get("type", "")).lower() == DS_OPTIMIZER_TYPES[args.optimizer].lower():
-        fixed = {"lr", "weight_decay", "momentum", "beta", "momentum_dtype"}
+        fixed = {"lr", "weight_decay", "momentum", "beta", "momentum_dtype", "bias_correction"}
         extra = {k: v for k, v in (section.get("params") or {}).items() if k not in fixed and v != "auto"}
         if extra:
             config["deepspeed_params"] = extra

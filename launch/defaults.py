@@ -36,32 +36,60 @@ these defaults err low. ``sm3-dist quality --model-size small`` (or
 
 from __future__ import annotations
 
-__all__ = ["REFERENCE_WIDTH", "TINY_LR", "WIDTH_EXPONENT", "default_lr"]
+__all__ = [
+    "REFERENCE_WIDTH",
+    "SCHEDULE",
+    "SM3_PAPER",
+    "SM3_RECOMMENDED",
+    "TINY_LR",
+    "WIDTH_EXPONENT",
+    "deepspeed_sm3_params",
+    "default_lr",
+]
+
+SM3_RECOMMENDED = {"momentum": 0.9, "beta": 0.99, "bias_correction": True, "eps": 1e-30}
+"""SM3's measured best form, the default of ``sm3-dist train`` and of the shipped DeepSpeed configs: the moving
+average of squared gradients (``beta=0.99``) with Adam-style bias correction and momentum 0.9. The
+:class:`sm3_dist.SM3` class keeps the paper's rule as its own defaults (:data:`SM3_PAPER`, ``momentum=0``): pass
+these explicitly, ``SM3(params, lr=..., **SM3_RECOMMENDED)``."""
+
+SM3_PAPER = {"beta": 0.0, "bias_correction": False}
+"""The paper's SM3-II (the running sum of squared gradients, no correction): ``sm3-dist train --beta 0``. It takes
+a rate an order of magnitude larger (:data:`TINY_LR` ``"sm3"``)."""
+
+SCHEDULE = {"warmup_fraction": 0.05, "power": 2.0, "cooldown_fraction": 0.1}
+"""The learning-rate schedule of every optimizer in ``sm3-dist train`` (and the shipped ``SM3WarmupCooldown``
+scheduler entry): a quadratic warm-up over the first 5% of the steps and a linear cool-down to zero over the last
+10% (:func:`sm3_dist.schedules.warmup_cooldown`, whose own default has no cool-down)."""
 
 REFERENCE_WIDTH = 128
 """The width (``n_embd``) of the ``tiny`` model, where :data:`TINY_LR` was measured."""
 
 TINY_LR = {
     "sm3": 0.046,
-    "sm3-ema": 3e-3,
+    "sm3-ema": 2e-3,
     "adamw": 1.4e-3,
     "adafactor": 0.065,
     "adagrad": 0.05,
 }
-"""Best peak rate at the tiny model (stdlib corpus, 1,500 steps). ``sm3``: ``beta=0``; ``sm3-ema``: ``beta > 0``
-(measured with bias correction). Adagrad was not swept: its value is the previous default."""
+"""Default peak rate at the tiny model. ``sm3``: ``beta=0``; ``sm3-ema``: ``beta > 0`` with bias correction, set
+below the best measured rate for a margin to instability (the module docstring). Adagrad was not swept: its value
+is the previous default."""
 
 WIDTH_EXPONENT = {"sm3": 1.0, "sm3-ema": 1.0, "adamw": 1.0, "adagrad": 1.0, "adafactor": 0.0}
 """``lr ~ width ** -exponent``: 1 for Adam-like steps, 0 for Adafactor's parameter-relative steps."""
 
 
-def default_lr(optimizer: str, model_size: str | int = "tiny", *, beta: float = 0.0) -> float:
+def default_lr(optimizer: str, model_size: str | int = "tiny", *, beta: float | None = None) -> float:
     """The default peak learning rate of ``optimizer`` for a ``launch.model`` size (or a width given as an int).
 
-    ``beta`` is SM3's: ``beta > 0`` (the moving-average form) takes an Adam-like rate.
+    ``beta`` is SM3's (default :data:`SM3_RECOMMENDED`'s): ``beta > 0`` (the moving-average form) takes an
+    Adam-like rate, ``beta=0`` (the paper's running sum) a larger one.
     """
     from sm3_dist.launch.model import SIZES
 
+    if beta is None:
+        beta = SM3_RECOMMENDED["beta"]
     if isinstance(model_size, int):
         width = model_size
     elif model_size in SIZES:
@@ -75,3 +103,9 @@ def default_lr(optimizer: str, model_size: str | int = "tiny", *, beta: float = 
         raise ValueError(f"unknown optimizer {optimizer!r}: choose one of sm3, adamw, adafactor, adagrad")
     rate = TINY_LR[key] * (REFERENCE_WIDTH / width) ** WIDTH_EXPONENT[key]
     return float(f"{rate:.2g}")
+
+
+def deepspeed_sm3_params(model_size: str | int = "tiny") -> dict:
+    """The ``"optimizer": {"type": "SM3", "params": ...}`` of the shipped DeepSpeed configs: the recommended form
+    at its default rate for ``model_size`` (the configs are written for the tiny model)."""
+    return {"lr": default_lr("sm3", model_size), **SM3_RECOMMENDED}

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from sm3_dist.launch import loop
 from sm3_dist.launch.config import Plan, optimizer_names, validate
 from sm3_dist.launch.metrics import fmt_bytes, last_summary
-from sm3_dist.launch.plot import plot_runs
+from sm3_dist.launch.plot import plot_compare
 
 from sm3_dist.comm import free_port
 
@@ -83,16 +83,31 @@ def compare(args: argparse.Namespace, plan: Plan) -> int:
         rc = spawn(sub)
         if rc:
             return rc
-        runs.append((f"{name} (lr {lr:g})", Path(sub.args.out) / "metrics.jsonl"))
+        runs.append((f"{name} (lr {lr:g})", Path(sub.args.out) / "metrics.jsonl", describe(sub.args)))
     a = plan.args
     title = (f"GPT-2 {a.model_size}, {a.setup}, {plan.world_size} processes, batch {a.batch_size} x {a.seq_len} "
              f"bytes, {a.steps} steps")  # fmt: skip
-    png = plot_runs(runs, Path(a.out) / "compare.png", title=title)
-    for label, path in runs:
+    labelled = []
+    for label, path, settings in runs:
         summary = last_summary(path)
+        state = fmt_bytes(max(summary["optimizer_state_bytes"]))
         print(
             f"{label:24s} final train loss {summary['final_loss']:.4f}  held-out {summary['eval_loss']:.4f}  "
-            f"optimizer state/rank {fmt_bytes(max(summary['optimizer_state_bytes']))}"
+            f"optimizer state/rank {state}  ({settings})"
         )
+        labelled.append((f"{label}: {summary['eval_loss']:.3f}, {state}/rank", path))
+    png = plot_compare(labelled, Path(a.out) / "compare.png", title=title)
     print(f"wrote {png}")
     return 0
+
+
+def describe(args: argparse.Namespace) -> str:
+    """An optimizer's settings as a run used them (SM3's form, the schedule)."""
+    parts = []
+    if args.optimizer == "sm3":
+        form = "running sum (paper)" if args.beta == 0 else f"beta {args.beta:g}"
+        if args.beta > 0 and args.bias_correction:
+            form += " + bias correction"
+        parts += [form, f"momentum {args.momentum:g}"]
+    parts.append(f"warm-up {args.warmup_fraction:g}, cool-down {args.cooldown_fraction:g}")
+    return ", ".join(parts)

@@ -23,6 +23,7 @@ from sm3_dist.launch import checkpoint, faults, metrics
 from sm3_dist.launch.backends import backend_for
 from sm3_dist.launch.config import Plan, expected_checkpoint
 from sm3_dist.launch.data import eval_windows, load_corpus, train_batch
+from sm3_dist.launch.defaults import SCHEDULE
 from sm3_dist.launch.model import build_model
 from sm3_dist.launch.plot import plot_runs
 from sm3_dist.launch.watchdog import Watchdog, collectives
@@ -79,6 +80,7 @@ class Trainer:
             self.parts.state_optimizer,
             args.steps,
             warmup_fraction=args.warmup_fraction,
+            power=SCHEDULE["power"],
             cooldown_fraction=args.cooldown_fraction,
         )
         self.start_step = 0

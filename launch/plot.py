@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["plot_runs", "read_metrics"]
+__all__ = ["plot_compare", "plot_runs", "read_metrics"]
 
 
 def read_metrics(path: str | Path) -> tuple[dict[int, dict], dict[int, dict]]:
@@ -75,6 +75,48 @@ def plot_runs(runs: Sequence[tuple[str, str | Path]], out: str | Path, *, title:
     ax.legend()
     if title:
         ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_compare(runs: Sequence[tuple[str, str | Path]], out: str | Path, *, title: str | None = None) -> Path:
+    """``--compare``'s PNG: held-out loss against steps, one line per ``(label, metrics.jsonl)``.
+
+    The labels say what each optimizer costs (``launch.launcher.compare`` puts its optimizer state per rank there);
+    each run's smoothed training loss is drawn thin and faint behind its held-out line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    finals = []
+    for i, (label, path) in enumerate(runs):
+        color = colors[i % len(colors)]
+        train, evals = read_metrics(path)
+        steps = sorted(train)
+        if steps:
+            window = max(1, len(steps) // 50)
+            ax.plot(steps, _smooth([train[s]["loss"] for s in steps], window), color=color, alpha=0.3, lw=0.8)
+        esteps = sorted(s for s in evals if evals[s].get("eval_loss") is not None)
+        if esteps:
+            values = [evals[s]["eval_loss"] for s in esteps]
+            finals.append(values[-1])
+            ax.plot(esteps, values, color=color, marker="o", ms=3, lw=1.8, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out loss (nats / byte)")
+    if finals:
+        ax.set_ylim(min(finals) - 0.15, min(finals) + 2.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="optimizer: final held-out loss, optimizer state per rank", title_fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

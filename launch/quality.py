@@ -42,6 +42,9 @@ DEFAULT_GRIDS = {
 DEFAULT_POINTS = 4
 READINGS = ("last", "polyak")
 RESULTS_FILE, TABLE_FILE, SUMMARY_FILE, PLOT_FILE = "results.json", "quality.md", "quality.json", "quality.png"
+MARGIN_FILE = "margin.md"
+DEFAULT_BETA = 0.999
+"""SM3's ``beta`` with the ``ema`` variant unless ``--beta`` is given (``--margin``: the job's, 0.99)."""
 
 
 def grid(low: float, high: float, points: int) -> tuple[float, ...]:
@@ -284,6 +287,88 @@ def plot(summary: dict, runs: dict[str, dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------- stability margin
+
+
+def default_variant(optimizer: str) -> str:
+    """The variant that is ``sm3-dist train``'s default form of ``optimizer`` (launch/defaults.py)."""
+    from sm3_dist.launch.defaults import SM3_RECOMMENDED
+
+    if optimizer != "sm3":
+        return "cooldown"
+    if SM3_RECOMMENDED["beta"] == 0.0:
+        return "cooldown"
+    return "cooldown+ema+bc" if SM3_RECOMMENDED["bias_correction"] else "cooldown+ema"
+
+
+def margin_runs(
+    optimizers: list[str], multiples: list[float], seeds: list[int], model_size: str
+) -> tuple[list[RunSpec], dict[tuple[str, float], float]]:
+    """Each optimizer at ``multiple x`` its job default rate, in its job default form, on every seed.
+
+    Returns the runs and ``(optimizer, multiple) -> rate``.
+    """
+    from sm3_dist.launch.defaults import default_lr
+
+    specs, rates = [], {}
+    for optimizer in optimizers:
+        base = default_lr(optimizer, model_size)
+        for m in multiples:
+            rate = rates[(optimizer, m)] = float(f"{base * m:.3g}")
+            specs.extend(RunSpec(optimizer, default_variant(optimizer), rate, seed) for seed in seeds)
+    return specs, rates
+
+
+def margin_markdown(
+    runs: dict[str, dict], rates: dict[tuple[str, float], float], seeds: list[int], setup: Setup, command: str
+) -> str:
+    """The held-out loss of each optimizer at each multiple of its default rate, per seed, and 2x against 1x."""
+    optimizers = list(dict.fromkeys(o for o, _ in rates))
+    multiples = sorted({m for _, m in rates})
+    by_key = {(r["optimizer"], r["variant"], r["lr"], r["seed"]): r for r in runs.values()}
+
+    def value(optimizer: str, m: float, seed: int) -> float | None:
+        record = by_key.get((optimizer, default_variant(optimizer), rates[(optimizer, m)], seed))
+        return None if record is None else _value(record, "last")
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else _fmt(v)
+
+    head = " | ".join(f"{m:g}x" for m in multiples)
+    lines = [
+        f"Held-out loss in nats per byte after {setup.steps} steps at multiples of each optimizer's default rate "
+        f"(`sm3-dist train`'s form and schedule; {setup.model_size} model, batch {setup.batch_size} x "
+        f"{setup.seq_len} bytes, corpus {setup.data}, warm-up {setup.warmup_fraction:g} quadratic, cool-down "
+        f"{setup.cooldown_fraction:g}; SM3 beta {setup.beta:g}).",
+        "",
+        f"`{command}`",
+        "",
+        f"| optimizer | form | default lr | seed | {head} | 2x vs 1x |",
+        "|---|---|---:|---|" + "---:|" * len(multiples) + "---:|",
+    ]
+    for optimizer in optimizers:
+        base = rates.get((optimizer, 1.0))
+        rows = [(str(seed), [value(optimizer, m, seed) for m in multiples]) for seed in seeds]
+        if len(seeds) > 1:
+            mean = []
+            for i in range(len(multiples)):
+                column = [r[1][i] for r in rows]
+                mean.append(None if None in column else sum(column) / len(column))
+            rows.append(("mean", mean))
+        for label, values in rows:
+            by_m = dict(zip(multiples, values))
+            ratio = "-"
+            if by_m.get(1.0) is not None and by_m.get(2.0) is not None:
+                one, two = by_m[1.0], by_m[2.0]
+                ratio = f"{(two / one - 1) * 100:+.1f}%" if math.isfinite(two) else "diverged"
+            lines.append(
+                f"| {optimizer} | {default_variant(optimizer)} | {'-' if base is None else f'{base:g}'} | {label} | "
+                + " | ".join(cell(v) for v in values)
+                + f" | {ratio} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------- running
 
 
@@ -407,7 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-fraction", type=float, default=0.05)
     p.add_argument("--cooldown-fraction", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9, help="SM3's momentum")
-    p.add_argument("--beta", type=float, default=0.999, help="SM3's moving-average decay with the ema variant")
+    p.add_argument("--beta", type=float, default=None,
+                   help=f"SM3's moving-average decay with the ema variant (default {DEFAULT_BETA:g}; with --margin the "
+                   "job's default, launch/defaults.py)")  # fmt: skip
+    p.add_argument("--margin", default=None, metavar="X,X",
+                   help="instead of a sweep: every optimizer in sm3-dist train's default form at these multiples of "
+                   "its default rate (e.g. 0.5,1,2,4), on every --seeds seed; writes OUT/margin.md")  # fmt: skip
     p.add_argument("--polyak-decay", type=float, default=0.0, help="0: 1 - 10/steps")
     p.add_argument("--out", default=None, help="output directory (default runs/quality-<data>-<model-size>)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables and plot from results.json")
@@ -421,10 +511,25 @@ def _ints(text: str, flag: str) -> list[int]:
         raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
+def _multiples(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--margin must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise ValueError(f"--margin must be positive numbers, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        multiples = _multiples(args.margin) if args.margin is not None else None
+        if args.beta is None:
+            from sm3_dist.launch.defaults import SM3_RECOMMENDED
+
+            args.beta = SM3_RECOMMENDED["beta"] if multiples and SM3_RECOMMENDED["beta"] > 0 else DEFAULT_BETA
         setup = Setup(
             data=args.data,
             model_size=args.model_size,
@@ -471,8 +576,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"sm3-dist quality: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out or f"runs/quality-{Path(args.data).name}-{args.model_size}")
+    out = Path(args.out or f"runs/{'margin' if multiples else 'quality'}-{Path(args.data).name}-{args.model_size}")
     command = "sm3-dist quality " + " ".join(a for a in argv if a != "--report-only")
+    if multiples:
+        specs, rates = margin_runs(optimizers, multiples, seeds, args.model_size)
+        if args.report_only:
+            runs = load_results(out / RESULTS_FILE, setup)
+        else:
+            runs = execute(specs, setup, out, workers=args.workers, threads=args.threads)
+        text = margin_markdown(runs, rates, seeds, setup, command)
+        (out / MARGIN_FILE).write_text(text)
+        print(text)
+        print(f"wrote {out / RESULTS_FILE}, {out / MARGIN_FILE}")
+        return 0
     if not args.report_only:
         specs = plan_runs(optimizers, variants, lrs, seeds)
         runs = execute(specs, setup, out, workers=args.workers, threads=args.threads)

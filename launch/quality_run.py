@@ -30,10 +30,13 @@ VARIANT_TOKENS = {
     "keepmax": "SM3 with ema: the accumulators never decrease (ema_keeps_max, the PyTorch ports' rule)",
     "bf16": "SM3: momentum stored in bfloat16",
     "nomom": "SM3: no momentum",
+    "clip": "clip the gradients' global L2 norm to 1.0 before each step (every optimizer)",
 }
 """The tokens a variant is made of (joined with ``+``), and what each changes."""
 _ORDER = tuple(VARIANT_TOKENS)
 _SM3_ONLY = frozenset({"ema", "bc", "keepmax", "bf16", "nomom"})
+CLIP_NORM = 1.0
+"""The global gradient norm the ``clip`` variant clips to."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +237,10 @@ def run(spec: RunSpec, setup: Setup) -> dict:
     windows = spread_windows(corpus.held_out, seq_len=setup.seq_len, count=setup.eval_windows).to(device)
     evals: list[list[float]] = []
     train_losses: list[float] = []
+    grad_norms: list[float] = []
+    update_rms: list[float] = []
+    params = [p for p in model.parameters() if p.requires_grad]
+    numel = sum(p.numel() for p in params)
     diverged = False
     step = 0
     for step in range(1, setup.steps + 1):
@@ -243,7 +250,18 @@ def run(spec: RunSpec, setup: Setup) -> dict:
         logits = model(input_ids=batch[:, :-1]).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         loss.backward()
+        if variant.has("clip"):
+            norm = torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norms.append(float(norm))
+        rate = optimizer.param_groups[0]["lr"]
+        before = [p.detach().clone() for p in params]
         optimizer.step()
+        with torch.no_grad():
+            moved = sum(float((p - b).float().square().sum()) for p, b in zip(params, before))
+        update_rms.append(math.sqrt(moved / numel) / rate if rate > 0 else 0.0)
+        del before
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         averaged.update_parameters(model)
@@ -269,6 +287,8 @@ def run(spec: RunSpec, setup: Setup) -> dict:
         "final_polyak": None if diverged else evals[-1][2],
         "train_tail": sum(tail) / len(tail),
         "evals": evals,
+        "grad_norm": [round(v, 5) for v in grad_norms],
+        "update_rms": [round(v, 5) for v in update_rms],
         "corpus": corpus.name,
         "seconds": round(time.perf_counter() - start, 2),
         "torch": torch.__version__,

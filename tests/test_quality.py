@@ -271,9 +271,48 @@ def test_command_end_to_end(tmp_path, capsys):
     assert quality.main([*argv, "--report-only"]) == 0
 
 
+def _record(optimizer, variant, lr, seed, final):
+    return {"optimizer": optimizer, "variant": variant, "lr": lr, "seed": seed, "final": final, "final_polyak": final,
+            "diverged": final is None, "evals": []}  # fmt: skip
+
+
+def test_margin_runs_each_default_form_at_multiples_of_its_rate():
+    from sm3_dist.launch.defaults import default_lr
+
+    specs, rates = quality.margin_runs(["sm3", "adamw"], [0.5, 1.0, 2.0], [0, 1], "tiny")
+    assert len(specs) == 2 * 3 * 2
+    assert {s.variant for s in specs if s.optimizer == "sm3"} == {"cooldown+ema+bc"}
+    assert {s.variant for s in specs if s.optimizer == "adamw"} == {"cooldown"}
+    assert rates[("sm3", 1.0)] == default_lr("sm3", "tiny")
+    assert rates[("adamw", 2.0)] == pytest.approx(2 * default_lr("adamw", "tiny"))
+    runs = {
+        s.key: _record(s.optimizer, s.variant, s.lr, s.seed, None if (s.optimizer, s.lr) == ("sm3", rates[("sm3", 2.0)]) and s.seed else 2.0 + s.lr)
+        for s in specs
+    }  # fmt: skip
+    text = quality.margin_markdown(runs, rates, [0, 1], Setup(data="stdlib"), "cmd")
+    rows = {
+        tuple(c.strip() for c in line.split("|")[1:5]): line for line in text.splitlines() if line.startswith("| sm3")
+    }
+    assert "diverged" in rows[("sm3", "cooldown+ema+bc", f"{rates[('sm3', 1.0)]:g}", "1")]
+    one, two = 2.0 + rates[("sm3", 1.0)], 2.0 + rates[("sm3", 2.0)]
+    assert f"{(two / one - 1) * 100:+.1f}%" in rows[("sm3", "cooldown+ema+bc", f"{rates[('sm3', 1.0)]:g}", "0")]
+
+
+def test_margin_command_end_to_end(tmp_path):
+    out = tmp_path / "m"
+    argv = ["--steps", "4", "--batch-size", "4", "--seq-len", "16", "--eval-every", "2", "--eval-windows", "4",
+            "--optimizers", "sm3,adamw", "--margin", "1,2", "--seeds", "0", "--workers", "1", "--out", str(out)]  # fmt: skip
+    assert quality.main(argv) == 0
+    runs = json.loads((out / quality.RESULTS_FILE).read_text())
+    assert len(runs["runs"]) == 4 and runs["setup"]["beta"] == 0.99
+    table = (out / quality.MARGIN_FILE).read_text()
+    assert "| sm3 | cooldown+ema+bc |" in table and "| adamw | cooldown |" in table and "2x vs 1x" in table
+    assert quality.main([*argv, "--report-only"]) == 0
+
+
 @pytest.mark.parametrize(
     "bad",
-    [["--optimizers", "sgd"], ["--variants", "cooldown+nope"], ["--variants", "sgd:cooldown"], ["--lrs", "sm3=0"], ["--seeds", "a"], ["--workers", "0"],
+    [["--margin", "1,x"], ["--margin", "0"], ["--optimizers", "sgd"], ["--variants", "cooldown+nope"], ["--variants", "sgd:cooldown"], ["--lrs", "sm3=0"], ["--seeds", "a"], ["--workers", "0"],
      ["--data", "/no/such/file"], ["--model-size", "huge"], ["--steps", "0"]],
 )  # fmt: skip
 def test_command_refuses_bad_input(bad, tmp_path, capsys):
@@ -288,13 +327,14 @@ def test_default_lr_scales_with_width():
     from sm3_dist.launch import defaults
 
     for optimizer in ("sm3", "adamw", "adagrad"):
-        tiny = defaults.default_lr(optimizer, "tiny")
+        tiny = defaults.default_lr(optimizer, "tiny", beta=0.0)
         assert tiny == defaults.TINY_LR[optimizer]
-        assert defaults.default_lr(optimizer, "gpt2") == pytest.approx(tiny / 6, rel=0.03)
-        assert defaults.default_lr(optimizer, "xl") < defaults.default_lr(optimizer, "small") < tiny
+        assert defaults.default_lr(optimizer, "gpt2", beta=0.0) == pytest.approx(tiny / 6, rel=0.03)
+        assert defaults.default_lr(optimizer, "xl", beta=0.0) < defaults.default_lr(optimizer, "small", beta=0.0) < tiny
     assert defaults.default_lr("adafactor", "xl") == defaults.default_lr("adafactor", "tiny")
     assert defaults.default_lr("sm3", "tiny", beta=0.999) == defaults.TINY_LR["sm3-ema"]
-    assert defaults.default_lr("sm3", 256) == pytest.approx(defaults.TINY_LR["sm3"] / 2, rel=0.03)
+    assert defaults.default_lr("sm3", "tiny") == defaults.TINY_LR["sm3-ema"]  # the job's default form: beta > 0
+    assert defaults.default_lr("sm3", 256, beta=0.0) == pytest.approx(defaults.TINY_LR["sm3"] / 2, rel=0.03)
     for bad in (("sgd", "tiny"), ("adamw", "huge"), ("adamw", 0)):
         with pytest.raises(ValueError):
             defaults.default_lr(*bad)
