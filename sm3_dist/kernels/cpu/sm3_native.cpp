@@ -13,8 +13,11 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
 // the ISA level the compiler targets (the x86-64 psABI levels, or aarch64)
@@ -76,6 +79,102 @@ struct VS {
   static float hmax(F a) { return a; }
 };
 
+// The generic vector of N floats (GCC/Clang vector extensions): one body for SSE/NEON (4), AVX2 (8) and
+// AVX-512 (16). Every lane computes exactly what VS computes on one element: the same IEEE operations in the
+// same order (no FMA: -ffp-contract=off), and the NaN-exact minimum and maximum written as compares and
+// selects (blends), not branches. Only the square root needs the ISA's instruction (the extensions have none).
+// (GCC ignores vector_size when it depends on a template parameter: the types are spelled per width.)
+template <int N>
+struct VT;
+#define SM3_VECTOR_TYPES(N)                                                   \
+  template <>                                                                 \
+  struct VT<N> {                                                              \
+    typedef float F __attribute__((vector_size(4 * N)));                      \
+    typedef uint32_t U __attribute__((vector_size(4 * N)));                   \
+    typedef uint16_t H __attribute__((vector_size(2 * N)));                   \
+  };
+SM3_VECTOR_TYPES(4)
+SM3_VECTOR_TYPES(8)
+SM3_VECTOR_TYPES(16)
+#undef SM3_VECTOR_TYPES
+
+template <int N>
+struct VG {
+  typedef typename VT<N>::F F;
+  typedef typename VT<N>::U U;
+  typedef typename VT<N>::H H;
+  static constexpr int W = N;
+  static F set1(float x) { return F{} + x; }
+  static F ld(const float* p) {
+    F v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static F ld(const bf16_t* p) {
+    H h;
+    std::memcpy(&h, p, sizeof h);
+    return (F)(__builtin_convertvector(h, U) << 16);
+  }
+  static void st(float* p, F x) { std::memcpy(p, &x, sizeof x); }
+  // round to nearest even, NaN -> 0x7FC0: f32_to_bf16 on every lane
+  static void st(bf16_t* p, F x) {
+    U u = (U)x;
+    U r = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+    r = (x != x) ? (U{} + 0x7FC0u) : r;
+    H h = __builtin_convertvector(r, H);
+    std::memcpy(p, &h, sizeof h);
+  }
+  static F add(F a, F b) { return a + b; }
+  static F sub(F a, F b) { return a - b; }
+  static F mul(F a, F b) { return a * b; }
+  static F div(F a, F b) { return a / b; }
+  static F sqrt(F a) {
+#if defined(__AVX512F__)
+    if constexpr (N == 16) return (F)_mm512_sqrt_ps((__m512)a);
+#endif
+#if defined(__AVX__)
+    if constexpr (N == 8) return (F)_mm256_sqrt_ps((__m256)a);
+#endif
+#if defined(__SSE2__)
+    if constexpr (N == 4) return (F)_mm_sqrt_ps((__m128)a);
+#endif
+#if defined(__aarch64__)
+    if constexpr (N == 4) return (F)vsqrtq_f32((float32x4_t)a);
+#endif
+    F r;
+    for (int k = 0; k < N; ++k) r[k] = __builtin_sqrtf(a[k]);
+    return r;
+  }
+  // VS::min_nan / max_nan lane by lane: a NaN first operand, else a NaN second one, else the smaller/larger
+  static F min_nan(F a, F b) {
+    F r = (b < a) ? b : a;
+    r = (b != b) ? b : r;
+    return (a != a) ? a : r;
+  }
+  static F max_nan(F a, F b) {
+    F r = (a < b) ? b : a;
+    r = (b != b) ? b : r;
+    return (a != a) ? a : r;
+  }
+  // rows whose minimum is not NaN (run_tile takes the others one element at a time)
+  static F min_row(F rmin, F b) {
+    F r = (b < rmin) ? b : rmin;
+    return (b != b) ? b : r;
+  }
+  // nu is +0..+inf or NaN: as unsigned integers the bit patterns order the same, and every NaN (either sign)
+  // lies above +inf, so an unsigned max is a NaN-propagating max (maxima start at +0, not -inf); as V16's.
+  static F max_nu(F a, F b) {
+    U ua = (U)a, ub = (U)b;
+    return (F)((ua < ub) ? ub : ua);
+  }
+  static F gt0(F nu, F x) { return (nu > 0.0f) ? x : F{}; }
+  static float hmax(F a) {
+    float r = a[0];
+    for (int k = 1; k < N; ++k) r = VS::max_nan(r, a[k]);
+    return r;
+  }
+};
+
 #if defined(__AVX512F__)
 struct V16 {
   typedef __m512 F;
@@ -118,7 +217,18 @@ struct V16 {
     return r;
   }
 };
+#endif
+
+// The widest vector of the target. AVX-512 keeps its intrinsics (V16) unless SM3_GENERIC_AVX512 is defined;
+// the generic body compiles at every width (tests build it for -march=x86-64-v4 too).
+#if defined(__AVX512F__) && !defined(SM3_GENERIC_AVX512)
 #define SM3_VEC V16
+#elif defined(__AVX512F__)
+#define SM3_VEC VG<16>
+#elif defined(__AVX__)
+#define SM3_VEC VG<8>
+#elif defined(__SSE2__) || defined(__aarch64__)
+#define SM3_VEC VG<4>
 #else
 #define SM3_VEC VS
 #endif
