@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n== targets ==")
         for s in stages:
             for t in s.targets:
-                print(f"  [{s.name}] {t.name}: {t.value if t.value is not None else '-'} ... {t.result}")
+                print(f"  [{s.name}] {t.name}: {t.shown()} ... {t.result}")
         if not result["ok"]:
             report["failure"] = "a correctness check failed"
         elif failed or missed:
