@@ -3,11 +3,12 @@
 # and `make test` (set up, then the full test suite). Both create .venv from this repository's own files.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU wheel of torch for setup and CI; users may install any torch in the range pyproject.toml allows.
+# torch as pinned here, from the indexes pip's configuration names (the CPU wheel on this project's CI machine; PyPI's
+# Linux x86-64 build is the CUDA one); users may install any torch in the range pyproject.toml allows.
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup test train bench lint
+.PHONY: setup test train bench lint gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,3 +31,7 @@ bench: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# every wheel the offline GPU machine lacks (../shared/GPU.md), into .whl/: carry that folder with the repository
+gpu-wheels: $(VENV)/.installed
+	PIP="$(PY) -m pip" bash tools/gpu_wheels.sh .whl
