@@ -19,7 +19,7 @@ from sm3_dist.kernels.cpu import library
 from sm3_dist.kernels.math import cover_maxima, min_over_covers
 from sm3_dist.kernels.rule import UpdateRule
 
-__all__ = ["MOMENTUM_KINDS", "PARAM_DTYPES", "NativePlan", "native_available", "pack_block"]
+__all__ = ["MOMENTUM_KINDS", "PARAM_DTYPES", "NativePlan", "native_available", "pack_block", "step_arguments"]
 
 PARAM_DTYPES = {torch.float32: library.CODES["DTYPE_F32"], torch.bfloat16: library.CODES["DTYPE_BF16"]}
 """The parameter dtypes the kernel takes, and their codes."""
@@ -55,8 +55,9 @@ def pack_block(**fields: int) -> list[int]:
     return [int(fields[name]) for name in library.BLOCK_FIELDS]
 
 
-def _native_run(lib, meta: array, nblocks: int, rule: UpdateRule, lr, nu_divisor, grad_scale) -> None:
-    """One call of the native kernel on ``nblocks`` blocks described by ``meta``."""
+def step_arguments(rule: UpdateRule, lr, nu_divisor=None, grad_scale=None) -> tuple[list[float], int]:
+    """The kernel's hyperparameters (in the order of :data:`sm3_dist.kernels.cpu.library.HYPER_FIELDS`) and flag
+    bits for one step."""
     values = {
         "lr": float(lr),
         "momentum": rule.momentum,
@@ -69,7 +70,6 @@ def _native_run(lib, meta: array, nblocks: int, rule: UpdateRule, lr, nu_divisor
         "nu_divisor": 1.0 if nu_divisor is None else float(nu_divisor),
         "grad_scale": 1.0 if grad_scale is None else float(grad_scale),
     }
-    hyper = (ctypes.c_double * len(library.HYPER_FIELDS))(*[values[name] for name in library.HYPER_FIELDS])
     code = library.CODES
     flags = (
         (code["FLAG_WD"] if rule.weight_decay != 0.0 else 0)
@@ -78,11 +78,7 @@ def _native_run(lib, meta: array, nblocks: int, rule: UpdateRule, lr, nu_divisor
         | (code["FLAG_NU_DIV"] if nu_divisor is not None else 0)
         | (code["FLAG_SCALE"] if grad_scale is not None else 0)
     )
-    status = lib.sm3_native_step(
-        meta.buffer_info()[0], nblocks, ctypes.addressof(hyper), flags, torch.get_num_threads(), library.TILE_ELEMS
-    )
-    if status != 0:
-        raise RuntimeError(f"native SM3 kernel failed with status {status}")
+    return [values[name] for name in library.HYPER_FIELDS], flags
 
 
 class NativePlan:
@@ -130,6 +126,11 @@ class NativePlan:
                 keep_max=1,
             )
         self._meta = array("q", meta)
+        self._meta_address = self._meta.buffer_info()[0]  # the array never grows: its address is fixed
+        self._hyper = (ctypes.c_double * len(library.HYPER_FIELDS))()
+        self._hyper_address = ctypes.addressof(self._hyper)
+        self._w_at = range(library.FIELD["w"], len(meta), library.META_FIELDS)
+        self._g_at = range(library.FIELD["g"], len(meta), library.META_FIELDS)
 
     @classmethod
     def build(cls, params, momentum_buffers, accumulators, maxima_out) -> NativePlan | None:
@@ -175,10 +176,18 @@ class NativePlan:
             shape = params[i].shape
             self._rowmin[i].copy_(min_over_covers(accs[:-1], shape[:-1]).reshape(-1))
             self._rowmax[i].zero_()
-        meta, n, field = self._meta, library.META_FIELDS, library.FIELD
-        meta[field["w"] :: n] = array("q", [p.data_ptr() for p in params])
-        meta[field["g"] :: n] = array("q", [g.data_ptr() for g in grads])
-        _native_run(self._lib, meta, len(params), rule, lr, nu_divisor, grad_scale)
+        # the argument arrays are the plan's: only their values change (data pointers, hyperparameters)
+        meta = self._meta
+        for w_at, g_at, p, g in zip(self._w_at, self._g_at, params, grads):
+            meta[w_at] = p.data_ptr()
+            meta[g_at] = g.data_ptr()
+        values, flags = step_arguments(rule, lr, nu_divisor, grad_scale)
+        self._hyper[:] = values
+        status = self._lib.sm3_native_step(
+            self._meta_address, len(params), self._hyper_address, flags, torch.get_num_threads(), library.TILE_ELEMS
+        )
+        if status != 0:
+            raise RuntimeError(f"native SM3 kernel failed with status {status}")
         for i in self._deep:
             shape = params[i].shape
             for out, new in zip(self._outs[i][:-1], cover_maxima(self._rowmax[i].view(shape[:-1]))):

@@ -430,13 +430,19 @@ bool has_nonfinite(const T* p, int64_t n, T mask) {
 extern "C" int64_t sm3_native_first_nonfinite(const int64_t* ptrs, const int64_t* numels, const int64_t* kinds,
                                               int64_t n, int64_t num_threads, int64_t tile_elems) {
   struct Span { int64_t tensor, begin, end; };
-  std::vector<Span> spans;
+  // the scratch is kept from call to call (per calling thread): no allocation once it has grown
+  // (bound to local references: inside the parallel region a thread_local name would be each thread's own)
+  static thread_local std::vector<Span> spans_kept;
+  static thread_local std::vector<unsigned char> bad_kept;
+  std::vector<Span>& spans = spans_kept;
+  std::vector<unsigned char>& bad = bad_kept;
+  spans.clear();
   int64_t total = 0;
   for (int64_t k = 0; k < n; ++k) {
     total += numels[k];
     for (int64_t b = 0; b < numels[k]; b += tile_elems) spans.push_back(Span{k, b, std::min(numels[k], b + tile_elems)});
   }
-  std::vector<unsigned char> bad(spans.size(), 0);
+  bad.assign(spans.size(), 0);
   const int64_t nspans = int64_t(spans.size());
   std::atomic<int64_t> cursor(0);
   auto work = [&]() {
@@ -467,9 +473,21 @@ extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const doubl
            float(hyper[H_BETA]),   float(hyper[H_ONE_MINUS_BETA]), float(hyper[H_EPS]),
            float(hyper[H_WEIGHT_DECAY]), float(hyper[H_SIGN]), float(hyper[H_NU_DIVISOR]),
            float(hyper[H_GRAD_SCALE])};
-  std::vector<Block> blocks(nblocks);
-  std::vector<Plan> plans(nblocks);
-  std::vector<Tile> tiles;
+  // the scratch is kept from step to step (per calling thread): no allocation once it has grown
+  // (bound to local references: inside the parallel region a thread_local name would be each thread's own)
+  static thread_local std::vector<Block> blocks_kept;
+  static thread_local std::vector<Plan> plans_kept;
+  static thread_local std::vector<Tile> tiles_kept;
+  static thread_local std::vector<float> buf_kept;
+  static thread_local std::vector<int64_t> tile_start_kept;
+  std::vector<Block>& blocks = blocks_kept;
+  std::vector<Plan>& plans = plans_kept;
+  std::vector<Tile>& tiles = tiles_kept;
+  std::vector<float>& buf = buf_kept;
+  std::vector<int64_t>& tile_start = tile_start_kept;
+  blocks.resize(nblocks);
+  plans.resize(nblocks);
+  tiles.clear();
   int64_t scratch = 0, total = 0;
   for (int64_t k = 0; k < nblocks; ++k) {
     const int64_t* f = meta + k * NFIELDS;
@@ -503,7 +521,7 @@ extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const doubl
     for (int64_t rc = 0; rc < p.nrc; ++rc)
       for (int64_t cc = 0; cc < p.ncc; ++cc) tiles.push_back(Tile{int32_t(k), int32_t(rc), int32_t(cc)});
   }
-  std::vector<float> buf(scratch);
+  buf.resize(scratch);  // every tile writes its partial maxima before they are read
   float* next = buf.data();
   for (int64_t k = 0; k < nblocks; ++k) {
     Plan& p = plans[k];
@@ -516,7 +534,7 @@ extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const doubl
   }
   const int64_t ntiles = int64_t(tiles.size());
   // each thread takes one contiguous range of the elements (whole tiles, in memory order): long streams
-  std::vector<int64_t> tile_start(ntiles + 1, 0);
+  tile_start.assign(ntiles + 1, 0);
   for (int64_t t = 0; t < ntiles; ++t) {
     const Tile& tl = tiles[t];
     const Block& b = blocks[tl.block];
