@@ -49,7 +49,11 @@ def _device() -> torch.device:
         torch.cuda.set_device(device)
         return device
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    # the CPU's cores shared among this machine's ranks, unless OMP_NUM_THREADS says (a busy machine: 1)
+    torch.set_num_threads(
+        int(given) if given.isdigit() and int(given) > 0 else max(1, (os.cpu_count() or 1) // local_world)
+    )
     return torch.device("cpu")
 
 
