@@ -12,7 +12,8 @@ device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(device)
 ddp = torch.nn.parallel.DistributedDataParallel(model)
-opt = ShardedSM3(ddp.parameters(), lr=0.1, momentum=0.9)  # after the model is final (wrapped, on its device)
+# after the model is final (wrapped, on its device)
+opt = ShardedSM3(ddp.parameters(), lr=2e-3, momentum=0.9, beta=0.99, bias_correction=True)
 gen = torch.Generator().manual_seed(rank)
 for _ in range(20):
     x, y = torch.randn(32, 16, generator=gen).to(device), torch.randn(32, 4, generator=gen).to(device)

@@ -23,7 +23,11 @@ config = {
 }
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
-engine, *_ = deepspeed.initialize(model=model, optimizer=SM3(model.parameters(), lr=0.1, momentum=0.9), config=config)
+engine, *_ = deepspeed.initialize(
+    model=model,
+    optimizer=SM3(model.parameters(), lr=2e-3, momentum=0.9, beta=0.99, bias_correction=True),
+    config=config,
+)
 gen = torch.Generator().manual_seed(engine.global_rank)
 for _ in range(10):
     x, y = torch.randn(8, 16, generator=gen), torch.randn(8, 4, generator=gen)

@@ -15,7 +15,8 @@ model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.L
 for layer in (model[0], model[2]):
     fully_shard(layer)
 fully_shard(model)
-opt = SM3(model.parameters(), lr=0.1, momentum=0.9)  # state kept as DTensors: DCP saves and reshards it
+# state kept as DTensors: DCP saves and reshards it
+opt = SM3(model.parameters(), lr=2e-3, momentum=0.9, beta=0.99, bias_correction=True)
 gen = torch.Generator().manual_seed(dist.get_rank())
 for _ in range(20):
     x, y = torch.randn(32, 16, generator=gen).to(device), torch.randn(32, 4, generator=gen).to(device)

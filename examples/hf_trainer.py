@@ -37,9 +37,12 @@ ds_config = {
 }
 extra = {}
 if args.route == "config":
-    ds_config["optimizer"] = {"type": "SM3", "params": {"lr": "auto", "momentum": 0.9}}
+    ds_config["optimizer"] = {
+        "type": "SM3",
+        "params": {"lr": "auto", "momentum": 0.9, "beta": 0.99, "bias_correction": True},
+    }
 else:
-    extra["optimizer_cls_and_kwargs"] = (SM3, {"lr": 0.05, "momentum": 0.9})
+    extra["optimizer_cls_and_kwargs"] = (SM3, {"lr": 2e-3, "momentum": 0.9, "beta": 0.99, "bias_correction": True})
 training = TrainingArguments(
     output_dir=args.out,
     max_steps=5,
