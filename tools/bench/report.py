@@ -12,8 +12,20 @@ def format_table(result: dict) -> str:
         f"({result['threads']} threads, torch {result['torch']}); copy bandwidth {result['bandwidth_gb_s']:.1f} GB/s "
         f"(read + write); {result['rounds']} rounds x {result['steps_per_round']} steps"
     )
-    lines = [
-        head,
+    lines = [head]
+    if result.get("cpu"):
+        native = result.get("native")
+        if native is None:
+            kernel = ""
+        elif native.get("isa") is None:
+            kernel = f"; native SM3 kernel unavailable ({native.get('unavailable')})"
+        else:
+            kernel = (
+                f"; native SM3 kernel: ISA {native['isa']}, {native['vector_width']} floats per vector, "
+                f"{'OpenMP' if native.get('openmp') else 'no OpenMP'}"
+            )
+        lines.append(f"CPU: {result['cpu']}{kernel}")
+    lines += [
         "",
         "| optimizer | ms/step (median) | IQR ms | min ms | vs Adam fused | state MiB | MB moved/step | bound ms "
         "| % of bound | launches/step | syncs/step |",

@@ -10,12 +10,14 @@ and :func:`check` compares the CUDA kernels with the eager CPU kernel.
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -54,7 +56,7 @@ class Row:
     """With ``--sync-error``: ``"ok"``, or the error a step raised under ``set_sync_debug_mode("error")``."""
 
 
-def _candidates(lr: float) -> list[Candidate]:
+def _candidates(lr: float, cpu: bool = True) -> list[Candidate]:
     def sm3(**kw):
         return lambda ps: SM3(ps, lr=lr, **kw)
 
@@ -80,7 +82,48 @@ def _candidates(lr: float) -> list[Candidate]:
         print("[bench] pytorch_optimizer not installed: its SM3 row is left out", file=sys.stderr)
     else:
         rows.append(Candidate("pytorch_optimizer sm3 m=0.9", lambda ps: PeerSM3(ps, lr=lr, momentum=0.9), 20))
+    if cpu:
+        rows += _deepspeed_cpu_adam(lr)
     return rows
+
+
+def _deepspeed_cpu_adam(lr: float) -> list[Candidate]:
+    """DeepSpeed's ZeRO-Offload CPU Adam (its C++ op, JIT-built with the system compiler at first use), where
+    deepspeed is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        print("[bench] deepspeed not installed: its DeepSpeedCPUAdam row is left out", file=sys.stderr)
+        return []
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # without CUDA, DeepSpeed's CPU accelerator builds the op
+
+    def make(ps: list[Tensor]) -> torch.optim.Optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(ps, lr=lr, adamw_mode=False)
+
+    return [Candidate("deepspeed cpu adam", make, 28)]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model", "CPU part")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def native_kernel() -> dict | None:
+    """The native CPU kernel's build (ISA, vector width, OpenMP, threads), or None with why."""
+    from sm3_dist.kernels.cpu import library
+
+    info = library.build_info()
+    if info is None:
+        return {"isa": None, "vector_width": None, "unavailable": library.unavailable_reason()}
+    return {k: info[k] for k in ("isa", "vector_width", "openmp", "max_threads")}
 
 
 def _sync(device: torch.device) -> None:
@@ -226,7 +269,7 @@ def run(
         p.grad = torch.randn_like(p)
     numel = sum(p.numel() for p in params)
     sum_dims = sum(sum(p.shape) for p in params)
-    candidates = _candidates(lr=1e-4) + ([fsdp2_candidate(1e-4, device)] if fsdp2 else [])
+    candidates = _candidates(lr=1e-4, cpu=device.type == "cpu") + ([fsdp2_candidate(1e-4, device)] if fsdp2 else [])
     candidates = [c for c in candidates if only is None or any(o in c.name for o in only)]
     if not candidates:
         raise ValueError(f"--only {only} matches no optimizer")
@@ -299,6 +342,8 @@ def run(
         )
     return {
         "device": str(device),
+        "cpu": cpu_model(),
+        "native": native_kernel() if device.type == "cpu" else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "parameters": numel,
