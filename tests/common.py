@@ -59,6 +59,8 @@ __all__ = [
     "TinyBlock",
     "assert_same",
     "clone_blocks",
+    "count_collectives",
+    "counts_between",
     "fill_grads",
     "flat_pieces",
     "free_port",
@@ -212,6 +214,59 @@ def _run(
         if errors:
             raise RuntimeError("distributed test failed\n" + "\n".join(errors))
         return results
+
+
+_DIST_QUERIES = frozenset({"is_available", "is_initialized", "get_rank", "get_world_size", "get_backend"})
+_REDUCE_OP_NAMES = ("SUM", "MAX", "MIN", "AVG", "PRODUCT")
+
+
+class _CountingDist:
+    """``torch.distributed`` as :mod:`sm3_dist.comm` sees it: every call other than a query or a type is counted as
+    a collective, under ``"<comm function>: <collective>[ <op>]"``, with the bytes of its first tensor argument."""
+
+    def __init__(self, real: Any, counts: dict[str, int]) -> None:
+        self._real, self._counts = real, counts
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if name in _DIST_QUERIES or isinstance(attr, type) or not callable(attr):
+            return attr
+        counts = self._counts
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_qualname
+            kind = "all_gather" if name in ("all_gather_single", "all_gather_into_tensor") else name
+            op = kwargs.get("op")
+            if op is not None:
+                kind += " " + next(n for n in _REDUCE_OP_NAMES if op == getattr(dist.ReduceOp, n))
+            key = f"{caller}: {kind}"
+            counts[key] = counts.get(key, 0) + 1
+            tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if tensor is not None:
+                counts[f"{key} bytes"] = counts.get(f"{key} bytes", 0) + tensor.numel() * tensor.element_size()
+            return attr(*args, **kwargs)
+
+        return counted
+
+
+def count_collectives() -> dict[str, int]:
+    """From now on in this process, count every collective that goes through :mod:`sm3_dist.comm` (the one module
+    that calls ``torch.distributed`` collectives) in the returned dict, by the comm function that issued it and the
+    collective (``"MaxReducer.launch: all_reduce MAX"``, ``"all_reduce_flag_: all_reduce MAX"``,
+    ``"all_gather_flat: all_gather"``, ...), and ``"<that> bytes"``. A collective added anywhere in comm is counted,
+    whichever function issues it. Call once per process (spawned workers)."""
+    import sm3_dist.comm
+
+    counts: dict[str, int] = {}
+    if isinstance(sm3_dist.comm.dist, _CountingDist):
+        raise RuntimeError("count_collectives() was already called in this process")
+    sm3_dist.comm.dist = _CountingDist(dist, counts)
+    return counts
+
+
+def counts_between(before: dict[str, int], after: dict[str, int], per: int = 1) -> dict[str, float]:
+    """The collectives counted after ``before`` was copied (``after`` minus ``before``), divided by ``per``."""
+    return {k: (v - before.get(k, 0)) / per for k, v in after.items() if v != before.get(k, 0)}
 
 
 def run_each(runs: dict[str, Callable[[], Any]]) -> dict[str, Any]:

@@ -21,7 +21,10 @@ from tests.common import (
     SHARDED_HYPER,
     SHARDED_LR,
     SHARDED_STEPS,
+    count_collectives,
+    counts_between,
     make_model,
+    named_shapes,
     run_distributed,
     set_grads,
     train_with_reference,
@@ -77,6 +80,18 @@ def compare_with_reference(model: nn.Module, opt: SM3, ref_model: nn.Module, ref
             assert MOMENTUM_KEY not in state
 
 
+def sm3_collectives_per_step() -> dict:
+    """Every collective through sm3_dist.comm in one SM3 step on :func:`make_model` sharded by FSDP2 (construction
+    and ``state_dict`` issue none): one MAX all-reduce of the accumulator maxima (fp32, the sum of the global
+    dimensions) and one MAX all-reduce of the 4-byte non-finite flag (``nonfinite="skip"``, the default)."""
+    return {
+        "MaxReducer.launch: all_reduce MAX": 1,
+        "MaxReducer.launch: all_reduce MAX bytes": 4 * sum(sum(s or (1,)) for _, s in named_shapes(make_model())),
+        "all_reduce_flag_: all_reduce MAX": 1,
+        "all_reduce_flag_: all_reduce MAX bytes": 4,
+    }
+
+
 def train_and_compare(model, ref_model, hyper, what, steps=SHARDED_STEPS) -> None:
     opt = SM3(model.parameters(), lr=SHARDED_LR, **hyper)
     ref = SM3(ref_model.parameters(), lr=SHARDED_LR, **hyper)
@@ -93,22 +108,29 @@ def _fully_shard_worker(rank: int, world_size: int) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
+    counts = count_collectives()
     mesh = init_device_mesh("cpu", (world_size,))
-    local_shapes = {}
+    local_shapes, comm = {}, []
     for hyper in SHARDED_HYPER:
         model = make_model()
         ref_model = copy.deepcopy(model)
         # the attention projection is sharded on dim 1 (as tensor parallel would), the rest on dim 0
         fully_shard(model.qkv, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else Shard(0))
         fully_shard(model, mesh=mesh)
-        train_and_compare(model, ref_model, hyper, f"world {world_size} {hyper}")
+        before = dict(counts)
+        train_and_compare(model, ref_model, hyper, f"world {world_size} {hyper}")  # construction, steps, state_dict
+        comm.append(counts_between(before, counts, per=SHARDED_STEPS))
         local_shapes = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
-    return local_shapes
+    return dict(local_shapes=local_shapes, comm=comm)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_fully_shard_matches_single_process(world_size):
-    local_shapes = run_distributed(_fully_shard_worker, world_size)
+    results = run_distributed(_fully_shard_worker, world_size)
+    local_shapes = [r["local_shapes"] for r in results]
+    for rank, result in enumerate(results):
+        for comm in result["comm"]:
+            assert comm == sm3_collectives_per_step(), rank
     rows = [s["emb.weight"][0] for s in local_shapes]
     assert sum(rows) == 5 and len(set(rows)) > 1, f"the embedding must be sharded unevenly: {rows}"
     assert local_shapes[0]["qkv.weight"][0] == 9, "qkv.weight must be sharded on dim 1"
@@ -156,18 +178,26 @@ def _hsdp_worker(rank: int, world_size: int) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard
 
+    counts = count_collectives()
     mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+    comm = []
     for hyper in SHARDED_HYPER[::3]:
         model = make_model(1)
         ref_model = copy.deepcopy(model)
         fully_shard(model, mesh=mesh)
         for p in model.parameters():
             assert tuple(p.placements) == (Replicate(), Shard(0))
+        before = dict(counts)
         train_and_compare(model, ref_model, hyper, f"HSDP {hyper}")
+        comm.append(counts_between(before, counts, per=SHARDED_STEPS))
+    return comm
 
 
 def test_hsdp_matches_single_process():
-    run_distributed(_hsdp_worker, 4)
+    """Also: HSDP's replicate axis holds the same gradients, so SM3 reduces over the shard axis only: per step one
+    MAX all-reduce of the maxima and one of the non-finite flag, as on a 1-D mesh."""
+    for rank, comm in enumerate(run_distributed(_hsdp_worker, 4)):
+        assert comm == [sm3_collectives_per_step()] * len(SHARDED_HYPER[::3]), rank
 
 
 class TPBlock(nn.Module):

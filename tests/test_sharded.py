@@ -20,7 +20,7 @@ import torch
 
 from sm3_dist import MOMENTUM_KEY, SM3, ShardedSM3, local_state_bytes
 from sm3_dist.sharded import FlatPartition
-from tests.common import run_distributed
+from tests.common import count_collectives, counts_between, run_distributed
 from tests.sharded_cases import (
     EXTRA,
     HYPER,
@@ -50,29 +50,6 @@ pytestmark = pytest.mark.xdist_group("sharded")
 K = 4  # resume: steps before the checkpoint
 
 
-def _count_collectives() -> dict[str, int]:
-    """Wrap the collectives ShardedSM3 issues so that a test can count them."""
-    import sm3_dist.comm
-    import sm3_dist.sharded
-
-    counts = {"all_gather": 0, "all_reduce": 0, "all_gather_bytes": 0, "all_reduce_bytes": 0}
-    gather, launch = sm3_dist.sharded.all_gather_flat, sm3_dist.comm.MaxReducer.launch
-
-    def counted_gather(local, output, group):
-        counts["all_gather"] += 1
-        counts["all_gather_bytes"] += output.numel() * output.element_size()
-        return gather(local, output, group)
-
-    def counted_launch(self):
-        counts["all_reduce"] += 1
-        counts["all_reduce_bytes"] += self.buffer.numel() * self.buffer.element_size()
-        return launch(self)
-
-    sm3_dist.sharded.all_gather_flat = counted_gather
-    sm3_dist.comm.MaxReducer.launch = counted_launch
-    return counts
-
-
 def _exactness_job(counts: dict[str, int], runs: list[tuple[str, float, float]]) -> dict:
     results = {}
     for kind, momentum, beta in runs:
@@ -83,7 +60,7 @@ def _exactness_job(counts: dict[str, int], runs: list[tuple[str, float, float]])
         train(opt, params, 1, scheduler=scheduler)
         before = dict(counts)
         train(opt, params, STEPS - 1, start=1, scheduler=scheduler)
-        per_step = {key: (counts[key] - before[key]) / (STEPS - 1) for key in counts}
+        per_step = counts_between(before, counts, per=STEPS - 1)
         results[(kind, momentum, beta)] = dict(
             params=[p.detach().clone() for p in params],
             local_bytes=local_state_bytes(opt),
@@ -189,9 +166,39 @@ def _subgroup_job(rank: int, world_size: int) -> dict:
     )
 
 
-def _session_worker(rank: int, world_size: int, jobs: dict) -> dict:
-    counts = _count_collectives()
+def _comm_job(counts: dict[str, int]) -> dict:
+    """Every collective sm3_dist.comm issues, per phase: ShardedSM3 under each ``nonfinite`` policy (construction,
+    first step, a later step, ``state_dict``, ``load_state_dict``) and a plain SM3 on replicated parameters (as
+    beside DDP), which reduces nothing."""
     out = {}
+    for nonfinite in ("skip", "raise", "ignore"):
+        model = make_sharded_model()
+        params = list(model.parameters())
+        before = dict(counts)
+        opt = ShardedSM3(param_groups(model), lr=LR, momentum=0.9, beta=0.9, nonfinite=nonfinite)
+        phases = {"construction": counts_between(before, counts)}
+        for phase, start in (("first step", 0), ("step", 1)):
+            before = dict(counts)
+            train(opt, params, 1, start=start)
+            phases[phase] = counts_between(before, counts)
+        before = dict(counts)
+        state = opt.state_dict()
+        phases["state_dict"] = counts_between(before, counts)
+        before = dict(counts)
+        opt.load_state_dict(state)
+        phases["load_state_dict"] = counts_between(before, counts)
+        out[("sharded", nonfinite)] = phases
+    model = make_sharded_model()
+    params = list(model.parameters())
+    before = dict(counts)
+    train(SM3(param_groups(model), lr=LR, momentum=0.9, beta=0.9), params, 2)
+    out[("plain", "skip")] = {"construction and 2 steps": counts_between(before, counts)}
+    return out
+
+
+def _session_worker(rank: int, world_size: int, jobs: dict) -> dict:
+    counts = count_collectives()
+    out = {"comm": _comm_job(counts)}
     if "exact" in jobs:
         out["exact"] = _exactness_job(counts, jobs["exact"])
     if "ddp" in jobs:
@@ -285,12 +292,7 @@ def test_param_larger_than_a_slice_and_bf16_buckets(sessions, world_size):
         assert_state_equal(run["state"], ref_state)
         comm = run["comm"]
         assert comm.allgather_calls == 2  # one fp32 bucket, one bf16 bucket
-        assert run["per_step"] == {
-            "all_gather": 2,
-            "all_reduce": 1,
-            "all_gather_bytes": comm.allgather_bytes,
-            "all_reduce_bytes": comm.allreduce_bytes,
-        }
+        assert run["per_step"] == _per_step(comm, nonfinite="skip")
         assert run["state"]["state"][0][MOMENTUM_KEY].dtype == torch.bfloat16
 
 
@@ -311,23 +313,55 @@ def test_per_rank_state_bytes(sessions, world_size, momentum, beta):
     assert max(sizes) - min(sizes) <= 1  # balanced
 
 
+MAXIMA = "MaxReducer.launch: all_reduce MAX"
+FLAG = "all_reduce_flag_: all_reduce MAX"
+GATHER = "all_gather_flat: all_gather"
+
+
+def _per_step(comm, nonfinite: str) -> dict:
+    """Every collective one ShardedSM3 step issues through sm3_dist.comm, and its bytes: the MAX all-reduce of the
+    accumulator maxima, the all-gather(s) of the updated parameters and, unless ``nonfinite="ignore"``, the MAX
+    all-reduce of the 4-byte non-finite flag (``comm_volume()`` counts the first two only)."""
+    out = {
+        MAXIMA: comm.allreduce_calls,
+        f"{MAXIMA} bytes": comm.allreduce_bytes,
+        GATHER: comm.allgather_calls,
+        f"{GATHER} bytes": comm.allgather_bytes,
+    }
+    if nonfinite != "ignore":
+        out.update({FLAG: 1, f"{FLAG} bytes": 4})
+    return out
+
+
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_one_bucketed_collective_of_each_kind_per_step(sessions, world_size):
+    """Every collective through sm3_dist.comm is counted (whichever comm function issues it), so an extra one
+    fails here: per step one MAX all-reduce of the maxima, one all-gather per parameter dtype and one MAX
+    all-reduce of the non-finite flag (not under ``nonfinite="ignore"``); none at construction."""
     shapes = [tuple(p.shape) for p in make_sharded_model().parameters()]
     for by_run in sessions.exact(world_size):
         run = by_run[("transformer", 0.9, 0.9)]
         comm = run["comm"]
-        assert run["per_step"] == {
-            "all_gather": 1,
-            "all_reduce": 1,
-            "all_gather_bytes": comm.allgather_bytes,
-            "all_reduce_bytes": comm.allreduce_bytes,
-        }
+        assert (comm.allreduce_calls, comm.allgather_calls) == (1, 1)
+        assert run["per_step"] == _per_step(comm, nonfinite="skip")
         # the MAX all-reduce carries the sum of the dimensions (fp32); a gradient all-reduce carries numel
         assert comm.allreduce_bytes == 4 * sum(sum(s or (1,)) for s in shapes)
         assert comm.allreduce_bytes < 4 * sum(math.prod(s) for s in shapes)
         chunk = math.ceil(sum(math.prod(s) for s in shapes) / world_size)
         assert comm.allgather_bytes == 4 * world_size * chunk
+    comm = sessions.exact(world_size)[0][("transformer", 0.9, 0.9)]["comm"]
+    for rank, result in enumerate(sessions(world_size)):
+        for nonfinite in ("skip", "raise", "ignore"):
+            phases = result["comm"][("sharded", nonfinite)]
+            step = _per_step(comm, nonfinite)
+            assert phases["construction"] == {}, (rank, nonfinite)
+            assert phases["first step"] == step, (rank, nonfinite)
+            assert phases["step"] == step, (rank, nonfinite)
+            # state_dict consolidates: the pending maxima are reduced (MaxReducer), the parameters gathered
+            consolidate = {k: v for k, v in step.items() if not k.startswith(FLAG)}
+            assert phases["state_dict"] == consolidate, (rank, nonfinite)
+            assert phases["load_state_dict"] == {}, (rank, nonfinite)
+        assert result["comm"][("plain", "skip")] == {"construction and 2 steps": {}}, rank
 
 
 # ---------------------------------------------------------------------- inside DistributedDataParallel
