@@ -332,6 +332,47 @@ def test_command_writes_tables_and_valid_pngs(tmp_path, capsys):
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
+def test_command_fails_naming_each_measurement_that_disagrees_beyond_its_tolerance(tmp_path, capsys, monkeypatch):
+    """One measurement of each kind made to disagree with the model (the optimizer state 10% above it, an
+    activation and a whole-step peak twice what was measured): exit 1, each named under FAILED. With tolerances
+    above those errors the same run passes, so the tolerances are what decides."""
+    from sm3_dist.tools.memory.measure import Check
+
+    def state_validation(level, optimizers):  # the real one spawns ShardedSM3 on 2 processes: one check will do
+        return [Check(what="tiny single-process sm3 (measured 10% above the model)", predicted=1000, measured=1100)]
+
+    def inflated(fn, scale):
+        def measured(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            return (out[0] * scale, out[1]) if isinstance(out, tuple) else out * scale
+
+        return measured
+
+    monkeypatch.setattr(measure, "validate", state_validation)
+    monkeypatch.setattr(saved, "QUICK_ACTIVATION_TABLE", saved.QUICK_ACTIVATION_TABLE[:1])
+    monkeypatch.setattr(saved, "measure_activations", inflated(saved.measure_activations, 2))
+    monkeypatch.setattr(step, "QUICK_STEP_TABLE", step.QUICK_STEP_TABLE[:1])
+    monkeypatch.setattr(step, "measure_step_cpu", inflated(step.measure_step_cpu, 2))
+    argv = ["--sizes", "tiny", "--world-sizes", "2", "--budgets", "1", "--measure", "tiny", "--no-plots"]
+
+    assert memory.main([*argv, "--out", str(tmp_path / "strict")]) == 1
+    printed = capsys.readouterr().out
+    failed = printed[printed.index("FAILED: 3 measurement(s) disagree with the model beyond their tolerance:") :]
+    lines = failed.splitlines()[1:]
+    assert len(lines) == 3, failed
+    assert lines[0].strip() == "optimizer state: tiny single-process sm3 (measured 10% above the model)"
+    case = saved.QUICK_ACTIVATION_TABLE[0]
+    assert lines[1].strip().startswith(f"activations: ['{case.n_layer}x{case.n_embd}', {case.seq_len}, {case.batch}")
+    case = step.QUICK_STEP_TABLE[0]
+    assert lines[2].strip().startswith(f"whole step: ['{case.n_layer}x{case.n_embd}', '{case.seq_len} x {case.batch}'")
+    result = json.loads((tmp_path / "strict" / "memory.json").read_text())
+    assert [r["ok"] for r in result["activation_validation"] + result["step_validation"]] == [False, False]
+
+    loose = ["--tolerance", "0.2", "--activation-tolerance", "0.6", "--step-tolerance", "0.6"]
+    assert memory.main([*argv, *loose, "--out", str(tmp_path / "loose")]) == 0
+    assert "FAILED" not in capsys.readouterr().out
+
+
 BAD_INPUTS = [
     (["--sizes", "7B-please"], "unknown model size '7B-please'"),
     (["--setups", "zero4"], "unknown setup 'zero4'"),
