@@ -414,11 +414,29 @@ void run_team(int64_t nt, Work& work) {
   work();
 }
 
-// exponent bits all ones: inf or NaN. A max-reduction of the masked exponents, which vectorizes.
+// exponent bits all ones: inf or NaN. A max-reduction of the masked exponents, which vectorizes: in chunks of
+// 1 KiB (four independent maxima), each prefetched 2 KiB ahead (a prefetch never faults, even past the end).
 template <class T>
 bool has_nonfinite(const T* p, int64_t n, T mask) {
+  constexpr int64_t CHUNK = 1024 / sizeof(T);
   T m = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+  for (; i + CHUNK <= n; i += CHUNK) {
+    for (int64_t k = 0; k < CHUNK; k += 64 / int64_t(sizeof(T))) __builtin_prefetch(p + i + 2 * CHUNK + k, 0, 0);
+    T c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+    for (int64_t k = 0; k < CHUNK; k += 4) {
+      T e0 = T(p[i + k] & mask), e1 = T(p[i + k + 1] & mask), e2 = T(p[i + k + 2] & mask), e3 = T(p[i + k + 3] & mask);
+      c0 = e0 > c0 ? e0 : c0;
+      c1 = e1 > c1 ? e1 : c1;
+      c2 = e2 > c2 ? e2 : c2;
+      c3 = e3 > c3 ? e3 : c3;
+    }
+    c0 = c1 > c0 ? c1 : c0;
+    c2 = c3 > c2 ? c3 : c2;
+    c0 = c2 > c0 ? c2 : c0;
+    m = c0 > m ? c0 : m;
+  }
+  for (; i < n; ++i) {
     T e = T(p[i] & mask);
     m = e > m ? e : m;
   }
