@@ -29,6 +29,7 @@ from torch.testing._internal.common_optimizers import (  # noqa: E402
 )
 
 from sm3_dist import SM3, functional  # noqa: E402
+from sm3_dist.kernels.cpu.library import _compiler  # noqa: E402
 
 if not _FLAGS_FROZEN:
     setattr(torch.backends, "__allow_nonbracketed_mutation_flag", True)
@@ -149,7 +150,9 @@ SM3_INFO = OptimizerInfo(
     supports_sparse=True,
     has_capturable_arg=True,
     supports_complex=False,
-    supports_fused_on=tuple(device for device in ("cpu", "cuda") if functional.fused_kernel(device) is not None),
+    # CPU wherever a C++ compiler can build the native kernel (a failed build must fail the fused rows, not drop them)
+    supports_fused_on=("cpu",) * (_compiler() is not None or functional.fused_kernel("cpu") is not None)
+    + ("cuda",) * (functional.fused_kernel("cuda") is not None),
 )
 """SM3 as PyTorch's generic optimizer tests see it.
 
