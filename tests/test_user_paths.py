@@ -27,7 +27,7 @@ import traceback
 import pytest
 import torch
 
-from tests.common import run_distributed, run_each
+from tests.common import count_collectives, counts_between, run_distributed, run_each
 from tests.deepspeed_models import ENV, HYPER, Net, _config, _describe_state, _full_params, loss_of, reference
 
 deepspeed = pytest.importorskip("deepspeed")
@@ -56,13 +56,15 @@ def _summary(engine) -> dict:
     )
 
 
-def _deepspeed_run(stage: int, route: str) -> dict:
+def _deepspeed_run(stage: int, route: str, counts: dict[str, int]) -> dict:
     """``route``: ``config`` (``"type": "SM3"``), ``client`` (``optimizer=SM3(...)``) or ``default-clipping``
-    (``client`` with DeepSpeed's default ``gradient_clipping``), 5 steps."""
+    (``client`` with DeepSpeed's default ``gradient_clipping``), 5 steps; ``counts``: the collectives through
+    sm3_dist.comm (``count_collectives``), read at ``initialize`` and over steps 2-5."""
     from sm3_dist import SM3
 
     torch.manual_seed(0)
     model = Net()
+    before = dict(counts)
     if route == "config":
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=_config(stage))
     else:
@@ -70,11 +72,26 @@ def _deepspeed_run(stage: int, route: str) -> dict:
         if route == "default-clipping":
             del config["gradient_clipping"]
         engine, *_ = deepspeed.initialize(model=model, optimizer=SM3(model.parameters(), **HYPER), config=config)
+    comm = {"initialize": counts_between(before, counts)}
+    base, calls = engine.basic_optimizer, [0]
+    sm3_step = base.step
+
+    def counted_step(*args, **kwargs):  # ZeRO-3 steps SM3 once per sub-group
+        calls[0] += 1
+        return sm3_step(*args, **kwargs)
+
+    base.step = counted_step
     for step in range(STEPS):
+        if step == 1:
+            before = dict(counts)
         engine.backward(loss_of(engine, "net", step, scale=4.0 if route == "default-clipping" else 1.0))
         engine.step()
+    comm["step"] = counts_between(before, counts, per=STEPS - 1)
+    comm["sm3_steps"] = calls[0] / STEPS
+    del base.step
     out = _summary(engine)
     out["clipping"] = engine.gradient_clipping()
+    out["comm"] = comm
     engine.destroy()
     return out
 
@@ -148,12 +165,13 @@ def _unexplained_swap() -> dict:
 
 
 def _session(rank: int, world: int, root: str) -> dict:
+    counts = count_collectives()
     runs = {
-        f"{route}-zero{s}": (lambda s=s, r=route: _deepspeed_run(s, r))
-        for s in (1, 2, 3)
+        f"{route}-zero{s}": (lambda s=s, r=route: _deepspeed_run(s, r, counts))
+        for s in (0, 1, 2, 3)
         for route in ("config", "client")
     }
-    runs["default-clipping-zero2"] = lambda: _deepspeed_run(2, "default-clipping")
+    runs["default-clipping-zero2"] = lambda: _deepspeed_run(2, "default-clipping", counts)
     for stage in (2, 3):
         runs[f"checkpoint-zero{stage}"] = lambda s=stage: _checkpoint_run(s, root)
     runs["accelerate-zero2"] = _accelerate_run
@@ -183,7 +201,7 @@ def _same_state(a: list[dict], b: list[dict]) -> bool:
     )
 
 
-USER_BUILT = [("client-zero1", "config-zero1"), ("client-zero2", "config-zero2"), ("client-zero3", "config-zero3")]
+USER_BUILT = [(f"client-zero{s}", f"config-zero{s}") for s in (0, 1, 2, 3)]
 USER_BUILT += [("accelerate-zero2", "config-zero2")]
 
 
@@ -201,9 +219,32 @@ def test_user_built_sm3_under_zero_holds_the_config_routes_state_and_matches_one
         assert _same_state(result["state"], config["state"])
         longest_dim = max(max(p.shape, default=1) for p in model.parameters())
         for tensor in result["state"]:
-            assert tensor["reduced"]  # maxima reduced over the data-parallel group
+            # maxima reduced over the data-parallel group where ZeRO partitions; stage 0 keeps whole tensors
+            assert tensor["reduced"] == (run != "client-zero0")
             # per dimension: no accumulator longer than a dimension (a flat partition read as a vector: numel)
             assert all(v.numel() <= longest_dim for k, v in tensor["state"].items() if "mu_" in k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", [f"{route}-zero{s}" for s in (0, 1, 2, 3) for route in ("config", "client")])
+def test_collectives_sm3_adds_under_deepspeed(session, run):
+    """Every collective through sm3_dist.comm (``count_collectives``) under DeepSpeed: none at ``initialize``; per
+    SM3 step under ZeRO 1-3 one MAX all-reduce of the accumulator maxima (fp32, the sum of the dimensions) and one
+    of the 4-byte non-finite flag (ZeRO-3 steps SM3 once per sub-group: twice here, ``sub_group_size`` 40); none at
+    stage 0, whose whole tensors need no reduction."""
+    dims = sum(sum(p.shape or (1,)) for p in Net().parameters())
+    for rank, result in enumerate(_pick(session, run)):
+        comm = result["comm"]
+        assert comm["initialize"] == {}, rank
+        n = comm["sm3_steps"]
+        assert n == (2 if run.endswith("zero3") else 1), rank
+        expected = {
+            "MaxReducer.launch: all_reduce MAX": n,
+            "MaxReducer.launch: all_reduce MAX bytes": n * 4 * dims,
+            "all_reduce_flag_: all_reduce MAX": n,
+            "all_reduce_flag_: all_reduce MAX bytes": n * 4,
+        }
+        assert comm["step"] == ({} if run.endswith("zero0") else expected), rank
 
 
 @pytest.mark.slow
@@ -346,7 +387,11 @@ class _Tokens(torch.utils.data.Dataset):
 HF_SM3 = {"lr": 0.05, "momentum": 0.9}
 
 
-def _hf_config(section: bool) -> dict:
+def _hf_config(section: str | None) -> dict | None:
+    """``section``: the config's optimizer section: ``"SM3"`` (momentum as in :data:`HF_SM3`), ``"SM3-other"`` (another
+    momentum), ``"AdamW"``, or None (no section); ``"none"``: no DeepSpeed at all."""
+    if section == "none":
+        return None
     cfg = {
         # explicit sizes: on CPU accelerate reports one process to transformers, which would fill "auto" for 1
         "train_micro_batch_size_per_gpu": 2,
@@ -355,16 +400,36 @@ def _hf_config(section: bool) -> dict:
         "zero_optimization": {"stage": 2},
         "steps_per_print": 10**9,
     }
-    if section:
+    if section == "SM3":
         cfg["optimizer"] = {"type": "SM3", "params": {"lr": "auto", "momentum": HF_SM3["momentum"]}}
+    elif section == "SM3-other":
+        cfg["optimizer"] = {"type": "SM3", "params": {"lr": "auto", "momentum": 0.5}}
+    elif section == "AdamW":
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}
     return cfg
 
 
+HF_ROUTES = {
+    # route: (the DeepSpeed config's optimizer section or "none" for no DeepSpeed, how SM3 is handed to Trainer)
+    "config": ("SM3", None),
+    "cls": (None, "cls"),
+    "instance": (None, "instance"),
+    "instance+section": ("SM3", "instance"),
+    "instance+adamw-section": ("AdamW", "instance"),
+    "instance+other-sm3-section": ("SM3-other", "instance"),
+    "no-deepspeed-instance": ("none", "instance"),
+    "no-deepspeed-default": ("none", None),
+}
+
+
 def _hf_run(route: str, tmp: str) -> dict:
-    """``route``: ``config`` (the config entry), ``cls`` (``optimizer_cls_and_kwargs``), ``instance`` (``optimizers=
-    (SM3(...), None)`` without an optimizer section) or ``instance+section`` (with one)."""
+    """``route`` (:data:`HF_ROUTES`): ``config`` (the config entry), ``cls`` (``optimizer_cls_and_kwargs``),
+    ``instance`` (``optimizers=(SM3(...), None)`` without an optimizer section), ``instance+section`` (with an SM3
+    section of the same hyperparameters), ``instance+adamw-section`` (an AdamW section),
+    ``instance+other-sm3-section`` (an SM3 section with another momentum); ``no-deepspeed-*``: DDP, no DeepSpeed,
+    ``optimizers=(SM3(...), None)`` or nothing (Trainer's default AdamW)."""
     from accelerate.state import AcceleratorState
-    from sm3_dist.integrations.transformers import RequireSM3
+    from sm3_dist.integrations.transformers import RequireSM3, stepped_optimizer
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -372,6 +437,7 @@ def _hf_run(route: str, tmp: str) -> dict:
 
     AcceleratorState._reset_state(True)
     unset_hf_deepspeed_config()
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # accelerate sets it for a DeepSpeed plugin and keeps it
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2))
     args = TrainingArguments(
@@ -380,7 +446,7 @@ def _hf_run(route: str, tmp: str) -> dict:
         per_device_train_batch_size=2,
         learning_rate=HF_SM3["lr"],
         max_grad_norm=0.0,
-        deepspeed=_hf_config(section=route in ("config", "instance+section")),
+        deepspeed=_hf_config(HF_ROUTES[route][0]),
         report_to=[],
         save_strategy="no",
         logging_strategy="no",
@@ -388,10 +454,12 @@ def _hf_run(route: str, tmp: str) -> dict:
         dataloader_num_workers=0,
     )
     kwargs = {}
-    if route == "cls":
+    given = None
+    if HF_ROUTES[route][1] == "cls":
         kwargs["optimizer_cls_and_kwargs"] = (SM3, HF_SM3)
-    elif route.startswith("instance"):
-        kwargs["optimizers"] = (SM3(model.parameters(), **HF_SM3), None)
+    elif HF_ROUTES[route][1] == "instance":
+        given = SM3(model.parameters(), **HF_SM3)
+        kwargs["optimizers"] = (given, None)
     trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[RequireSM3()], **kwargs)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     try:
@@ -401,8 +469,12 @@ def _hf_run(route: str, tmp: str) -> dict:
         error = str(err)
     engine = trainer.model_wrapped
     base = getattr(engine, "basic_optimizer", None)
+    if base is None and trainer.optimizer is not None:  # no DeepSpeed: accelerate's wrapper around the optimizer
+        base = stepped_optimizer(trainer.optimizer)
     keys = sorted({k for s in base.state.values() for k in s}) if base is not None else []
     out = dict(error=error, base=type(base).__name__, keys=keys, steps=trainer.state.global_step)
+    out["stepped_given"] = given is not None and base is given
+    out["changed"] = any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
     if error is not None:
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
             out["unchanged"] = all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
@@ -411,9 +483,6 @@ def _hf_run(route: str, tmp: str) -> dict:
     AcceleratorState._reset_state(True)
     unset_hf_deepspeed_config()
     return out
-
-
-HF_ROUTES = ["config", "cls", "instance", "instance+section"]
 
 
 def _hf_session(rank: int, world: int, tmp: str) -> dict:
@@ -434,14 +503,16 @@ def hf_session(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("route", ["config", "cls", "instance+section"])
+@pytest.mark.parametrize("route", ["config", "cls", "instance+section", "no-deepspeed-instance"])
 def test_hf_trainer_trains_sm3(hf_session, route):
     for result in _pick(hf_session, route):
         assert result["error"] is None, result["error"]
-        assert result["steps"] == 3
+        assert result["steps"] == 3 and result["changed"]
         assert result["base"] in ("SM3", "DeepSpeedSM3")
         assert "exp_avg" not in result["keys"] and "momentum_buffer" in result["keys"]
         assert any(k.startswith("piece") or k.startswith("mu_") for k in result["keys"])
+        if route == "no-deepspeed-instance":  # without DeepSpeed, Trainer steps the very SM3 it was given
+            assert result["stepped_given"]
 
 
 @pytest.mark.slow
@@ -452,4 +523,31 @@ def test_hf_trainer_stops_before_the_first_step_when_it_discards_sm3(hf_session)
         assert "HF Trainer is about to step AdamW, not SM3" in message
         assert "deepspeed_init discards the optimizer" in message
         assert "optimizer_cls_and_kwargs=(SM3" in message
+        assert result["steps"] == 0 and result["unchanged"]
+
+
+REQUIRE_SM3_STOPS = {
+    # a config section that builds another optimizer than the SM3 given to Trainer
+    "instance+adamw-section": [
+        "HF Trainer is about to step AdamW, not SM3",
+        "the config's \"optimizer\" section names 'AdamW'",
+    ],
+    # a config section that builds an SM3 whose hyperparameters differ from the given SM3's
+    "instance+other-sm3-section": [
+        'HF Trainer is about to step an SM3 that the DeepSpeed config\'s "optimizer" section built',
+        "its hyperparameters differ: momentum: 0.5 instead of 0.9",
+    ],
+    # no DeepSpeed, no SM3 handed to Trainer: its default optimizer
+    "no-deepspeed-default": ["HF Trainer is about to step AdamW, not SM3", "the Trainer built it from args.optim"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", list(REQUIRE_SM3_STOPS))
+def test_require_sm3_stops_before_the_first_step(hf_session, route):
+    for result in _pick(hf_session, route):
+        message = result["error"]
+        assert message is not None, f"{route}: HF Trainer stepped {result['base']} for {result['steps']} steps"
+        for part in REQUIRE_SM3_STOPS[route]:
+            assert part in message, message
         assert result["steps"] == 0 and result["unchanged"]
