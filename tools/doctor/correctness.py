@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sm3_dist.kernels.math import same_bits
+
 from .reference import Reference64
 
-__all__ = ["CASES", "KERNELS", "Case", "available_kernels", "run_checks", "same_bits"]
+__all__ = ["CASES", "KERNELS", "Case", "available_kernels", "run_checks"]
 
 KERNELS = {"single": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 """The kernels a step can run, as ``sm3()``'s flags."""
@@ -70,19 +72,6 @@ CASES = (
 )
 """The cases: dense, a dimension shard, a flat range with straddling rows, bf16, beta + bias correction (with a
 gradient scale and maximize), and a step whose ``found_inf`` is set."""
-
-
-def same_bits(a: Tensor, b: Tensor) -> bool:
-    """Bitwise equal (NaNs at the same places)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    a, b = a.detach().cpu(), b.detach().cpu()
-    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    if not torch.equal(nan_a, nan_b):
-        return False
-    ints = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}
-    ints[torch.float16] = torch.int16
-    return torch.equal(a.view(ints[a.dtype])[~nan_a], b.view(ints[b.dtype])[~nan_b])
 
 
 def _inputs(case: Case) -> dict[str, Any]:

@@ -6,22 +6,11 @@ import itertools
 import math
 
 import torch
-from torch import Tensor
+
+from sm3_dist.kernels.math import same_bits
 
 from .scan_finalize import FinalizePlan, nonfinite_
 from .step import TritonPlan
-
-
-def _same_bits(a: Tensor, b: Tensor) -> bool:
-    """Bitwise equal, NaN payloads apart (NaN at the same places)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    a, b = a.detach().cpu(), b.detach().cpu()
-    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    if not torch.equal(nan_a, nan_b):
-        return False
-    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
-    return torch.equal(a.view(ints)[~nan_a], b.view(ints)[~nan_b])
 
 
 def _check_cases():
@@ -144,12 +133,12 @@ def _run_check_case(spec: dict, device: torch.device, steps: int = 2) -> dict:
             store_maxima(list(aa), list(maxima), keep)
     bad = []
     for k in range(len(shapes)):
-        if not _same_bits(d_params[k], params[k]):
+        if not same_bits(d_params[k], params[k]):
             bad.append(f"param {k} {tuple(shapes[k])}")
-        if bufs[k] is not None and not _same_bits(d_bufs[k], bufs[k]):
+        if bufs[k] is not None and not same_bits(d_bufs[k], bufs[k]):
             bad.append(f"momentum {k}")
         for d, (x, y) in enumerate(zip(d_accs[k], accs[k])):
-            if not _same_bits(x, y):
+            if not same_bits(x, y):
                 bad.append(f"accumulator {k}.{d}")
     return {"ok": not bad, "mismatches": bad}
 
