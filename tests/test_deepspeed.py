@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from tests.common import run_distributed, shared_result
+from tests.common import run_distributed, same_bits, shared_result
 from tests.deepspeed_models import (
     ENV,
     MODELS,
@@ -239,7 +239,20 @@ def _raise(engine, run: Run, rank: int, world: int) -> dict:
     return dict(message=message, target=(name, index), unchanged=_same(before, _snapshot(engine)))
 
 
-def _corrupt(engine, model, how: str) -> str | None:
+def _everything(engine, model) -> dict:
+    """The module's parameters, the base optimizer's (ZeRO's fp32 partitions), its state and its step counts."""
+    base = engine.basic_optimizer
+    params = [p for g in base.param_groups for p in g["params"]]
+    return dict(
+        module={n: p.detach().clone() for n, p in model.named_parameters()},
+        partitions=[p.detach().clone() for p in params],
+        state=[{k: v.clone() if torch.is_tensor(v) else v for k, v in base.state[p].items()} for p in params],
+        groups=[{k: v for k, v in g.items() if k != "params"} for g in base.param_groups],
+    )
+
+
+def _corrupt(engine, model, how: str) -> dict:
+    """The first step on partitions whose layout cannot be recovered: its message, and whether anything changed."""
     from sm3_dist import UnsupportedLayoutError
 
     for p in model.parameters():
@@ -248,11 +261,12 @@ def _corrupt(engine, model, how: str) -> str | None:
         elif how == "moved":
             p.data = p.data.clone()  # no longer a view of ZeRO's flat buffer
     engine.backward(loss_of(engine, "net", 0))
+    before = _everything(engine, model)
     try:
         engine.step()
     except UnsupportedLayoutError as err:
-        return str(err)
-    return None
+        return dict(message=str(err), before=before, after=_everything(engine, model))
+    return dict(message=None)
 
 
 def _session(rank: int, world: int, runs: list[Run]) -> dict[str, dict]:
@@ -269,7 +283,7 @@ def _session(rank: int, world: int, runs: list[Run]) -> dict[str, dict]:
             elif run.scenario == "poison":
                 out[run.name] = _poison(engine, run, rank)
             else:
-                out[run.name] = dict(message=_corrupt(engine, model, run.scenario.split(":")[1]))
+                out[run.name] = _corrupt(engine, model, run.scenario.split(":")[1])
             engine.destroy()
         except Exception:
             out[run.name] = dict(error=traceback.format_exc())
@@ -514,3 +528,15 @@ def test_unrecoverable_partition_raises_naming_version_and_stage(sessions):
             assert f"DeepSpeed {deepspeed.__version__}, ZeRO stage 2" in message
             assert reason in message
             assert "diagonal" in message
+            # an error before the first update: every parameter, partition, state and group entry as before
+            before, after = result["before"], result["after"]
+            assert before["module"].keys() == after["module"].keys()
+            for name, value in before["module"].items():
+                assert same_bits(value, after["module"][name]), f"{how}: {name} changed"
+            assert len(before["partitions"]) == len(after["partitions"])
+            for k, (a, b) in enumerate(zip(before["partitions"], after["partitions"])):
+                assert same_bits(a, b), f"{how}: partition {k} changed"
+            assert before["groups"] == after["groups"], f"{how}: a param group entry changed"
+            for k, (a, b) in enumerate(zip(before["state"], after["state"])):
+                assert a.keys() == b.keys(), f"{how}: state of partition {k} changed: {sorted(a)} -> {sorted(b)}"
+                assert all(same_bits(a[key], b[key]) for key in a if torch.is_tensor(a[key])), k
