@@ -4,8 +4,8 @@ Each example checks its own result (per-dimension state, a falling loss, the
 optimizer that steps) and ends by printing a line starting with ``ok:``; a test
 starts it with the launcher README gives (``torchrun``; ``ACCELERATE_USE_CPU=1``
 for accelerate's DDP; ``DS_ACCELERATOR=cpu`` for DeepSpeed) and checks the exit
-status and that line (the DeepSpeed script at ZeRO-3; every stage of that path is
-tested in ``test_user_paths.py``). accelerate's FSDP2 plugin does not shard on
+status and that line (the DeepSpeed script at each of the stages README names,
+1, 2 and 3; that path against single-process SM3 is tested in ``test_user_paths.py``). accelerate's FSDP2 plugin does not shard on
 CPU: that example runs where a GPU is present.
 """
 
@@ -27,7 +27,14 @@ EXAMPLES = {
     "plain_pytorch": ([sys.executable, "examples/plain_pytorch.py"], {}, ()),
     "ddp_sharded": ([*TORCHRUN, "examples/ddp_sharded.py"], {}, ()),
     "fsdp2": ([*TORCHRUN, "examples/fsdp2.py"], {}, ()),
-    "deepspeed_initialize-zero3": ([*TORCHRUN, "examples/deepspeed_initialize.py", "--stage", "3"], DS, ("deepspeed",)),
+    **{
+        f"deepspeed_initialize-zero{stage}": (
+            [*TORCHRUN, "examples/deepspeed_initialize.py", "--stage", str(stage)],
+            DS,
+            ("deepspeed",),
+        )
+        for stage in (1, 2, 3)  # README: --stage 1|2|3
+    },
     "accelerate_ddp": ([*TORCHRUN, "examples/accelerate_ddp.py"], {"ACCELERATE_USE_CPU": "1"}, ("accelerate",)),
     "accelerate_ddp-sharded": (
         [*TORCHRUN, "examples/accelerate_ddp.py", "--sharded"],
