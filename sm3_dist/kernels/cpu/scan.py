@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 
 import torch
@@ -25,14 +26,14 @@ def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
     lib = library.load()
     if lib is None:
         raise RuntimeError("the native SM3 kernel is unavailable: its scan cannot run")
-    fields = torch.tensor(
-        [[t.data_ptr() for t in tensors], [t.numel() for t in tensors], [SCAN_CODES[t.dtype] for t in tensors]],
-        dtype=torch.int64,
-    )
+    # int64 arrays of the standard library (no tensor allocation in the step's check)
+    ptrs = array("q", [t.data_ptr() for t in tensors])
+    numels = array("q", [t.numel() for t in tensors])
+    kinds = array("q", [SCAN_CODES[t.dtype] for t in tensors])
     index = lib.sm3_native_first_nonfinite(
-        fields[0].data_ptr(),
-        fields[1].data_ptr(),
-        fields[2].data_ptr(),
+        ptrs.buffer_info()[0],
+        numels.buffer_info()[0],
+        kinds.buffer_info()[0],
         len(tensors),
         torch.get_num_threads(),
         library.TILE_ELEMS,
