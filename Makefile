@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup test train bench lint gpu-wheels
+.PHONY: setup test test-aarch64 train bench lint gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ setup: $(VENV)/.installed
 test: $(VENV)/.installed
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# the native kernel's aarch64 (NEON) build under qemu, bitwise against the eager kernel (installs
+# g++-aarch64-linux-gnu and qemu-user with apt-get when missing; not in CI: the install takes minutes)
+test-aarch64: $(VENV)/.installed
+	PY=$(PY) tools/test_aarch64.sh
 
 train: $(VENV)/.installed
 	$(VENV)/bin/sm3-dist train --compare sm3,adamw
