@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SM3 with beta > 0: divide the average by 1 - beta^t in the update, as Adam does "
                    "(no effect with --beta 0)")  # fmt: skip
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip-grad-norm", type=float, default=0.0, metavar="NORM",
+                   help="clip the gradients' global L2 norm to NORM before each step, every optimizer (0: no clip; "
+                   "under DeepSpeed the config's gradient_clipping)")  # fmt: skip
     p.add_argument("--warmup-fraction", type=float, default=SCHEDULE["warmup_fraction"],
                    help="quadratic warm-up over this part of the run (every optimizer)")  # fmt: skip
     p.add_argument("--cooldown-fraction", type=float, default=SCHEDULE["cooldown_fraction"],
@@ -306,6 +309,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
     if not 0.0 <= args.beta < 1.0:
         raise UsageError(f"--beta must be in [0, 1), got {args.beta}")
+    if not (args.clip_grad_norm >= 0 and math.isfinite(args.clip_grad_norm)):
+        raise UsageError(f"--clip-grad-norm must be >= 0, got {args.clip_grad_norm}")
     if args.polyak is not None and not 0.0 <= args.polyak < 1.0:
         raise UsageError(f"--polyak decay must be in [0, 1), got {args.polyak}")
     for name in ("warmup_fraction", "cooldown_fraction"):
@@ -424,6 +429,8 @@ def optimizer_config(args: argparse.Namespace, deepspeed_config: dict | None) ->
         "warmup_fraction": args.warmup_fraction,
         "cooldown_fraction": args.cooldown_fraction,
     }
+    if args.clip_grad_norm > 0:
+        config["clip_grad_norm"] = args.clip_grad_norm
     if args.optimizer == "sm3":
         config.update(momentum=args.momentum, beta=args.beta, momentum_dtype=args.momentum_dtype,
                       bias_correction=bool(args.bias_correction and args.beta > 0))  # fmt: skip

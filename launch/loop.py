@@ -109,6 +109,8 @@ class Trainer:
         self.backend.backward(loss)
         if self.backend.gradients_visible and faults.fault("grad", step, self.rank):
             faults.poison_gradients(self.parts.module)
+        if self.backend.gradients_visible and args.clip_grad_norm > 0:  # DeepSpeed clips inside its step
+            torch.nn.utils.clip_grad_norm_(self.parts.module.parameters(), args.clip_grad_norm)
         self.backend.step()
         self.scheduler.step()
         if self.parts.ema is not None:

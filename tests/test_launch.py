@@ -431,3 +431,18 @@ def test_deepspeed_config_batch_and_lr_are_used_unless_given():
         job_config.validate(
             parser.parse_args(["--setup", "deepspeed", "--deepspeed-config", path, "--batch-size", "6"]), {}
         )
+
+
+def test_clip_grad_norm_is_recorded_and_reaches_deepspeed():
+    parser = job_config.build_parser()
+    plan = job_config.validate(parser.parse_args(["--clip-grad-norm", "1.0"]), env={})
+    assert job_config.optimizer_config(plan.args, None)["clip_grad_norm"] == 1.0
+    assert "clip_grad_norm" not in job_config.optimizer_config(
+        job_config.validate(parser.parse_args([]), {}).args, None
+    )
+    with pytest.raises(job_config.UsageError, match="--clip-grad-norm"):
+        job_config.validate(parser.parse_args(["--clip-grad-norm", "-1"]), env={})
+    args = parser.parse_args(["--setup", "deepspeed", "--clip-grad-norm", "0.5"])
+    args.lr, args.batch_size = 0.05, 16
+    filled, _ = fill_config({"gradient_clipping": 1.0, "optimizer": {"type": "SM3"}}, args, world_size=2)
+    assert filled["gradient_clipping"] == 0.5

@@ -31,7 +31,9 @@ def fill_config(config: dict, args: argparse.Namespace, world_size: int) -> tupl
         section = config.get(key)
         if isinstance(section, dict) and section.get("enabled") == "auto":
             section["enabled"] = False
-    if config.get("gradient_clipping") == "auto":
+    if getattr(args, "clip_grad_norm", 0.0) > 0:
+        config["gradient_clipping"] = args.clip_grad_norm
+    elif config.get("gradient_clipping") == "auto":
         config.pop("gradient_clipping")
     config.pop("scheduler", None)  # the job's own warm-up schedule drives the learning rate
     section = config.get("optimizer")
