@@ -271,7 +271,7 @@ def test_command_end_to_end(tmp_path, capsys):
     assert quality.main([*argv, "--report-only"]) == 0
 
 
-def _record(optimizer, variant, lr, seed, final):
+def _margin_record(optimizer, variant, lr, seed, final):
     return {"optimizer": optimizer, "variant": variant, "lr": lr, "seed": seed, "final": final, "final_polyak": final,
             "diverged": final is None, "evals": []}  # fmt: skip
 
@@ -286,7 +286,7 @@ def test_margin_runs_each_default_form_at_multiples_of_its_rate():
     assert rates[("sm3", 1.0)] == default_lr("sm3", "tiny")
     assert rates[("adamw", 2.0)] == pytest.approx(2 * default_lr("adamw", "tiny"))
     runs = {
-        s.key: _record(s.optimizer, s.variant, s.lr, s.seed, None if (s.optimizer, s.lr) == ("sm3", rates[("sm3", 2.0)]) and s.seed else 2.0 + s.lr)
+        s.key: _margin_record(s.optimizer, s.variant, s.lr, s.seed, None if (s.optimizer, s.lr) == ("sm3", rates[("sm3", 2.0)]) and s.seed else 2.0 + s.lr)
         for s in specs
     }  # fmt: skip
     text = quality.margin_markdown(runs, rates, [0, 1], Setup(data="stdlib"), "cmd")
