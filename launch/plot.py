@@ -75,6 +75,13 @@ def plot_runs(runs: Sequence[tuple[str, str | Path]], out: str | Path, *, title:
     ax.legend()
     if title:
         ax.set_title(title, fontsize=10)
+    return _save(fig, out)
+
+
+def _save(fig, out: str | Path) -> Path:
+    """Lay out, write and close ``fig`` as ``out`` (its folder made if missing)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,12 +124,7 @@ def plot_compare(runs: Sequence[tuple[str, str | Path]], out: str | Path, *, tit
     ax.legend(fontsize=8, title="optimizer: final held-out loss, optimizer state per rank", title_fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

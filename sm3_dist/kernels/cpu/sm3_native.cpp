@@ -57,6 +57,18 @@ inline bf16_t f32_to_bf16(float f) {
   return bf16_t((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
 }
 
+// The calling OpenMP thread's share [lo, hi) of `total` elements: one contiguous range per thread, the same
+// split for the step and the scan.
+inline void my_share(int64_t total, int64_t& lo, int64_t& hi) {
+  int64_t me = 0, team = 1;
+#ifdef _OPENMP
+  me = omp_get_thread_num();
+  team = omp_get_num_threads();
+#endif
+  lo = total * me / team;
+  hi = total * (me + 1) / team;
+}
+
 struct VS {
   typedef float F;
   static constexpr int W = 1;
@@ -475,12 +487,8 @@ extern "C" int64_t sm3_native_first_nonfinite(const int64_t* ptrs, const int64_t
     // Each thread reads the contiguous range of the elements a step's thread takes (sm3_native_step splits
     // alike when the scanned tensors are its gradients), last span first: it ends on the gradients its step
     // starts with, which are then still in its caches.
-    int64_t me = 0, team = 1;
-#ifdef _OPENMP
-    me = omp_get_thread_num();
-    team = omp_get_num_threads();
-#endif
-    const int64_t lo = total * me / team, hi = total * (me + 1) / team;
+    int64_t lo = 0, hi = 0;
+    my_share(total, lo, hi);
     for (int64_t t = nspans - 1; t >= 0; --t) {
       const Span& s = spans[t];
       if (s.offset < lo || s.offset >= hi) continue;
@@ -577,12 +585,8 @@ extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const doubl
     tile_start[t + 1] = tile_start[t] + (std::min(b.rows, r0 + p.rb) - r0) * (std::min(b.cols, c0 + p.cb) - c0);
   }
   auto work = [&]() {
-    int64_t me = 0, team = 1;
-#ifdef _OPENMP
-    me = omp_get_thread_num();
-    team = omp_get_num_threads();
-#endif
-    const int64_t lo = total * me / team, hi = total * (me + 1) / team;
+    int64_t lo = 0, hi = 0;
+    my_share(total, lo, hi);
     for (int64_t t = 0; t < ntiles; ++t) {
       if (tile_start[t] < lo || tile_start[t] >= hi) continue;
       const Tile& tl = tiles[t];
