@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 from sm3_dist.launch import checkpoint, config, faults, train
+from sm3_dist.launch.defaults import SM3_RECOMMENDED
 
 from tests.test_launch import ROOT, SMALL, _env
 
@@ -260,7 +261,8 @@ BAD_CHECKPOINTS = [
     ("sharded", None, ["--lr", "0.05"],
      ["{ckpt}/manifest.json: optimizer config hash", "lr=0.03 in the checkpoint, 0.05 in this run"]),
     ("sharded", None, ["--momentum", "0.5", "--beta", "0.9"],
-     ["beta=0.0 in the checkpoint, 0.9 in this run; ", "momentum=0.9 in the checkpoint, 0.5 in this run"]),
+     [f"beta={SM3_RECOMMENDED['beta']} in the checkpoint, 0.9 in this run; ",
+      f"momentum={SM3_RECOMMENDED['momentum']} in the checkpoint, 0.5 in this run"]),
     ("sharded", None, ["--steps", "20"], ["steps=10 in the checkpoint, 20 in this run"]),
     ("deepspeed", None, ["--nproc", "3", "--batch-size", "6"],
      ["{ckpt}/manifest.json: checkpoint holds deepspeed state of 2 ranks, which this setup cannot reshard; "
