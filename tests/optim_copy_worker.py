@@ -63,4 +63,6 @@ def sharded_copy_worker(rank: int, world_size: int) -> dict:
         results["subgroup"] = "copied"
     except TypeError as err:
         results["subgroup"] = str(err)
+    # no rank leaves (taking rank 0's store with it) while another is still connecting the subgroup through it
+    dist.barrier(group=subgroup)
     return results
