@@ -27,6 +27,7 @@ __all__ = [
     "dtensor_spec",
     "first_device",
     "group_key",
+    "is_dtensor",
     "local_spec",
     "register_swap_explainer",
 ]
@@ -144,7 +145,7 @@ def default_spec(param: Tensor, name: str) -> ShardSpec:
     A parameter a framework marks as a flat piece is refused: treating it as a
     whole tensor would silently give per-element accumulators.
     """
-    if _is_dtensor(param):
+    if is_dtensor(param):
         return dtensor_spec(param, name)
     for marker, advice in _FLAT_PIECE_MARKERS.items():
         if getattr(param, marker, False):
@@ -208,7 +209,7 @@ class LayoutGuard:
 
     def __call__(self, tensor: Tensor) -> ShardSpec | None:
         spec = self.resolver(tensor) if self.resolver is not None else None
-        if spec is not None or _is_dtensor(tensor):
+        if spec is not None or is_dtensor(tensor):
             return spec
         if self._ids is None:
             self._ids = {id(p) for params in self.built_on for p in params}
@@ -242,7 +243,7 @@ class LayoutGuard:
 _DTENSOR_TYPE: list[type] = []
 
 
-def _is_dtensor(t: Tensor) -> bool:
+def is_dtensor(t: Tensor) -> bool:
     if not _DTENSOR_TYPE:  # imported on first use: the optimizer step asks this of every tensor
         try:
             from torch.distributed.tensor import DTensor
@@ -254,7 +255,7 @@ def _is_dtensor(t: Tensor) -> bool:
 
 def to_local(t: Tensor | None) -> Tensor | None:
     """The local tensor of a DTensor; anything else as it is."""
-    if t is not None and _is_dtensor(t):
+    if t is not None and is_dtensor(t):
         return t.to_local()
     return t
 

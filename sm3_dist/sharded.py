@@ -48,7 +48,7 @@ from torch.optim import Optimizer
 from sm3_dist.comm import MaxReducer, all_gather_flat
 from sm3_dist.layout import TensorLayout, flat_range_piece, normalize_shape
 from sm3_dist.optimizer import SM3
-from sm3_dist.placement import ShardSpec, _is_dtensor
+from sm3_dist.placement import ShardSpec, is_dtensor
 from sm3_dist.state import MOMENTUM_KEY, SKIPPED_KEY, STEP_KEY, accumulator_key, check_groups, check_param_state
 
 __all__ = ["CommVolume", "FlatPartition", "ShardedSM3"]
@@ -543,7 +543,7 @@ def _starts(groups: list[dict[str, Any]]) -> list[int]:
 
 
 def _check_param(p: Tensor, name: str) -> None:
-    if _is_dtensor(p):
+    if is_dtensor(p):
         raise TypeError(
             f"{name}: a DTensor (FSDP2/tensor-parallel) parameter; ShardedSM3 is for replicated DDP "
             "parameters, use sm3_dist.SM3 on sharded parameters"
