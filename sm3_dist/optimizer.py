@@ -116,6 +116,12 @@ class SM3(NonfiniteSteps, Optimizer):
         bias_correction: with ``beta > 0``, divide ``nu`` by ``1 - beta ** step`` for the update only, as
             Adam corrects its zero-initialised second moment (the accumulators keep the plain average, so the
             state is unchanged); ``step`` is the parameter's step count. Default False.
+        update_clip: 0 (default, the paper's rule) or a bound ``c > 0``: each coordinate of the preconditioned
+            update ``g / sqrt(nu_hat + eps)`` is clipped to ``[-c, c]`` before momentum. SM3's ``nu`` bounds
+            each coordinate's own average from above, so ``|u| < 1`` almost everywhere and the clip acts on
+            the coordinates a gradient spike hits (up to ``sqrt(1 / (1 - beta))`` with the moving average);
+            ``c = 1`` is part of the recommended setting (``sm3_dist.launch.defaults.SM3_RECOMMENDED``).
+            Per element, so sharded steps stay bitwise equal to single-process ones.
         capturable: keep step counts on the parameters' device even for CPU parameters and never read a
             device value on the host inside ``step`` (as ``torch.optim.Adam(capturable=True)``), so that a
             step on an accelerator can be captured in a CUDA graph (give ``lr`` as a device tensor then).
@@ -151,8 +157,11 @@ class SM3(NonfiniteSteps, Optimizer):
         shard_resolver: SpecResolver | None = None,
         bias_correction: bool = False,
         capturable: bool = False,
+        update_clip: float = 0.0,
     ) -> None:
-        check_hyperparameter_values(lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay)
+        check_hyperparameter_values(
+            lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay, update_clip=update_clip
+        )
         if foreach and fused:
             raise ValueError("foreach and fused cannot both be True: choose one kernel")
         if nonfinite not in NONFINITE_POLICIES:
@@ -170,6 +179,7 @@ class SM3(NonfiniteSteps, Optimizer):
             fused=fused,
             bias_correction=bool(bias_correction),
             capturable=bool(capturable),
+            update_clip=float(update_clip),
         )
         # a counter, not a hyperparameter: in every group from the start, so that a checkpoint template made
         # from a fresh optimizer (dcp.load fills only the keys it has) carries it
@@ -199,7 +209,7 @@ class SM3(NonfiniteSteps, Optimizer):
                     )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for key in ("lr", "momentum", "beta", "eps", "weight_decay"):
+        for key in ("lr", "momentum", "beta", "eps", "weight_decay", "update_clip"):
             if key in param_group:
                 check_hyperparameter_values(**{key: param_group[key]})
         super().add_param_group(param_group)

@@ -178,7 +178,9 @@ def check_hyperparameters(saved_groups: Sequence[Mapping[str, Any]], who: str = 
                 "comes from another optimizer"
             )
         try:
-            check_hyperparameter_values(**{key: group[key] for key in HYPERPARAMETERS})
+            # update_clip is checked where present (a state saved before it existed takes this optimizer's)
+            optional = {key: group[key] for key in ("update_clip",) if key in group}
+            check_hyperparameter_values(**{key: group[key] for key in HYPERPARAMETERS}, **optional)
         except ValueError as err:
             raise ValueError(f"{who}: param group {gi}: {err}") from None
 

@@ -19,6 +19,8 @@ rank-0 or rank-1 tensor this is one accumulator per element (diagonal AdaGrad).
        \quad(\text{bias correction: } 1 - \beta^t;\ \hat\nu = \nu \text{ without}) \\
    &u \leftarrow g \cdot 1/\sqrt{\hat\nu + \epsilon}
        \quad (\epsilon = 0:\ u = 0 \text{ where } \nu = 0,\ \text{the 0/0 = 0 convention}) \\
+   &u \leftarrow \min(\max(u, -c), c) \quad (\text{update\_clip } c > 0)
+       &&(\text{per coordinate}) \\
    &m \leftarrow \text{momentum} \cdot m + (1 - \text{momentum})\, u;\quad u \leftarrow m
        &&(\text{momentum} > 0) \\
    &w \leftarrow w - \text{lr} \cdot u
@@ -158,11 +160,17 @@ def _nu(accumulators: Sequence[Tensor], g: Tensor, rule: UpdateRule) -> Tensor:
 
 def _preconditioned(g: Tensor, nu: Tensor, rule: UpdateRule, nu_divisor: float | Tensor | None) -> Tensor:
     """``u = g / sqrt(nu_hat + eps)`` with ``nu_hat = nu / nu_divisor``; with ``eps = 0``, 0 where ``nu_hat = 0``
-    (the 0/0 = 0 convention). A new tensor; ``nu`` is left as it is."""
+    (the 0/0 = 0 convention); clipped to ``[-update_clip, update_clip]`` where that is set. A new tensor;
+    ``nu`` is left as it is."""
     nu_hat = nu if nu_divisor is None else nu / divisor(nu_divisor, nu)
     if rule.eps > 0.0:
-        return _rsqrt_(nu_hat + rule.eps).mul_(g)
-    return torch.where(nu_hat > 0, g * _rsqrt_(nu_hat.clone()), torch.zeros((), dtype=g.dtype, device=g.device))
+        update = _rsqrt_(nu_hat + rule.eps).mul_(g)
+    else:
+        update = torch.where(nu_hat > 0, g * _rsqrt_(nu_hat.clone()), torch.zeros((), dtype=g.dtype, device=g.device))
+    if rule.update_clip > 0.0:
+        # max then min, NaN propagating (as torch.clamp): the fused kernels compute the same two operations
+        update.clamp_min_(-rule.update_clip).clamp_max_(rule.update_clip)
+    return update
 
 
 def single_block(
@@ -280,6 +288,9 @@ def _foreach_batch(batch, params, grads, momentum_buffers, accumulators, results
     else:
         zero = torch.zeros((), dtype=ps[0].dtype, device=ps[0].device)
         updates = [torch.where(nu > 0, g * _rsqrt_(nu.clone()), zero) for nu, g in zip(nu_hats, gs)]
+    if rule.update_clip > 0.0:
+        torch._foreach_clamp_min_(updates, -rule.update_clip)
+        torch._foreach_clamp_max_(updates, rule.update_clip)
     with_momentum = [momentum_buffers[i] for i in batch if momentum_buffers[i] is not None]
     if with_momentum:
         torch._foreach_mul_(with_momentum, rule.momentum)

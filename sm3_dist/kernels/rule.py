@@ -34,6 +34,10 @@ class UpdateRule:
     """With ``beta > 0``: divide ``nu`` by ``1 - beta ** step`` for the update only (the accumulators keep the
     uncorrected average), as Adam corrects its zero-initialised second moment. The kernels take the divisor as
     ``nu_divisor``; :meth:`nu_divisor` computes it."""
+    update_clip: float = 0.0
+    """0: off. ``> 0``: each coordinate of the preconditioned update ``u = g / sqrt(nu_hat + eps)`` is clipped
+    to ``[-update_clip, update_clip]`` before momentum (a per-coordinate bound on the step, local to each
+    element, so sharded and single-process steps stay bitwise equal)."""
 
     @classmethod
     def of_group(cls, group: Mapping[str, Any]) -> UpdateRule:
@@ -45,6 +49,7 @@ class UpdateRule:
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
             bias_correction=group.get("bias_correction", False),
+            update_clip=group.get("update_clip", 0.0),
         )
 
     def nu_divisor(self, step: int) -> float | None:
@@ -61,7 +66,8 @@ class UpdateRule:
 
 
 def check_hyperparameter_values(**values: Any) -> None:
-    """Raise ``ValueError`` naming the first of ``lr``, ``momentum``, ``beta``, ``eps`` and ``weight_decay`` given
+    """Raise ``ValueError`` naming the first of ``lr``, ``momentum``, ``beta``, ``eps``, ``weight_decay`` and
+    ``update_clip`` given
     that is not a valid value (only ``lr`` may be a tensor: one real element, of any shape)."""
     for name, value in values.items():
         if isinstance(value, Tensor):
@@ -79,7 +85,7 @@ def check_hyperparameter_values(**values: Any) -> None:
             value = value.item()
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise ValueError(f"Invalid {name}: {value!r} (a finite number is required)")
-        if name in ("lr", "eps", "weight_decay") and value < 0.0:
+        if name in ("lr", "eps", "weight_decay", "update_clip") and value < 0.0:
             raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
         if name in ("momentum", "beta") and not 0.0 <= value < 1.0:
             raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")
