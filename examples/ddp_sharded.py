@@ -13,7 +13,7 @@ torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(device)
 ddp = torch.nn.parallel.DistributedDataParallel(model)
 # after the model is final (wrapped, on its device)
-opt = ShardedSM3(ddp.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True)
+opt = ShardedSM3(ddp.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True, update_clip=1.0)
 gen = torch.Generator().manual_seed(rank)
 for _ in range(20):
     x, y = torch.randn(32, 16, generator=gen).to(device), torch.randn(32, 4, generator=gen).to(device)

@@ -25,7 +25,7 @@ torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
 engine, *_ = deepspeed.initialize(
     model=model,
-    optimizer=SM3(model.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True),
+    optimizer=SM3(model.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True, update_clip=1.0),
     config=config,
 )
 gen = torch.Generator().manual_seed(engine.global_rank)

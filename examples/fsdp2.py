@@ -16,7 +16,7 @@ for layer in (model[0], model[2]):
     fully_shard(layer)
 fully_shard(model)
 # state kept as DTensors: DCP saves and reshards it
-opt = SM3(model.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True)
+opt = SM3(model.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True, update_clip=1.0)
 gen = torch.Generator().manual_seed(dist.get_rank())
 for _ in range(20):
     x, y = torch.randn(32, 16, generator=gen).to(device), torch.randn(32, 4, generator=gen).to(device)

@@ -7,7 +7,7 @@ from sm3_dist.schedules import warmup_cooldown
 
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
-opt = SM3(model.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True)
+opt = SM3(model.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True, update_clip=1.0)
 sched = warmup_cooldown(opt, total_steps=50, cooldown_fraction=0.1)  # warm-up 5% (quadratic), cool-down 10%
 x, y = torch.randn(64, 16), torch.randn(64, 4)
 losses = []

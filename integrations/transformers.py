@@ -35,7 +35,7 @@ from sm3_dist.sharded import ShardedSM3
 
 __all__ = ["RequireSM3", "stepped_optimizer"]
 
-_COMPARED = ("lr", "momentum", "beta", "eps", "weight_decay")
+_COMPARED = ("lr", "momentum", "beta", "eps", "weight_decay", "bias_correction", "update_clip")
 
 
 def stepped_optimizer(optimizer: Any) -> Any:

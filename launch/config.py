@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=SM3_RECOMMENDED["bias_correction"],
                    help="SM3 with beta > 0: divide the average by 1 - beta^t in the update, as Adam does "
                    "(no effect with --beta 0)")  # fmt: skip
+    p.add_argument("--update-clip", type=float, default=SM3_RECOMMENDED["update_clip"], metavar="C",
+                   help="SM3: clip each coordinate of the preconditioned update to [-C, C] before momentum "
+                   "(0: the paper's unclipped rule)")  # fmt: skip
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip-grad-norm", type=float, default=0.0, metavar="NORM",
                    help="clip the gradients' global L2 norm to NORM before each step, every optimizer (0: no clip; "
@@ -309,6 +312,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
     if not 0.0 <= args.beta < 1.0:
         raise UsageError(f"--beta must be in [0, 1), got {args.beta}")
+    if not (args.update_clip >= 0 and math.isfinite(args.update_clip)):
+        raise UsageError(f"--update-clip must be >= 0 (0: no clip), got {args.update_clip}")
     if not (args.clip_grad_norm >= 0 and math.isfinite(args.clip_grad_norm)):
         raise UsageError(f"--clip-grad-norm must be >= 0, got {args.clip_grad_norm}")
     if args.polyak is not None and not 0.0 <= args.polyak < 1.0:
@@ -433,10 +438,11 @@ def optimizer_config(args: argparse.Namespace, deepspeed_config: dict | None) ->
         config["clip_grad_norm"] = args.clip_grad_norm
     if args.optimizer == "sm3":
         config.update(momentum=args.momentum, beta=args.beta, momentum_dtype=args.momentum_dtype,
-                      bias_correction=bool(args.bias_correction and args.beta > 0))  # fmt: skip
+                      bias_correction=bool(args.bias_correction and args.beta > 0),
+                      update_clip=args.update_clip)  # fmt: skip
     section = (deepspeed_config or {}).get("optimizer") or {}
     if isinstance(section, dict) and str(section.get("type", "")).lower() == DS_OPTIMIZER_TYPES[args.optimizer].lower():
-        fixed = {"lr", "weight_decay", "momentum", "beta", "momentum_dtype", "bias_correction"}
+        fixed = {"lr", "weight_decay", "momentum", "beta", "momentum_dtype", "bias_correction", "update_clip"}
         extra = {k: v for k, v in (section.get("params") or {}).items() if k not in fixed and v != "auto"}
         if extra:
             config["deepspeed_params"] = extra

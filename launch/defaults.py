@@ -60,7 +60,7 @@ __all__ = [
     "default_lr",
 ]
 
-SM3_RECOMMENDED = {"momentum": 0.9, "beta": 0.99, "bias_correction": True, "eps": 1e-30}
+SM3_RECOMMENDED = {"momentum": 0.9, "beta": 0.99, "bias_correction": True, "eps": 1e-30, "update_clip": 1.0}
 """SM3's measured best form, the default of ``sm3-dist train`` and of the shipped DeepSpeed configs: the moving
 average of squared gradients (``beta=0.99``) with Adam-style bias correction and momentum 0.9. The
 :class:`sm3_dist.SM3` class keeps the paper's rule as its own defaults (:data:`SM3_PAPER`, ``momentum=0``): pass

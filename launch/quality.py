@@ -27,7 +27,15 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from sm3_dist.launch.quality_run import OPTIMIZERS, VARIANT_TOKENS, RunSpec, Setup, parse_variant, run
+from sm3_dist.launch.quality_run import (
+    OPTIMIZERS,
+    UPDATE_CLIP,
+    VARIANT_TOKENS,
+    RunSpec,
+    Setup,
+    parse_variant,
+    run,
+)
 
 __all__ = ["DEFAULT_GRIDS", "build_parser", "grid", "main", "plan_runs", "summarize"]
 
@@ -296,9 +304,16 @@ def default_variant(optimizer: str) -> str:
 
     if optimizer != "sm3":
         return "cooldown"
-    if SM3_RECOMMENDED["beta"] == 0.0:
-        return "cooldown"
-    return "cooldown+ema+bc" if SM3_RECOMMENDED["bias_correction"] else "cooldown+ema"
+    tokens = ["cooldown"]
+    if SM3_RECOMMENDED["beta"] > 0.0:
+        tokens += ["ema", "bc"] if SM3_RECOMMENDED["bias_correction"] else ["ema"]
+    if SM3_RECOMMENDED["update_clip"] > 0.0:
+        if SM3_RECOMMENDED["update_clip"] != UPDATE_CLIP:
+            raise ValueError(
+                f"the recommended update_clip {SM3_RECOMMENDED['update_clip']} is not uclip's {UPDATE_CLIP}"
+            )
+        tokens.append("uclip")
+    return parse_variant("+".join(tokens)).name
 
 
 def margin_runs(

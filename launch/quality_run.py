@@ -31,12 +31,15 @@ VARIANT_TOKENS = {
     "bf16": "SM3: momentum stored in bfloat16",
     "nomom": "SM3: no momentum",
     "clip": "clip the gradients' global L2 norm to 1.0 before each step (every optimizer)",
+    "uclip": "SM3: each coordinate of the preconditioned update clipped to [-1, 1] before momentum (update_clip=1)",
 }
 """The tokens a variant is made of (joined with ``+``), and what each changes."""
 _ORDER = tuple(VARIANT_TOKENS)
-_SM3_ONLY = frozenset({"ema", "bc", "keepmax", "bf16", "nomom"})
+_SM3_ONLY = frozenset({"ema", "bc", "keepmax", "bf16", "nomom", "uclip"})
 CLIP_NORM = 1.0
 """The global gradient norm the ``clip`` variant clips to."""
+UPDATE_CLIP = 1.0
+"""SM3's ``update_clip`` in the ``uclip`` variant."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +165,8 @@ def make_optimizer(spec: RunSpec, setup: Setup, params):
             momentum_dtype=torch.bfloat16 if variant.has("bf16") else torch.float32,
             ema_keeps_max=variant.has("keepmax"),
         )
+        if variant.has("uclip"):
+            kwargs["update_clip"] = UPDATE_CLIP
         if variant.has("bc"):
             if "bias_correction" not in inspect.signature(sm3_dist.SM3).parameters:
                 raise RuntimeError("this sm3_dist.SM3 has no bias_correction option: the bc variant cannot run")

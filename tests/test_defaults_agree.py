@@ -25,7 +25,7 @@ LAUNCH = ROOT / "launch"
 JSONS = sorted((LAUNCH / "deepspeed").glob("*.json"))
 YAMLS = sorted((LAUNCH / "accelerate").glob("*.yaml"))
 README = ROOT / "README.md"
-SM3_KEYS = ("lr", "momentum", "beta", "bias_correction", "eps")
+SM3_KEYS = ("lr", "momentum", "beta", "bias_correction", "eps", "update_clip")
 """The hyperparameters a config or snippet must state (the others keep SM3's own defaults)."""
 
 
@@ -35,7 +35,7 @@ SM3_KEYS = ("lr", "momentum", "beta", "bias_correction", "eps")
 def test_job_defaults_are_the_recommended_setting():
     args = job_config.build_parser().parse_args([])
     assert args.optimizer == "sm3"
-    for key in ("momentum", "beta", "bias_correction"):
+    for key in ("momentum", "beta", "bias_correction", "update_clip"):
         assert getattr(args, key) == SM3_RECOMMENDED[key], key
     assert args.warmup_fraction == SCHEDULE["warmup_fraction"]
     assert args.cooldown_fraction == SCHEDULE["cooldown_fraction"]
@@ -43,6 +43,7 @@ def test_job_defaults_are_the_recommended_setting():
     assert plan.args.lr == default_lr("sm3", "tiny") == deepspeed_sm3_params()["lr"]
     recorded = job_config.optimizer_config(plan.args, None)
     assert recorded["bias_correction"] is True and recorded["beta"] == SM3_RECOMMENDED["beta"]
+    assert recorded["update_clip"] == SM3_RECOMMENDED["update_clip"]
 
 
 def test_beta_zero_is_the_papers_form_at_its_own_rate():
@@ -111,7 +112,7 @@ def test_accelerate_yaml_leaves_the_setting_to_the_job(path):
     """The accelerate configs state no optimizer hyperparameters: the job's defaults (or a referenced JSON) apply."""
     config = yaml.safe_load(path.read_text())
     text = json.dumps(config)
-    for key in ("lr", "learning_rate", "beta", "momentum", "bias_correction"):
+    for key in ("lr", "learning_rate", "beta", "momentum", "bias_correction", "update_clip"):
         assert f'"{key}"' not in text, (path.name, key)
     file = (config.get("deepspeed_config") or {}).get("deepspeed_config_file")
     if file:
@@ -142,6 +143,7 @@ def test_readme_first_example_shows_the_recommended_setting():
     assert float(kwargs.get("momentum", "nan")) == SM3_RECOMMENDED["momentum"], kwargs
     assert float(kwargs.get("beta", "nan")) == SM3_RECOMMENDED["beta"], kwargs
     assert kwargs.get("bias_correction") == str(SM3_RECOMMENDED["bias_correction"]), kwargs
+    assert float(kwargs.get("update_clip", "nan")) == SM3_RECOMMENDED["update_clip"], kwargs
     schedule = re.search(r"warmup_cooldown\(([^\n]*)\)", first)
     assert schedule, first
     given = {k: float(v) for k, v in _kwargs(schedule.group(1)).items() if k in SCHEDULE}

@@ -446,3 +446,28 @@ def test_clip_grad_norm_is_recorded_and_reaches_deepspeed():
     args.lr, args.batch_size = 0.05, 16
     filled, _ = fill_config({"gradient_clipping": 1.0, "optimizer": {"type": "SM3"}}, args, world_size=2)
     assert filled["gradient_clipping"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [([], 1.0), (["--update-clip", "0.5"], 0.5), (["--update-clip", "0"], 0.0)]
+)
+def test_update_clip_reaches_the_optimizer_and_deepspeed(given, expected):
+    import torch
+    from sm3_dist.launch.backends.base import make_optimizer
+
+    parser = job_config.build_parser()
+    plan = job_config.validate(parser.parse_args(given), env={})
+    assert job_config.optimizer_config(plan.args, None)["update_clip"] == expected
+    opt = make_optimizer("sm3", [torch.nn.Parameter(torch.zeros(3, 2))], plan.args)
+    assert opt.param_groups[0]["update_clip"] == expected
+    args = parser.parse_args(["--setup", "deepspeed", *given])
+    args.lr, args.batch_size = 0.05, 16
+    filled, _ = fill_config({"optimizer": {"type": "SM3"}}, args, world_size=2)
+    assert filled["optimizer"]["params"]["update_clip"] == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_bad_update_clip_is_a_usage_error(value):
+    parser = job_config.build_parser()
+    with pytest.raises(job_config.UsageError, match="--update-clip"):
+        job_config.validate(parser.parse_args(["--update-clip", value]), env={})

@@ -100,6 +100,7 @@ def test_spread_windows_cover_the_text():
         ("cooldown", "cooldown"),
         ("bc+ema+cooldown", "cooldown+ema+bc"),
         ("bf16+cooldown", "cooldown+bf16"),
+        ("uclip+bc+ema+cooldown", "cooldown+ema+bc+uclip"),
     ],
 )
 def test_variant_names_are_canonical(text, name):
@@ -115,6 +116,19 @@ def test_bad_variants(text):
 def test_sm3_only_variants():
     assert parse_variant("cooldown+ema").applies_to("sm3") and not parse_variant("cooldown+ema").applies_to("adamw")
     assert parse_variant("cooldown").applies_to("adafactor")
+    assert not parse_variant("cooldown+uclip").applies_to("adamw")
+
+
+def test_uclip_builds_sm3_with_the_update_clip():
+    import torch
+    from sm3_dist.launch.quality_run import UPDATE_CLIP, RunSpec, Setup, make_optimizer
+
+    setup = Setup(data="default")
+    params = [torch.nn.Parameter(torch.zeros(3, 2))]
+    clipped = make_optimizer(RunSpec("sm3", "cooldown+ema+bc+uclip", 1e-3, 0), setup, params)
+    plain = make_optimizer(RunSpec("sm3", "cooldown+ema+bc", 1e-3, 0), setup, params)
+    assert clipped.param_groups[0]["update_clip"] == UPDATE_CLIP > 0
+    assert plain.param_groups[0]["update_clip"] == 0.0
 
 
 def test_grid_spans_two_decades():
@@ -281,7 +295,7 @@ def test_margin_runs_each_default_form_at_multiples_of_its_rate():
 
     specs, rates = quality.margin_runs(["sm3", "adamw"], [0.5, 1.0, 2.0], [0, 1], "tiny")
     assert len(specs) == 2 * 3 * 2
-    assert {s.variant for s in specs if s.optimizer == "sm3"} == {"cooldown+ema+bc"}
+    assert {s.variant for s in specs if s.optimizer == "sm3"} == {"cooldown+ema+bc+uclip"}
     assert {s.variant for s in specs if s.optimizer == "adamw"} == {"cooldown"}
     assert rates[("sm3", 1.0)] == default_lr("sm3", "tiny")
     assert rates[("adamw", 2.0)] == pytest.approx(2 * default_lr("adamw", "tiny"))
@@ -293,9 +307,9 @@ def test_margin_runs_each_default_form_at_multiples_of_its_rate():
     rows = {
         tuple(c.strip() for c in line.split("|")[1:5]): line for line in text.splitlines() if line.startswith("| sm3")
     }
-    assert "diverged" in rows[("sm3", "cooldown+ema+bc", f"{rates[('sm3', 1.0)]:g}", "1")]
+    assert "diverged" in rows[("sm3", "cooldown+ema+bc+uclip", f"{rates[('sm3', 1.0)]:g}", "1")]
     one, two = 2.0 + rates[("sm3", 1.0)], 2.0 + rates[("sm3", 2.0)]
-    assert f"{(two / one - 1) * 100:+.1f}%" in rows[("sm3", "cooldown+ema+bc", f"{rates[('sm3', 1.0)]:g}", "0")]
+    assert f"{(two / one - 1) * 100:+.1f}%" in rows[("sm3", "cooldown+ema+bc+uclip", f"{rates[('sm3', 1.0)]:g}", "0")]
 
 
 def test_margin_command_end_to_end(tmp_path):
@@ -306,7 +320,7 @@ def test_margin_command_end_to_end(tmp_path):
     runs = json.loads((out / quality.RESULTS_FILE).read_text())
     assert len(runs["runs"]) == 4 and runs["setup"]["beta"] == 0.99
     table = (out / quality.MARGIN_FILE).read_text()
-    assert "| sm3 | cooldown+ema+bc |" in table and "| adamw | cooldown |" in table and "2x vs 1x" in table
+    assert "| sm3 | cooldown+ema+bc+uclip |" in table and "| adamw | cooldown |" in table and "2x vs 1x" in table
     assert quality.main([*argv, "--report-only"]) == 0
 
 

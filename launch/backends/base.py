@@ -25,7 +25,8 @@ __all__ = ["OPTIMIZER_FACTORIES", "Backend", "DCPBackend", "Parts", "make_optimi
 def _sm3(params: Iterable, args: argparse.Namespace, sharded: bool) -> torch.optim.Optimizer:
     kind = sm3_dist.ShardedSM3 if sharded else sm3_dist.SM3
     return kind(params, lr=args.lr, momentum=args.momentum, beta=args.beta, weight_decay=args.weight_decay,
-                bias_correction=args.bias_correction, momentum_dtype=getattr(torch, args.momentum_dtype))  # fmt: skip
+                bias_correction=args.bias_correction, momentum_dtype=getattr(torch, args.momentum_dtype),
+                update_clip=args.update_clip)  # fmt: skip
 
 
 def _torch_optimizer(kind: type[torch.optim.Optimizer]) -> Callable[..., torch.optim.Optimizer]:

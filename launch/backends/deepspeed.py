@@ -50,6 +50,7 @@ def fill_config(config: dict, args: argparse.Namespace, world_size: int) -> tupl
             params["momentum"] = args.momentum
             params["beta"] = args.beta
             params["bias_correction"] = bool(args.bias_correction)
+            params["update_clip"] = args.update_clip
             if args.momentum_dtype != "float32":
                 params["momentum_dtype"] = args.momentum_dtype
         for key in [k for k, v in params.items() if v == "auto"]:
