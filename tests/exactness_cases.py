@@ -87,6 +87,8 @@ OPTIONS: dict[str, Option] = {
         poison={2: ("head.weight", (3, 11), math.inf), 4: ("qkv.weight", (0, 5), math.nan)},
     ),
     "ema_keeps_max": Option(dict(beta=0.9, ema_keeps_max=True)),
+    # per element: sharded steps clip exactly the coordinates the single-process step clips
+    "update_clip": Option(dict(momentum=0.9, beta=0.99, bias_correction=True, update_clip=0.5)),
 }
 GLOBAL_SETUPS = ("sharded", "fsdp2", "fsdp1")
 DEEPSPEED_SETUPS = ("zero0", "zero1", "zero2", "zero3")

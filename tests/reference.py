@@ -12,7 +12,9 @@ parameter has taken (this one included), as Adam corrects its second moment;
 the accumulators keep the plain moving average. ``ema_keeps_max`` (with
 ``beta > 0``) stores the larger of an accumulator's old value and its new
 maximum, so accumulators never decrease (the rule of the PyTorch SM3 ports);
-the update reads the new average either way.
+the update reads the new average either way. ``update_clip`` (``c > 0``) bounds
+each coordinate of the preconditioned update ``g / sqrt(nu + eps)`` to ``[-c, c]``
+before momentum (a NaN stays NaN).
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ class ReferenceSM3:
         maximize=False,
         bias_correction=False,
         ema_keeps_max=False,
+        update_clip=0.0,
     ):
         self.params = [p.detach().double().clone() for p in params]
         self.lr, self.momentum, self.beta, self.eps = lr, momentum, beta, eps
         self.weight_decay, self.maximize = weight_decay, maximize
         self.bias_correction = bias_correction
+        self.update_clip = update_clip
         self.keep_max = ema_keeps_max and beta > 0
         self.steps = [0] * len(self.params)
         self.mu = []
@@ -104,6 +108,12 @@ class ReferenceSM3:
                 u = gi / math.sqrt(v + self.eps)
             else:
                 u = 0.0 if v == 0 else gi / math.sqrt(v)
+            if self.update_clip > 0:
+                c = self.update_clip
+                if u > c:
+                    u = c
+                elif u < -c:
+                    u = -c
             if self.momentum > 0:
                 mf[flat] = self.momentum * float(mf[flat]) + (1 - self.momentum) * u
                 u = float(mf[flat])

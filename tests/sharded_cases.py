@@ -70,8 +70,10 @@ class Wide(nn.Module):
         self.b = nn.Parameter(torch.randn(3))
 
 
-MODELS = {"transformer": TinyTransformer, "wide": Wide}
-EXTRA = {"wide": dict(momentum_dtype=torch.bfloat16)}
+MODELS = {"transformer": TinyTransformer, "wide": Wide, "clipped": TinyTransformer}
+EXTRA = {"wide": dict(momentum_dtype=torch.bfloat16), "clipped": dict(bias_correction=True, update_clip=0.5)}
+"""Each kind's further SM3 keywords: ``clipped`` is the transformer with the update clipped (per element, so the
+sharded steps clip exactly the coordinates the single-process step clips)."""
 
 
 def make_sharded_model(kind: str = "transformer", seed: int = 0) -> nn.Module:
@@ -105,9 +107,12 @@ def train(opt, params, steps, start=0, scheduler=None) -> None:
             scheduler.step()
 
 
-def reference_run(kind: str, momentum: float, beta: float, steps: int = STEPS) -> tuple[list[torch.Tensor], dict]:
+def reference_run(
+    kind: str, momentum: float, beta: float, steps: int = STEPS, **overrides
+) -> tuple[list[torch.Tensor], dict]:
+    """Single-process SM3 on the kind's model (its :data:`EXTRA` keywords, ``overrides`` over them)."""
     model = make_sharded_model(kind)
-    opt = SM3(param_groups(model), lr=LR, momentum=momentum, beta=beta, **EXTRA.get(kind, {}))
+    opt = SM3(param_groups(model), lr=LR, momentum=momentum, beta=beta, **{**EXTRA.get(kind, {}), **overrides})
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     params = list(model.parameters())
     train(opt, params, steps, scheduler=scheduler)

@@ -18,6 +18,8 @@ from tests.reference import ReferenceSM3
 VARIANTS = [
     dict(momentum=0.0, beta=0.9, bias_correction=True),
     dict(momentum=0.9, beta=0.99, bias_correction=True, weight_decay=0.01, eps=0.0),
+    dict(momentum=0.9, beta=0.99, bias_correction=True, update_clip=1.0),  # the recommended setting
+    dict(momentum=0.5, beta=0.9, bias_correction=True, weight_decay=0.01, eps=0.0, update_clip=0.5),
 ]
 SHAPES = [(), (7,), (5, 6), (3, 4, 5)]
 

@@ -2,7 +2,8 @@
 
 Rows come from ``tests/exactness_cases.py`` (setups ``single``, ``sharded`` (ShardedSM3 under DDP),
 ``fsdp2``, ``fsdp1``, ``zero0``-``zero3``; options momentum, beta with bias correction, bf16 momentum, a
-non-finite step under ``nonfinite="skip"``, ``ema_keeps_max``; devices ``cpu`` and, where present, ``cuda``).
+non-finite step under ``nonfinite="skip"``, ``ema_keeps_max``, ``update_clip``; devices ``cpu`` and, where
+present, ``cuda``).
 Each row asserts the sharded run's parameters and every state entry it stores ``torch.equal`` to
 single-process SM3 fed the same global gradients; the ``single`` row asserts single-process SM3 close to
 the independent float64 reference (``tests/reference.py``). One spawned world per setup and device runs
@@ -21,7 +22,7 @@ from tests.reference import ReferenceSM3
 
 SLOW = dict.fromkeys(cases.DEEPSPEED_SETUPS, pytest.mark.slow)
 """DeepSpeed's rows: twenty engines, one after another."""
-REFERENCE_KEYS = ("momentum", "beta", "eps", "weight_decay", "bias_correction", "ema_keeps_max")
+REFERENCE_KEYS = ("momentum", "beta", "eps", "weight_decay", "bias_correction", "ema_keeps_max", "update_clip")
 
 
 def _world(setup: str) -> int:
@@ -112,6 +113,9 @@ def _single_close_to_reference(option: cases.Option, device: str) -> None:
     if device == "cpu" and bf16:
         fp32 = cases.single_run(cases.Option({**option.kwargs, "momentum_dtype": torch.float32}))
         assert any(not torch.equal(run["params"][n], fp32["params"][n]) for n in names), "bf16 momentum had no effect"
+    if device == "cpu" and option.kwargs.get("update_clip", 0.0) > 0.0:
+        unclipped = cases.single_run(cases.Option({**option.kwargs, "update_clip": 0.0}))
+        assert any(not torch.equal(run["params"][n], unclipped["params"][n]) for n in names), "the clip had no effect"
 
 
 # ---------------------------------------------------------------------------------------------- beside the table

@@ -25,7 +25,7 @@ from sm3_dist.kernels.cpu import library
 from sm3_dist.kernels.cpu.native_step import NativePlan, pack_block
 from sm3_dist.kernels.rule import UpdateRule
 from sm3_dist.layout import split_flat_range
-from tests.common import KERNELS, assert_same, clone_blocks, native_library, random_blocks
+from tests.common import KERNELS, assert_same, clone_blocks, native_library, random_blocks, same_bits
 
 SHAPES = [(37,), (13, 11), (5, 7, 9), (3, 4, 5, 6), (2, 70)]
 HYPERS = {
@@ -35,7 +35,23 @@ HYPERS = {
     "beta,bias-corrected,scaled": dict(
         lr=0.05, beta=0.9, eps=1e-30, weight_decay=0.0, maximize=False, bias_correction=True, grad_scale=8.0
     ),
+    # the update clipped: it binds on some coordinates and not on others (test_the_clip_rows_bind)
+    "clip 0.5": dict(lr=0.1, beta=0.0, eps=1e-30, weight_decay=0.0, maximize=False, update_clip=0.5),
+    "clip 1,beta,eps=0,wd,maximize": dict(
+        lr=0.05, beta=0.9, eps=0.0, weight_decay=0.01, maximize=True, update_clip=1.0
+    ),
+    "clip 1,beta,bias-corrected,scaled": dict(
+        lr=0.05,
+        beta=0.9,
+        eps=1e-30,
+        weight_decay=0.0,
+        maximize=False,
+        bias_correction=True,
+        grad_scale=8.0,
+        update_clip=1.0,
+    ),
 }
+CLIP_HYPERS = [name for name, hyper in HYPERS.items() if hyper.get("update_clip", 0.0) > 0.0]
 MOMENTA = {"none": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -134,6 +150,90 @@ def test_native_kernel_is_bitwise_eager(hyper, shape, pdtype, mdtype):
     args = (shape, PARAM_DTYPES[pdtype], MOMENTA[mdtype], HYPERS[hyper])
     ranges = _splits(shape)["whole"]
     _assert_bitwise(_run("eager", *args, ranges, momentum=0.5), _run("fused", *args, ranges, momentum=0.5))
+
+
+@pytest.mark.parametrize("hyper", CLIP_HYPERS)
+@pytest.mark.parametrize("shape", [*SHAPES, (3, 40000), (70001,)], ids=str)
+def test_the_clip_rows_bind(hyper, shape):
+    """In every clip row the clip changes some coordinates and leaves others: a kernel that ignored
+    ``update_clip`` fails the row's bitwise comparisons, one that clipped everything too."""
+    args = (shape, torch.float32, torch.float32)
+    ranges = _splits(shape)["whole"]
+    clipped = _run("eager", *args, HYPERS[hyper], ranges, momentum=0.5)
+    unclipped = _run("eager", *args, {**HYPERS[hyper], "update_clip": 0.0}, ranges, momentum=0.5)
+    changed = clipped[1] != unclipped[1]  # the momentum: u only (the parameters also see w's own rounding)
+    assert changed.any() and not changed.all(), (hyper, int(changed.sum()), changed.numel())
+
+
+# The clip at its edges, eps = 1e-45 (a subnormal) and update_clip = 0.5: a rank-1 block (nu = mu + g^2 per
+# element) of (gradient, accumulator, the update u the clip gives) cycling through these, in vector lanes and
+# in the scalar tails of every width.
+CLIP = 0.5
+CLIP_EDGES = {
+    "NaN gradient": (math.nan, 1.0, math.nan),
+    "-0 gradient": (-0.0, 1.0, -0.0),  # stays -0 (the momentum, -0 here, shows its sign)
+    "+0 gradient": (0.0, 1.0, 0.0),
+    "u = c": (1.0, 3.0, CLIP),  # 1 / sqrt(4): the bound itself
+    "u = -c": (-1.0, 3.0, -CLIP),
+    "u = +inf": (2.0**63, -(2.0**126), CLIP),  # nu = +0: 2^63 / sqrt(eps) overflows
+    "u = -inf": (-(2.0**63), -(2.0**126), -CLIP),
+    "u = 1": (1.0, 0.0, CLIP),
+    "u = -0.99": (-5.0, 0.5, -CLIP),
+    "u = 0.28": (0.3, 1.0, None),  # inside: unchanged
+    "inf gradient": (math.inf, 1.0, math.nan),  # nu = inf: 0 * inf
+}
+
+
+def _clip_edge_block(n=53):
+    edges = list(CLIP_EDGES.values())
+    g = torch.tensor([edges[k % len(edges)][0] for k in range(n)])
+    acc = torch.tensor([edges[k % len(edges)][1] for k in range(n)])
+    w = torch.linspace(-1.0, 1.0, n)
+    m = torch.full((n,), 0.25)
+    zero = g == 0.0
+    w[zero] = -0.0
+    m[zero] = -0.0  # m' = 0.9 m + 0.1 u is -0 only where u is
+    return w, g, m, acc
+
+
+def test_the_eager_clip_at_its_edges():
+    """The reference of every kernel: u clamp_min'ed to -c then clamp_max'ed to c, NaN and -0 kept."""
+    from sm3_dist.kernels.math import _preconditioned
+
+    g = torch.tensor([e[0] for e in CLIP_EDGES.values()])
+    nu = torch.tensor([e[1] for e in CLIP_EDGES.values()]) + g * g
+    got = _preconditioned(g, nu, UpdateRule(eps=1e-45, update_clip=CLIP), None)
+    plain = _preconditioned(g, nu, UpdateRule(eps=1e-45), None)
+    expected = torch.tensor([plain[k] if e[2] is None else e[2] for k, e in enumerate(CLIP_EDGES.values())])
+    assert same_bits(got, expected), (got, expected)
+    assert plain.isinf().sum() == 2 and 0 < plain[-2] < CLIP  # the edges are where they are said to be
+
+
+@pytest.mark.parametrize("eps", [1e-45, 0.0])
+@pytest.mark.parametrize("mdtype", ["fp32", "none"])
+@pytest.mark.parametrize("kernel", ["foreach", "fused"])
+def test_clip_edges_bitwise_eager(kernel, mdtype, eps):
+    """NaN, -0, +-inf and the bounds themselves through the clip: every kernel gives the eager kernel's bits
+    (the sign of zero included)."""
+    if kernel == "fused":
+        native_library()
+    rule = UpdateRule(momentum=0.9 if mdtype == "fp32" else 0.0, eps=eps, update_clip=CLIP)
+    results = {}
+    for name in ("eager", kernel):
+        w, g, m, acc = _clip_edge_block()
+        m = m if mdtype == "fp32" else None
+        maxima = functional.sm3([w], [g], [m], [[acc]], rule=rule, lr=0.1, **KERNELS[name])
+        results[name] = [w, *([] if m is None else [m]), *maxima[0]]
+    if mdtype == "fp32" and eps > 0.0:  # the eager momentum shows the clip: -0 kept, NaN only where u is NaN
+        # (with eps = 0 a NaN nu gives u = 0, and nu = 0 gives u = 0 instead of +-inf)
+        m, g = results["eager"][1], _clip_edge_block()[1]
+        edges = list(CLIP_EDGES.values())
+        nan_u = torch.tensor([edges[k % len(edges)][2] is not None and math.isnan(edges[k % len(edges)][2])
+                              for k in range(g.numel())])  # fmt: skip
+        assert torch.equal(m.isnan(), nan_u)
+        assert torch.equal(m[g == 0.0].signbit(), g[g == 0.0].signbit())
+    for a, b in zip(results["eager"], results[kernel], strict=True):
+        assert same_bits(a, b), (a, b)
 
 
 def _many_shapes_model(n=20):
@@ -236,9 +336,10 @@ def test_first_nonfinite(monkeypatch, dtype, bad, native):
         assert functional.first_nonfinite(tensors) == 0
 
 
+@pytest.mark.parametrize("hyper", ["plain", "clip 0.5"])
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("shape", [(13, 40), (5, 7, 36)], ids=str)
-def test_nonfinite_values_propagate_alike(monkeypatch, kernel, shape):
+def test_nonfinite_values_propagate_alike(monkeypatch, kernel, shape, hyper):
     """A NaN/inf gradient or accumulator (nonfinite="ignore") reaches the same elements and maxima, however cut."""
     original = _problem
 
@@ -251,7 +352,7 @@ def test_nonfinite_values_propagate_alike(monkeypatch, kernel, shape):
         return w, g, m, accs
 
     monkeypatch.setitem(globals(), "_problem", poisoned)
-    args = (shape, torch.float32, torch.float32, HYPERS["plain"])
+    args = (shape, torch.float32, torch.float32, HYPERS[hyper])
     whole = _run(kernel, *args, _splits(shape)["whole"], momentum=0.9)
     eager = _run("eager", *args, _splits(shape)["whole"], momentum=0.9)
     assert whole[0].isnan().any() and not whole[0].isnan().all()

@@ -131,7 +131,10 @@ FLAG_SETTINGS = {
     "FLAG_EPS": dict(eps=1e-3),
     "FLAG_NU_DIV": dict(eps=0.0, nu_divisor=0.19),
     "FLAG_SCALE": dict(eps=0.0, grad_scale=torch.tensor(8.0)),
-    "every flag, maximize": dict(eps=1e-3, weight_decay=0.01, beta=0.9, nu_divisor=0.19, grad_scale=torch.tensor(8.0)),
+    "FLAG_CLIP": dict(eps=0.0, update_clip=0.5),
+    "every flag, maximize": dict(
+        eps=1e-3, weight_decay=0.01, beta=0.9, nu_divisor=0.19, grad_scale=torch.tensor(8.0), update_clip=0.5
+    ),
 }
 
 

@@ -3,8 +3,9 @@
 Each x86-64 level the CPU's ``/proc/cpuinfo`` flags allow (:func:`library.executable_isas`) is built once per
 session (the shared cache) and opened as a handle of its own (:func:`library.load_isa`); the kernel test cases
 of ``tests/test_kernels.py`` and ``tests/test_native_abi.py`` (odd widths and tails, shard cuts, inf/NaN, bf16
-parameters and momentum, beta, bias correction, gradient scale, every code) then run through it. Levels the CPU
-cannot execute (AVX-512 here) are compiled, both the intrinsics and the generic body, but not run.
+parameters and momentum, beta, bias correction, gradient scale, the update clip and its edges: NaN, -0, +-inf,
+the bounds themselves; every code) then run through it. Levels the CPU cannot execute (AVX-512 here) are
+compiled, both the intrinsics and the generic body, but not run.
 
 aarch64 (NEON): where ``aarch64-linux-gnu-g++`` and ``qemu-aarch64`` are installed (``make test-aarch64``
 installs them on Debian), a driver (``tests/native/sm3_driver.cpp``) compiled for aarch64 with the kernel
@@ -75,9 +76,16 @@ def test_every_code(at_level, param_dtype, momentum_dtype, flags):
     abi_cases.test_every_code_makes_the_kernel_compute_the_eager_result(param_dtype, momentum_dtype, flags)
 
 
+@pytest.mark.parametrize("hyper", ["plain", "clip 0.5"])
 @pytest.mark.parametrize("shape", [(13, 40), (5, 7, 36)], ids=str)
-def test_nonfinite_values(at_level, monkeypatch, shape):
-    kernel_cases.test_nonfinite_values_propagate_alike(monkeypatch, "fused", shape)
+def test_nonfinite_values(at_level, monkeypatch, shape, hyper):
+    kernel_cases.test_nonfinite_values_propagate_alike(monkeypatch, "fused", shape, hyper)
+
+
+@pytest.mark.parametrize("eps", [1e-45, 0.0])
+@pytest.mark.parametrize("mdtype", ["fp32", "none"])
+def test_clip_edges(at_level, mdtype, eps):
+    kernel_cases.test_clip_edges_bitwise_eager("fused", mdtype, eps)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

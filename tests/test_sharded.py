@@ -213,7 +213,7 @@ def _session_worker(rank: int, world_size: int, jobs: dict) -> dict:
 
 
 DDP_STEPS = 6
-EXACT_RUNS = [("transformer", m, b) for m, b in HYPER] + [("wide", 0.9, 0.0)]
+EXACT_RUNS = [("transformer", m, b) for m, b in HYPER] + [("wide", 0.9, 0.0), ("clipped", 0.9, 0.99)]
 
 
 class Sessions:
@@ -270,6 +270,19 @@ def test_sharded_equals_single_process(sessions, world_size, momentum, beta):
     ref_params, ref_state = reference_run("transformer", momentum, beta)
     for rank, by_run in enumerate(sessions.exact(world_size)):
         run = by_run[("transformer", momentum, beta)]
+        for k, (p, r) in enumerate(zip(run["params"], ref_params)):
+            assert torch.equal(p, r), f"rank {rank}: parameter {k} differs from single-process SM3"
+        assert_state_equal(run["state"], ref_state)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_update_clip_sharded_equals_single_process(sessions, world_size):
+    """The update clipped (with bias correction): bitwise single-process SM3, and the clip binds."""
+    ref_params, ref_state = reference_run("clipped", 0.9, 0.99)
+    unclipped, _ = reference_run("clipped", 0.9, 0.99, update_clip=0.0)
+    assert any(not torch.equal(p, q) for p, q in zip(ref_params, unclipped)), "the clip had no effect"
+    for rank, by_run in enumerate(sessions.exact(world_size)):
+        run = by_run[("clipped", 0.9, 0.99)]
         for k, (p, r) in enumerate(zip(run["params"], ref_params)):
             assert torch.equal(p, r), f"rank {rank}: parameter {k} differs from single-process SM3"
         assert_state_equal(run["state"], ref_state)

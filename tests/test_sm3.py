@@ -25,6 +25,9 @@ HYPER = [
     dict(maximize=True, momentum=0.9),
     dict(beta=0.9, bias_correction=True),
     dict(momentum=0.9, beta=0.99, bias_correction=True, weight_decay=0.01),
+    dict(update_clip=0.5),
+    dict(eps=0.0, update_clip=0.5, maximize=True),
+    dict(momentum=0.9, beta=0.99, bias_correction=True, update_clip=1.0),
 ]
 
 
@@ -48,6 +51,19 @@ def test_matches_reference(kernel, hyper):
         ours = [opt.state[p][accumulator_key(d)].double() for d in range(ndim)]
         for a, b in zip(ours, ref.accumulators(k)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hyper", [h for h in HYPER if h.get("update_clip")], ids=str)
+def test_the_clip_binds_in_the_reference_rows(hyper):
+    """The clip rows of ``HYPER`` clip some coordinates (a kernel ignoring ``update_clip`` fails them)."""
+    torch.manual_seed(0)
+    params = [torch.randn(s) for s in SHAPES]
+    runs = [ReferenceSM3(params, lr=0.05, **{**hyper, "update_clip": c}) for c in (hyper["update_clip"], 0.0)]
+    for step in range(8):
+        grads = seeded_grads(SHAPES, step, zero_slice=hyper.get("eps") == 0.0)
+        for ref in runs:
+            ref.step(grads)
+    assert any(not torch.equal(p, q) for p, q in zip(runs[0].params, runs[1].params))
 
 
 def test_sparse_embedding_matches_reference():

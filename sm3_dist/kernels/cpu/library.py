@@ -105,6 +105,7 @@ HYPER_FIELDS = (
     "sign",
     "nu_divisor",
     "grad_scale",
+    "update_clip",
 )
 """The step's hyperparameters, in order: one double each (C++ ``enum HyperField``: ``H_LR``, ...)."""
 ENUMS = {
@@ -114,9 +115,9 @@ ENUMS = {
 }
 """The codes a block (``pdtype``, ``mkind``) or a scanned tensor carries: each C++ enum's names, numbered in
 order from 0."""
-FLAGS = ("FLAG_WD", "FLAG_BETA", "FLAG_EPS", "FLAG_NU_DIV", "FLAG_SCALE")
-"""The step's bit flags (weight decay, beta > 0, eps > 0, a bias-correction divisor, a gradient scale): the
-i-th is ``1 << i`` (C++ ``enum Flag``)."""
+FLAGS = ("FLAG_WD", "FLAG_BETA", "FLAG_EPS", "FLAG_NU_DIV", "FLAG_SCALE", "FLAG_CLIP")
+"""The step's bit flags (weight decay, beta > 0, eps > 0, a bias-correction divisor, a gradient scale, an
+update clip > 0): the i-th is ``1 << i`` (C++ ``enum Flag``)."""
 
 
 def codes() -> dict[str, int]:
@@ -127,7 +128,7 @@ def codes() -> dict[str, int]:
 
 CODES = codes()
 """The codes Python packs (:func:`codes` at import)."""
-ABI_VERSION = 7
+ABI_VERSION = 8
 """The version of the library's C interface (bump on any change of an exported signature)."""
 
 TILE_ELEMS = 1 << 16

@@ -69,6 +69,7 @@ def step_arguments(rule: UpdateRule, lr, nu_divisor=None, grad_scale=None) -> tu
         "sign": -1.0 if rule.maximize else 1.0,
         "nu_divisor": 1.0 if nu_divisor is None else float(nu_divisor),
         "grad_scale": 1.0 if grad_scale is None else float(grad_scale),
+        "update_clip": float(rule.update_clip),
     }
     code = library.CODES
     flags = (
@@ -77,6 +78,7 @@ def step_arguments(rule: UpdateRule, lr, nu_divisor=None, grad_scale=None) -> tu
         | (code["FLAG_EPS"] if rule.eps > 0.0 else 0)
         | (code["FLAG_NU_DIV"] if nu_divisor is not None else 0)
         | (code["FLAG_SCALE"] if grad_scale is not None else 0)
+        | (code["FLAG_CLIP"] if rule.update_clip > 0.0 else 0)
     )
     return [values[name] for name in library.HYPER_FIELDS], flags
 

@@ -88,6 +88,11 @@ struct VS {
   static F min_row(F rmin, F b) { return min_nan(rmin, b); }
   static F max_nu(F a, F b) { return max_nan(a, b); }
   static F gt0(F nu, F x) { return nu > 0.0f ? x : 0.0f; }
+  // torch's clamp_min / clamp_max on CPU (std::max(a, lo) / std::min(a, hi), and vmaxps(lo, a) / vminps(hi, a)
+  // vectorized): the bound where it lies strictly beyond a, else a itself: a NaN stays that NaN, and a value
+  // equal to the bound stays a (the sign of a zero included)
+  static F clamp_min(F a, F lo) { return a < lo ? lo : a; }
+  static F clamp_max(F a, F hi) { return hi < a ? hi : a; }
   static float hmax(F a) { return a; }
 };
 
@@ -180,6 +185,9 @@ struct VG {
     return (F)((ua < ub) ? ub : ua);
   }
   static F gt0(F nu, F x) { return (nu > 0.0f) ? x : F{}; }
+  // VS::clamp_min / clamp_max lane by lane (a NaN or a value equal to the bound stays a)
+  static F clamp_min(F a, F lo) { return (a < lo) ? lo : a; }
+  static F clamp_max(F a, F hi) { return (hi < a) ? hi : a; }
   static float hmax(F a) {
     float r = a[0];
     for (int k = 1; k < N; ++k) r = VS::max_nan(r, a[k]);
@@ -221,6 +229,10 @@ struct V16 {
     return _mm512_castsi512_ps(_mm512_max_epu32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
   }
   static F gt0(F nu, F x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(nu, _mm512_setzero_ps(), _CMP_GT_OQ), x); }
+  // vmaxps/vminps return their second operand when either is NaN or the two are equal: with a as the second,
+  // exactly VS::clamp_min / clamp_max (and torch's own AVX-512 clamp_min / clamp_max)
+  static F clamp_min(F a, F lo) { return _mm512_max_ps(lo, a); }
+  static F clamp_max(F a, F hi) { return _mm512_min_ps(hi, a); }
   static float hmax(F a) {
     alignas(64) float lanes[16];
     _mm512_store_ps(lanes, a);
@@ -246,7 +258,7 @@ struct V16 {
 #endif
 
 struct Hyper {
-  float lr, mom, omm, beta, omb, eps, wd, sign, nu_div, scale;
+  float lr, mom, omm, beta, omb, eps, wd, sign, nu_div, scale, clip;
 };
 
 struct Block {
@@ -262,17 +274,17 @@ struct Block {
 
 template <class V>
 struct HV {
-  typename V::F lr, mom, omm, beta, omb, eps, wd, sign, nu_div, scale, one;
+  typename V::F lr, mom, omm, beta, omb, eps, wd, sign, nu_div, scale, clip, neg_clip, one;
   explicit HV(const Hyper& h)
       : lr(V::set1(h.lr)), mom(V::set1(h.mom)), omm(V::set1(h.omm)), beta(V::set1(h.beta)), omb(V::set1(h.omb)),
         eps(V::set1(h.eps)), wd(V::set1(h.wd)), sign(V::set1(h.sign)), nu_div(V::set1(h.nu_div)),
-        scale(V::set1(h.scale)), one(V::set1(1.0f)) {}
+        scale(V::set1(h.scale)), clip(V::set1(h.clip)), neg_clip(V::set1(-h.clip)), one(V::set1(1.0f)) {}
 };
 
 // One vector (or one element) of one row; the same operations, in the same order, as the eager kernel.
 // EXTRA: divide the raw gradient by the gradient scale and nu by the bias-correction divisor (either may be 1,
-// and x / 1 == x exactly).
-template <class V, class PT, class MT, bool HAS_M, bool WD, bool BETA, bool EPS, bool EXTRA>
+// and x / 1 == x exactly). CLIP: clamp the preconditioned update to [-clip, clip] (clamp_min, then clamp_max).
+template <class V, class PT, class MT, bool HAS_M, bool WD, bool BETA, bool EPS, bool EXTRA, bool CLIP>
 inline void step_at(PT* w_row, const PT* g_row, MT* m_row, const float* colacc, float* cm,
                     typename V::F rmin, typename V::F& rmax, const HV<V>& h, int64_t j) {
   typedef typename V::F F;
@@ -291,6 +303,7 @@ inline void step_at(PT* w_row, const PT* g_row, MT* m_row, const float* colacc, 
   V::st(cm + j, V::max_nu(V::ld(cm + j), nu));
   F nh = EXTRA ? V::div(nu, h.nu_div) : nu;
   F u = EPS ? V::mul(V::div(h.one, V::sqrt(V::add(nh, h.eps))), g) : V::gt0(nh, V::mul(g, V::div(h.one, V::sqrt(nh))));
+  if (CLIP) u = V::clamp_max(V::clamp_min(u, h.neg_clip), h.clip);
   F upd;
   if (HAS_M) {
     F mv = V::add(V::mul(V::ld(m_row + j), h.mom), V::mul(u, h.omm));
@@ -302,7 +315,7 @@ inline void step_at(PT* w_row, const PT* g_row, MT* m_row, const float* colacc, 
   V::st(w_row + j, V::sub(w, upd));
 }
 
-template <class PT, class MT, bool HAS_M, bool WD, bool BETA, bool EPS, bool EXTRA>
+template <class PT, class MT, bool HAS_M, bool WD, bool BETA, bool EPS, bool EXTRA, bool CLIP>
 void run_tile(const Block& b, const Hyper& hs, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* rowpart,
               float* colpart) {
   typedef SM3_VEC V;
@@ -320,11 +333,11 @@ void run_tile(const Block& b, const Hyper& hs, int64_t r0, int64_t r1, int64_t c
     if (rmin_s == rmin_s) {
       typename V::F rmin = V::set1(rmin_s), rmax = V::set1(0.0f);
       for (; j + V::W <= c1; j += V::W)
-        step_at<V, PT, MT, HAS_M, WD, BETA, EPS, EXTRA>(w_row, g_row, m_row, b.colacc, colpart, rmin, rmax, hv, j);
+        step_at<V, PT, MT, HAS_M, WD, BETA, EPS, EXTRA, CLIP>(w_row, g_row, m_row, b.colacc, colpart, rmin, rmax, hv, j);
       rmax_s = V::hmax(rmax);
     }
     for (; j < c1; ++j)
-      step_at<VS, PT, MT, HAS_M, WD, BETA, EPS, EXTRA>(w_row, g_row, m_row, b.colacc, colpart, rmin_s, rmax_s, h1, j);
+      step_at<VS, PT, MT, HAS_M, WD, BETA, EPS, EXTRA, CLIP>(w_row, g_row, m_row, b.colacc, colpart, rmin_s, rmax_s, h1, j);
     rowpart[i] = rmax_s;
   }
 }
@@ -332,10 +345,16 @@ void run_tile(const Block& b, const Hyper& hs, int64_t r0, int64_t r1, int64_t c
 typedef void (*TileFn)(const Block&, const Hyper&, int64_t, int64_t, int64_t, int64_t, float*, float*);
 
 // one instantiation of run_tile per combination of the step's flags
+template <class PT, class MT, bool HAS_M, bool WD, bool BETA, bool EPS, bool EXTRA>
+TileFn pick_clip(int64_t flags) {
+  if (flags & FLAG_CLIP) return run_tile<PT, MT, HAS_M, WD, BETA, EPS, EXTRA, true>;
+  return run_tile<PT, MT, HAS_M, WD, BETA, EPS, EXTRA, false>;
+}
+
 template <class PT, class MT, bool HAS_M, bool WD, bool BETA, bool EPS>
 TileFn pick_extra(int64_t flags) {
-  if (flags & (FLAG_NU_DIV | FLAG_SCALE)) return run_tile<PT, MT, HAS_M, WD, BETA, EPS, true>;
-  return run_tile<PT, MT, HAS_M, WD, BETA, EPS, false>;
+  if (flags & (FLAG_NU_DIV | FLAG_SCALE)) return pick_clip<PT, MT, HAS_M, WD, BETA, EPS, true>(flags);
+  return pick_clip<PT, MT, HAS_M, WD, BETA, EPS, false>(flags);
 }
 
 template <class PT, class MT, bool HAS_M, bool WD, bool BETA>
@@ -514,7 +533,7 @@ extern "C" int sm3_native_step(const int64_t* meta, int64_t nblocks, const doubl
   Hyper hs{float(hyper[H_LR]),     float(hyper[H_MOMENTUM]),     float(hyper[H_ONE_MINUS_MOMENTUM]),
            float(hyper[H_BETA]),   float(hyper[H_ONE_MINUS_BETA]), float(hyper[H_EPS]),
            float(hyper[H_WEIGHT_DECAY]), float(hyper[H_SIGN]), float(hyper[H_NU_DIVISOR]),
-           float(hyper[H_GRAD_SCALE])};
+           float(hyper[H_GRAD_SCALE]), float(hyper[H_UPDATE_CLIP])};
   // the scratch is kept from step to step (per calling thread): no allocation once it has grown
   // (bound to local references: inside the parallel region a thread_local name would be each thread's own)
   static thread_local std::vector<Block> blocks_kept;
