@@ -56,6 +56,11 @@ def sm3_optim_inputs(device: str | torch.device, dtype: torch.dtype | None = Non
         OptimizerInput(
             params=None, kwargs={"beta": 0.9, "momentum": 0.9, "bias_correction": True}, desc="bias_correction"
         ),
+        OptimizerInput(
+            params=None,
+            kwargs={"beta": 0.9, "momentum": 0.9, "bias_correction": True, "update_clip": 0.5},
+            desc="update_clip",
+        ),
     ]
     if torch.device(device).type == "cuda":
         inputs += [

@@ -45,6 +45,19 @@ def test_step_bitwise_equal_to_eager(interpreted, name):
     assert all(same_bits(t, torch.zeros_like(t)) for t in got["maxima_now"])
 
 
+CLIP_CASES = [name for name, case in tc.CASES.items() if case["update_clip"] > 0.0]
+
+
+@pytest.mark.parametrize("name", CLIP_CASES)
+def test_the_clip_cases_bind(name):
+    """The clip changes some parameters and leaves others (in the eager reference the kernel is held to): a
+    kernel that ignored ``update_clip`` fails test_step_bitwise_equal_to_eager on these cases."""
+    clipped = tc.reference(tc.CASES[name])["params"]
+    unclipped = tc.reference({**tc.CASES[name], "update_clip": 0.0})["params"]
+    changed = [(p != q) & ~(p.isnan() & q.isnan()) for p, q in zip(clipped, unclipped)]
+    assert any(c.any() for c in changed) and not all(c.all() for c in changed), name
+
+
 def test_found_inf_leaves_everything_unchanged(interpreted):
     case = tc.CASES["found_inf set"]
     start = tc.make_inputs(case)

@@ -34,6 +34,7 @@ _BASE = dict(
     eps=1e-30,
     weight_decay=0.0,
     maximize=False,
+    update_clip=0.0,
     lr="float",
     nu_divisor=None,
     grad_scale=None,
@@ -83,6 +84,25 @@ CASES: dict[str, dict] = {
         shapes=[(5, 300), (3, 4, 5), (9,)], momentum=0.9, mdtype="f32", swap_storage=True, steps=3
     ),
     "nonfinite in state": dict(shapes=[(6, 300), (20,)], nan_accumulator=True),
+    # the update clipped (it binds on some coordinates, not on others: test_the_clip_cases_bind)
+    "update clip 0.5": dict(shapes=_RANKS, update_clip=0.5, momentum=0.9, mdtype="f32"),
+    "update clip eps 0 bias correction bf16": dict(
+        shapes=[(5, 300), (3, 2, 7), (11,)],
+        eps=0.0,
+        beta=0.9,
+        nu_divisor=0.19,
+        update_clip=1.0,
+        pdtype="bf16",
+        momentum=0.9,
+        mdtype="bf16",
+        zero_grads=True,
+    ),
+    "update clip scaled flat ranges": dict(
+        shapes=_RANKS, update_clip=0.5, grad_scale=8.0, weight_decay=0.01, maximize=True, cuts=[0.3, 0.71]
+    ),
+    "update clip NaN inf -0 gradients": dict(
+        shapes=[(6, 300), (3, 4, 5), (40,)], update_clip=0.5, momentum=0.9, mdtype="f32", special_grads=True, steps=1
+    ),
 }
 CASES = {name: {**_BASE, **spec} for name, spec in CASES.items()}
 
@@ -126,6 +146,8 @@ def make_inputs(case: dict, seed: int = 0) -> dict:
         if case.get("nan_accumulator"):
             accs[-1][0][1] = float("nan")
             accs[-1][-1][2] = float("inf")
+        if case.get("special_grads") and buffers[-1] is not None:
+            buffers[-1].view(-1)[1::5] = -0.0  # where the gradient is -0: 0.9 m + 0.1 u is -0 only where u is
     for _ in range(case["steps"]):
         step = []
         for p in params:
@@ -134,6 +156,11 @@ def make_inputs(case: dict, seed: int = 0) -> dict:
                 g.view(-1)[::2] = 0.0
             if case.get("grad_tiny"):  # fp16 subnormal results
                 g.view(-1)[::4] *= 1e-6
+            if case.get("special_grads"):  # u NaN (NaN or inf gradients) and -0 (the momentum shows its sign)
+                g.view(-1)[::7] = float("nan")
+                g.view(-1)[3::11] = float("inf")
+                g.view(-1)[5::13] = float("-inf")
+                g.view(-1)[1::5] = -0.0
             step.append(g.to(p.dtype))
         grads.append(step)
     return dict(params=params, buffers=buffers, accs=accs, grads=grads)
@@ -152,6 +179,7 @@ def _rule(case: dict):
         eps=case["eps"],
         weight_decay=case["weight_decay"],
         maximize=case["maximize"],
+        update_clip=case["update_clip"],
     )
 
 

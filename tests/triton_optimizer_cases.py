@@ -30,6 +30,8 @@ CASES = {
     "ignore lets nan through": dict(momentum=0.9, nonfinite="ignore"),
     "flat ranges straddling rows": dict(momentum=0.9, flat=True),
     "grad scale": dict(momentum=0.9, scale=1024.0),
+    "update clip, bias correction": dict(momentum=0.9, beta=0.99, bias_correction=True, update_clip=0.5),
+    "update clip, flat ranges, eps 0": dict(momentum=0.9, eps=0.0, update_clip=0.5, flat=True),
 }
 STEPS = 4
 BAD_STEP = 2

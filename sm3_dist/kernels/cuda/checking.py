@@ -35,6 +35,10 @@ def _check_cases():
             dict(shapes=mixed, p=f32, m=f32, rule=UpdateRule(momentum=0.5, beta=0.9), cuts=(0.21, 0.6), keep=True),
         ),
         ("found_inf set: nothing written", dict(shapes=mixed, p=bf16, m=f32, found_inf=1.0)),
+        (  # the clip binds where mu is small against g^2 (about half the coordinates here), not elsewhere
+            "update_clip 0.5, eps 0, beta 0.9, bf16 momentum",
+            dict(shapes=mixed, p=f32, m=bf16, rule=UpdateRule(momentum=0.9, beta=0.9, eps=0.0, update_clip=0.5)),
+        ),
     ]
 
 
@@ -84,9 +88,10 @@ def _run_check_case(spec: dict, device: torch.device, steps: int = 2) -> dict:
     found = spec.get("found_inf")
     keep = spec.get("keep", False)
     # on the device: the kernel
-    d_params = [p.to(device) for p in params]
-    d_bufs = [None if m is None else m.to(device) for m in bufs]
-    d_accs = [[a.to(device) for a in aa] for aa in accs]
+    # copies even on the CPU (Triton's interpreter), where .to(device) would return the eager run's own tensors
+    d_params = [p.to(device, copy=True) for p in params]
+    d_bufs = [None if m is None else m.to(device, copy=True) for m in bufs]
+    d_accs = [[a.to(device, copy=True) for a in aa] for aa in accs]
     d_outs = [[torch.zeros_like(a) for a in aa] for aa in d_accs]
     if spec.get("cuts"):
         cut = _flat_blocks(d_params, d_accs, d_outs, spec["cuts"])

@@ -107,6 +107,7 @@ def _update(
     omb,
     eps,
     wd,
+    clip,
     PK: tl.constexpr,
     GK: tl.constexpr,
     MK: tl.constexpr,
@@ -116,6 +117,7 @@ def _update(
     MAXIMIZE: tl.constexpr,
     NUD: tl.constexpr,
     GS: tl.constexpr,
+    CLIP: tl.constexpr,
 ):
     """One tile of the update, op for op as ``single_block``; writes ``w`` and ``m``, returns ``nu``."""
     g = _load(root, g_addr, base, offs, mask, gkind, GK)
@@ -139,6 +141,11 @@ def _update(
         u = tl.div_rn(1.0, tl.sqrt_rn(nh + eps)) * g
     else:
         u = tl.where(nh > 0, g * tl.div_rn(1.0, tl.sqrt_rn(nh)), 0.0)
+    if CLIP:
+        # torch's clamp_min then clamp_max on CPU: the bound only where it lies strictly beyond u, so a NaN u
+        # stays that NaN and a u equal to the bound stays u (selects, exact on every device)
+        u = tl.where(u < -clip, -clip, u)
+        u = tl.where(clip < u, clip, u)
     upd = u * lr
     if MK > 0:
         m = _load(root, m_addr, base, offs, mask, MK - 1, MK - 1)
@@ -184,6 +191,7 @@ def _tile_2d(
     omb,
     eps,
     wd,
+    clip,
     PK: tl.constexpr,
     GK: tl.constexpr,
     MK: tl.constexpr,
@@ -193,6 +201,7 @@ def _tile_2d(
     MAXIMIZE: tl.constexpr,
     NUD: tl.constexpr,
     GS: tl.constexpr,
+    CLIP: tl.constexpr,
     BR: tl.constexpr,
     BC: tl.constexpr,
     RI: tl.constexpr,
@@ -247,6 +256,7 @@ def _tile_2d(
             omb,
             eps,
             wd,
+            clip,
             PK,
             GK,
             MK,
@@ -256,6 +266,7 @@ def _tile_2d(
             MAXIMIZE,
             NUD,
             GS,
+            CLIP,
         )
         bits = _nu_bits(nu, mask)
         tl.atomic_max(rowmax_ptr + r0 + i, tl.max(bits, axis=1), mask=rmask, sem="relaxed")
@@ -279,6 +290,7 @@ def _tile_flat(
     omb,
     eps,
     wd,
+    clip,
     PK: tl.constexpr,
     GK: tl.constexpr,
     MK: tl.constexpr,
@@ -288,6 +300,7 @@ def _tile_flat(
     MAXIMIZE: tl.constexpr,
     NUD: tl.constexpr,
     GS: tl.constexpr,
+    CLIP: tl.constexpr,
     VB: tl.constexpr,
     VI: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -325,6 +338,7 @@ def _tile_flat(
             omb,
             eps,
             wd,
+            clip,
             PK,
             GK,
             MK,
@@ -334,6 +348,7 @@ def _tile_flat(
             MAXIMIZE,
             NUD,
             GS,
+            CLIP,
         )
         tl.atomic_max(max_ptr + base + j, _nu_bits(nu, mask), mask=mask, sem="relaxed")
 
@@ -356,6 +371,7 @@ def _sm3_step_kernel(
     omb,
     eps,
     wd,
+    clip,
     NF: tl.constexpr,
     PK: tl.constexpr,
     GK: tl.constexpr,
@@ -368,6 +384,7 @@ def _sm3_step_kernel(
     NUD: tl.constexpr,
     FI: tl.constexpr,
     GS: tl.constexpr,
+    CLIP: tl.constexpr,
     HAS_WIDE: tl.constexpr,
     HAS_NARROW: tl.constexpr,
     HAS_FLAT: tl.constexpr,
@@ -410,18 +427,18 @@ def _sm3_step_kernel(
         if HAS_WIDE:  # noqa: SIM102
             if cls == 0:
                 _tile_2d(
-                    root, e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd,
-                    PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, BR, BC, RI, ALIGNED,
+                    root, e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd, clip,
+                    PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, CLIP, BR, BC, RI, ALIGNED,
                 )  # fmt: skip
         if HAS_NARROW:  # noqa: SIM102
             if cls == 1:
                 _tile_2d(
-                    root, e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd,
-                    PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, BRN, BCN, RI, ALIGNED,
+                    root, e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd, clip,
+                    PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, CLIP, BRN, BCN, RI, ALIGNED,
                 )  # fmt: skip
         if HAS_FLAT:  # noqa: SIM102
             if cls == 2:
                 _tile_flat(
-                    root, e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd,
-                    PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, VB, VI, ALIGNED and FLAT_ALIGNED,
+                    root, e, g_addr, gkind, t, lr, nud, gs, mom, omm, beta, omb, eps, wd, clip,
+                    PK, GK, MK, WD, BETA, EPS, MAXIMIZE, NUD > 0, GS, CLIP, VB, VI, ALIGNED and FLAT_ALIGNED,
                 )  # fmt: skip
