@@ -18,7 +18,9 @@ model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.L
 if args.sharded:
     # ShardedSM3 views the parameters' storage: build it after prepare(model), which may move the model
     model = accelerator.prepare(model)
-    opt = accelerator.prepare(ShardedSM3(model.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True, update_clip=1.0))
+    opt = accelerator.prepare(
+        ShardedSM3(model.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True, update_clip=1.0)
+    )
 else:
     model, opt = accelerator.prepare(
         model, SM3(model.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True, update_clip=1.0)

@@ -22,7 +22,9 @@ config = {
 accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
-model, opt = accelerator.prepare(model, SM3(model.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True, update_clip=1.0))
+model, opt = accelerator.prepare(
+    model, SM3(model.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True, update_clip=1.0)
+)
 check_engine(model)  # model is the DeepSpeed engine: raises, naming the cause, unless it steps SM3
 gen = torch.Generator().manual_seed(accelerator.process_index)
 for _ in range(10):

@@ -11,7 +11,9 @@ accelerator = Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_versio
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
 # built before prepare: accelerate moves the optimizer onto the sharded (DTensor) parameters, which SM3 reads
-model, opt = accelerator.prepare(model, SM3(model.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True, update_clip=1.0))
+model, opt = accelerator.prepare(
+    model, SM3(model.parameters(), lr=4e-3, momentum=0.9, beta=0.99, bias_correction=True, update_clip=1.0)
+)
 gen = torch.Generator().manual_seed(accelerator.process_index)
 for _ in range(10):
     x, y = torch.randn(32, 16, generator=gen), torch.randn(32, 4, generator=gen)

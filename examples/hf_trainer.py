@@ -42,7 +42,10 @@ if args.route == "config":
         "params": {"lr": "auto", "momentum": 0.9, "beta": 0.99, "bias_correction": True, "update_clip": 1.0},
     }
 else:
-    extra["optimizer_cls_and_kwargs"] = (SM3, {"lr": 4e-3, "momentum": 0.9, "beta": 0.99, "bias_correction": True, "update_clip": 1.0})
+    extra["optimizer_cls_and_kwargs"] = (
+        SM3,
+        {"lr": 4e-3, "momentum": 0.9, "beta": 0.99, "bias_correction": True, "update_clip": 1.0},
+    )
 training = TrainingArguments(
     output_dir=args.out,
     max_steps=5,

@@ -27,6 +27,7 @@ EXPECTED = [
     "sm3 fused m=0.9",
     "sm3 fused m=0.9 nonfinite=ignore",
     "sm3 fused m=0.9 bf16-mom",
+    "sm3 fused recommended",
     "adam fused",
     "adam foreach",
     "adagrad",

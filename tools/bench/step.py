@@ -57,6 +57,8 @@ class Row:
 
 
 def _candidates(lr: float, cpu: bool = True) -> list[Candidate]:
+    from sm3_dist.launch.defaults import SM3_RECOMMENDED
+
     def sm3(**kw):
         return lambda ps: SM3(ps, lr=lr, **kw)
 
@@ -72,6 +74,8 @@ def _candidates(lr: float, cpu: bool = True) -> list[Candidate]:
         Candidate("sm3 fused m=0.9", sm3(fused=True, momentum=0.9), 24),
         Candidate("sm3 fused m=0.9 nonfinite=ignore", sm3(fused=True, momentum=0.9, nonfinite="ignore"), 20),
         Candidate("sm3 fused m=0.9 bf16-mom", sm3(fused=True, momentum=0.9, momentum_dtype=torch.bfloat16), 20),
+        # the recommended setting (moving average, bias correction, update clip): the same bytes, more arithmetic
+        Candidate("sm3 fused recommended", sm3(fused=True, **SM3_RECOMMENDED), 24),
         Candidate("adam fused", lambda ps: torch.optim.Adam(ps, lr=lr, fused=True), 28),
         Candidate("adam foreach", lambda ps: torch.optim.Adam(ps, lr=lr, foreach=True), 28),
         Candidate("adagrad", lambda ps: torch.optim.Adagrad(ps, lr=lr), 20),
