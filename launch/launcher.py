@@ -109,5 +109,7 @@ def describe(args: argparse.Namespace) -> str:
         if args.beta > 0 and args.bias_correction:
             form += " + bias correction"
         parts += [form, f"momentum {args.momentum:g}"]
+        if args.update_clip > 0:
+            parts.append(f"update clip {args.update_clip:g}")
     parts.append(f"warm-up {args.warmup_fraction:g}, cool-down {args.cooldown_fraction:g}")
     return ", ".join(parts)

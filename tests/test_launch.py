@@ -471,3 +471,11 @@ def test_bad_update_clip_is_a_usage_error(value):
     parser = job_config.build_parser()
     with pytest.raises(job_config.UsageError, match="--update-clip"):
         job_config.validate(parser.parse_args(["--update-clip", value]), env={})
+
+
+def test_the_run_summary_names_the_update_clip():
+    from sm3_dist.launch.launcher import describe
+
+    parser = job_config.build_parser()
+    assert "update clip 1" in describe(job_config.validate(parser.parse_args([]), env={}).args)
+    assert "update clip" not in describe(job_config.validate(parser.parse_args(["--update-clip", "0"]), env={}).args)
