@@ -43,6 +43,7 @@ class Case:
     bias_correction: bool = False
     weight_decay: float = 0.0
     maximize: bool = False
+    update_clip: float = 0.0
     grad_scale: float | None = None
     layout: str = "dense"
     """``dense`` (whole tensors), ``dimension`` (boxes: 2-D tensors in quadrants, others halved along dim 0) or
@@ -68,10 +69,12 @@ CASES = (
         grad_scale=256.0,
         maximize=True,
     ),
+    Case("update clip", _SHAPES, beta=0.99, bias_correction=True, update_clip=0.5, layout="flat"),
     Case("found_inf", _SHAPES, dtype=torch.bfloat16, beta=0.9, found_inf_at=1),
 )
 """The cases: dense, a dimension shard, a flat range with straddling rows, bf16, beta + bias correction (with a
-gradient scale and maximize), and a step whose ``found_inf`` is set."""
+gradient scale and maximize), the update clip (the recommended form, clipped at 0.5 so that it binds on three
+steps of random gradients), and a step whose ``found_inf`` is set."""
 
 
 def _inputs(case: Case) -> dict[str, Any]:
@@ -135,6 +138,7 @@ def run_kernel(case: Case, inputs: dict[str, Any], device: torch.device, flags: 
         weight_decay=case.weight_decay,
         maximize=case.maximize,
         bias_correction=case.bias_correction,
+        update_clip=case.update_clip,
     )
     params = [p.to(device, copy=True) for p in inputs["params"]]
     momentum = [None if m is None else m.to(device, copy=True) for m in inputs["momentum"]]
@@ -192,6 +196,7 @@ def reference(case: Case, inputs: dict[str, Any]) -> Reference64:
             weight_decay=case.weight_decay,
             maximize=case.maximize,
             nu_divisor=divisor,
+            update_clip=case.update_clip,
             grad_scale=case.grad_scale,
             found_inf=step == case.found_inf_at,
         )

@@ -53,6 +53,7 @@ class Reference64:
         weight_decay: float = 0.0,
         maximize: bool = False,
         nu_divisor: float | None = None,
+        update_clip: float = 0.0,
         grad_scale: float | None = None,
         found_inf: bool = False,
     ) -> None:
@@ -82,6 +83,8 @@ class Reference64:
             nu_hat = nu if nu_divisor is None else nu / nu_divisor
             denominator = torch.sqrt(nu_hat + eps)
             u = torch.where(denominator > 0, g / torch.where(denominator > 0, denominator, 1.0), 0.0)
+            if update_clip > 0.0:
+                u = u.clamp(-update_clip, update_clip)
             if self.momentum[k] is not None:
                 m = momentum * self.momentum[k].reshape(vector.shape) + (1.0 - momentum) * u
                 self.momentum[k] = m.reshape(shape)
