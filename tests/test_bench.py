@@ -171,3 +171,16 @@ def test_a_deepspeed_cpu_adam_row_where_deepspeed_is_installed():
     installed = importlib.util.find_spec("deepspeed") is not None
     assert ("deepspeed cpu adam" in names) == installed
     assert "deepspeed cpu adam" not in [c.name for c in step._candidates(1e-3, cpu=False)]
+
+
+def test_a_leftover_jit_build_lock_is_named(tmp_path, monkeypatch):
+    """A killed JIT build leaves torch's lock file behind and the next build waits on it without end: the
+    bench names the file before it builds DeepSpeed's op."""
+    from sm3_dist.tools.bench.step import stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert stale_build_lock("cpu_adam") is None
+    build = tmp_path / "cpu_adam"
+    build.mkdir(parents=True, exist_ok=True)
+    (build / "lock").touch()
+    assert stale_build_lock("cpu_adam") == build / "lock"

@@ -104,9 +104,25 @@ def _deepspeed_cpu_adam(lr: float) -> list[Candidate]:
     def make(ps: list[Tensor]) -> torch.optim.Optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        lock = stale_build_lock("cpu_adam")
+        if lock is not None:
+            print(
+                f"[bench] {lock} exists: a build of DeepSpeed's cpu_adam op holds it or was killed mid-way; torch "
+                "waits for it to go away, so if no build is running remove it",
+                file=sys.stderr,
+            )
         return DeepSpeedCPUAdam(ps, lr=lr, adamw_mode=False)
 
     return [Candidate("deepspeed cpu adam", make, 28)]
+
+
+def stale_build_lock(name: str) -> Path | None:
+    """The lock file of torch's JIT extension build ``name``, where it exists (torch's ``FileBaton`` waits
+    without end for a lock that a killed build left behind)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    return lock if lock.exists() else None
 
 
 def cpu_model() -> str:
