@@ -18,6 +18,8 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
+from sm3_dist.launch.defaults import SM3_RECOMMENDED
+
 __all__ = ["OPTIMIZERS", "VARIANT_TOKENS", "RunSpec", "Setup", "Variant", "parse_variant", "run"]
 
 OPTIMIZERS = ("sm3", "adamw", "adafactor", "adagrad")
@@ -31,15 +33,16 @@ VARIANT_TOKENS = {
     "bf16": "SM3: momentum stored in bfloat16",
     "nomom": "SM3: no momentum",
     "clip": "clip the gradients' global L2 norm to 1.0 before each step (every optimizer)",
-    "uclip": "SM3: each coordinate of the preconditioned update clipped to [-1, 1] before momentum (update_clip=1)",
+    "uclip": f"SM3: each coordinate of the preconditioned update clipped to [-c, c] before momentum (update_clip=c, "
+    f"the recommended {SM3_RECOMMENDED['update_clip']:g})",
 }
 """The tokens a variant is made of (joined with ``+``), and what each changes."""
 _ORDER = tuple(VARIANT_TOKENS)
 _SM3_ONLY = frozenset({"ema", "bc", "keepmax", "bf16", "nomom", "uclip"})
 CLIP_NORM = 1.0
 """The global gradient norm the ``clip`` variant clips to."""
-UPDATE_CLIP = 1.0
-"""SM3's ``update_clip`` in the ``uclip`` variant."""
+UPDATE_CLIP = SM3_RECOMMENDED["update_clip"]
+"""SM3's ``update_clip`` in the ``uclip`` variant: the recommended one (launch/defaults.py)."""
 
 
 @dataclass(frozen=True, slots=True)
