@@ -20,6 +20,7 @@ all its seeds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -413,18 +414,32 @@ def load_results(path: Path, setup: Setup) -> dict[str, dict]:
     return data["runs"]
 
 
-def _init_worker(threads: int) -> None:
+_steps_done = None
+"""In a worker: the shared count of training steps all workers have run (for the parent's progress bar)."""
+
+
+def _init_worker(threads: int, steps_done=None) -> None:
     import torch
 
+    global _steps_done
     torch.set_num_threads(threads)
+    _steps_done = steps_done
+
+
+def _count_step() -> None:
+    with _steps_done.get_lock():
+        _steps_done.value += 1
 
 
 def _work(item: tuple[RunSpec, Setup]) -> dict:
-    return run(*item)
+    return run(*item, on_step=_count_step if _steps_done is not None else None)
 
 
 def execute(specs: list[RunSpec], setup: Setup, out: Path, *, workers: int, threads: int = 1) -> dict[str, dict]:
-    """Run the specs not yet in ``OUT/results.json``; saves after every run. Returns all runs."""
+    """Run the specs not yet in ``OUT/results.json``; saves after every run. Returns all runs.
+
+    The progress bar counts training steps over all runs (a run that diverges counts its steps not run as done).
+    """
     from tqdm import tqdm
 
     path = out / RESULTS_FILE
@@ -433,28 +448,47 @@ def execute(specs: list[RunSpec], setup: Setup, out: Path, *, workers: int, thre
     if not todo:
         return runs
     out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(todo), desc=f"quality {setup.data}", unit="run", dynamic_ncols=True)
+    bar = tqdm(total=len(todo) * setup.steps, desc=f"quality {setup.data}", unit="step", dynamic_ncols=True)
+    finished = 0
+    skipped_steps = 0  # the steps diverged runs did not run
 
     def done(record: dict) -> None:
+        nonlocal finished, skipped_steps
         spec = RunSpec(record["optimizer"], record["variant"], record["lr"], record["seed"])
         runs[spec.key] = record
         _write_json(path, {"setup": setup.to_json(), "runs": runs})
+        finished += 1
+        skipped_steps += setup.steps - record["steps_run"]
         result = "diverged" if record["diverged"] else f"{record['final']:.4f}"
-        bar.set_postfix_str(f"{spec.key}: {result}")
-        bar.update()
+        bar.set_postfix_str(f"{finished}/{len(todo)} runs, last {spec.key}: {result}")
+
+    def show(steps_run: int) -> None:
+        bar.update(steps_run + skipped_steps - bar.n)
 
     try:
         if workers <= 1:
             _init_worker(threads)
+            steps_run = 0
+
+            def step_done() -> None:
+                nonlocal steps_run
+                steps_run += 1
+                show(steps_run)
+
             for spec in todo:
-                done(run(spec, setup))
+                done(run(spec, setup, on_step=step_done))
+                show(steps_run)
         else:
             import multiprocessing
 
             ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
-                for record in pool.imap_unordered(_work, [(s, setup) for s in todo]):
-                    done(record)
+            steps_done = ctx.Value("q", 0)
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(threads, steps_done)) as pool:
+                results = pool.imap_unordered(_work, [(s, setup) for s in todo])
+                while finished < len(todo):
+                    with contextlib.suppress(multiprocessing.TimeoutError):
+                        done(results.next(timeout=1.0))
+                    show(steps_done.value)
     finally:
         bar.close()
     return runs

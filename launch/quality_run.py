@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from sm3_dist.launch.defaults import SM3_RECOMMENDED
@@ -211,8 +212,8 @@ def _held_out_loss(model, windows, chunk: int = 64) -> float:
     return total / count
 
 
-def run(spec: RunSpec, setup: Setup) -> dict:
-    """Train and evaluate one run; returns its record (JSON-ready).
+def run(spec: RunSpec, setup: Setup, on_step: Callable[[], None] | None = None) -> dict:
+    """Train and evaluate one run; returns its record (JSON-ready). ``on_step`` is called after every step.
 
     A non-finite training or held-out loss ends the run early with ``"diverged": true``
     and ``final`` ``None``.
@@ -278,6 +279,8 @@ def run(spec: RunSpec, setup: Setup) -> dict:
         if not math.isfinite(value):
             diverged = True
             break
+        if on_step is not None:
+            on_step()
         if step % setup.eval_every == 0 or step == setup.steps:
             live = _held_out_loss(model, windows)
             with averaged_weights(model, averaged):

@@ -170,14 +170,15 @@ def test_bad_setups(bad):
 # ---------------------------------------------------------------------------------------------- selection
 
 
-def _record(optimizer, variant, lr, seed, final, polyak=0.0):
+def _record(optimizer, variant, lr, seed, final, polyak=0.0, steps_run=TINY["steps"]):
     return {
+        "steps_run": steps_run,
         "optimizer": optimizer,
         "variant": variant,
         "lr": lr,
         "seed": seed,
         "final": final,
-        "final_polyak": final + 0.5 if polyak == 0.0 else polyak,
+        "final_polyak": None if final is None else final + 0.5 if polyak == 0.0 else polyak,
         "diverged": final is None,
         "evals": [[1, 9.0, 9.0], [2, final or 9.0, final or 9.0]],
         "corpus": "c",
@@ -245,11 +246,35 @@ def test_run_refuses_a_variant_the_optimizer_lacks():
         quality_run.run(RunSpec("sm3", "ema+cooldown", 1e-3, 0), Setup(data="default", **TINY))
 
 
+def test_the_progress_bar_counts_training_steps_and_a_diverged_runs_missing_ones(tmp_path, monkeypatch, capsys):
+    setup = Setup(data="default", **TINY)
+
+    def fake(spec, setup, on_step=None):
+        steps = 2 if spec.lr > 5e-3 else setup.steps  # the larger rate "diverges" after 2 steps
+        for _ in range(steps):
+            on_step()
+        final = None if steps < setup.steps else 2.0
+        return _record(spec.optimizer, spec.variant, spec.lr, spec.seed, final, steps_run=steps)
+
+    monkeypatch.setattr(quality, "run", fake)
+    quality.execute(plan_runs(["adamw"], ["cooldown"], {"adamw": (1e-3, 1e-2)}, [0]), setup, tmp_path, workers=1)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "12/12" in bar and "step" in bar and "2/2 runs" in bar and "diverged" in bar
+
+
+def test_the_progress_bar_counts_the_steps_of_parallel_workers(tmp_path, capsys):
+    setup = Setup(data="default", **TINY)
+    runs = quality.execute(plan_runs(["adamw"], ["cooldown"], {"adamw": (1e-3, 2e-3)}, [0]), setup, tmp_path, workers=2)
+    assert len(runs) == 2 and all(r["steps_run"] == TINY["steps"] for r in runs.values())
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "12/12" in bar and "2/2 runs" in bar
+
+
 def test_execute_resumes_from_results(tmp_path, monkeypatch):
     setup = Setup(data="default", **TINY)
     calls = []
 
-    def fake(spec, setup):
+    def fake(spec, setup, on_step=None):
         calls.append(spec.key)
         return _record(spec.optimizer, spec.variant, spec.lr, spec.seed, 2.0 + spec.lr)
 
