@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 import types
 
@@ -110,6 +111,62 @@ def test_distributed_dispatches_lazily(monkeypatch):
     monkeypatch.setitem(sys.modules, "sm3_dist.tools.bench.distributed", fake)
     assert bench_cli.main(["--distributed", "--world", "2"]) == 0
     assert seen == [["--world", "2"]]
+
+
+def test_zero_offload_dispatches_lazily(monkeypatch):
+    seen = []
+    fake = types.ModuleType("sm3_dist.tools.bench.offload")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "sm3_dist.tools.bench.offload", fake)
+    assert bench_cli.main(["--zero-offload", "--stage", "3"]) == 0
+    assert seen == [["--stage", "3"]]
+
+
+def test_zero_offload_engines_run_the_named_optimizers():
+    """The offload bench as a user runs it: a table of the three engines, DeepSpeed's CPU Adam against SM3."""
+    pytest.importorskip("deepspeed")
+    import subprocess
+
+    argv = ["bench", "--zero-offload", "--params", "tiny", "--rounds", "2", "--warmup", "1", "--quiet"]
+    done = subprocess.run(
+        [sys.executable, "-m", "sm3_dist.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert "| DeepSpeedCPUAdam |" in table["deepspeed cpu adam"] and "| 1.00x |" in table["deepspeed cpu adam"]
+    for row in ("sm3 m=0.9", "sm3 recommended"):
+        cells = [c.strip() for c in table[row].split("|")[1:-1]]
+        assert cells[1] == "DeepSpeedSM3" and float(cells[2]) > 0 and cells[3].endswith("x"), cells
+    assert f"ZeRO-2 offload, {sum(math.prod(s) for s in gpt_shapes(*PRESETS['tiny'])):,} parameters" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--stage", "4"], "invalid choice"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--only", "adam"], "invalid choice"),
+    ],
+)
+def test_zero_offload_bad_arguments(argv, message, capsys):
+    from sm3_dist.tools.bench import offload
+
+    with pytest.raises(SystemExit) as exc:
+        offload.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_zero_offload_refuses_another_accelerator_on_cpu(monkeypatch, capsys):
+    from sm3_dist.tools.bench import offload
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    with pytest.raises(SystemExit):
+        offload.main(["--device", "cpu"])
+    assert "DS_ACCELERATOR=cuda" in capsys.readouterr().err
 
 
 def test_gpt_preset_is_about_27m_parameters():

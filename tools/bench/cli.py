@@ -1,4 +1,5 @@
-"""The ``sm3-dist bench`` command (``--distributed`` hands over to :mod:`sm3_dist.tools.bench.distributed`)."""
+"""The ``sm3-dist bench`` command (``--distributed`` hands over to :mod:`sm3_dist.tools.bench.distributed`,
+``--zero-offload`` to :mod:`sm3_dist.tools.bench.offload`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--distributed" in argv:
         rest = [a for a in argv if a != "--distributed"]
         return int(importlib.import_module("sm3_dist.tools.bench.distributed").main(rest) or 0)
+    if "--zero-offload" in argv:
+        rest = [a for a in argv if a != "--zero-offload"]
+        return int(importlib.import_module("sm3_dist.tools.bench.offload").main(rest) or 0)
     parser = argparse.ArgumentParser(prog="sm3-dist bench", description=DESCRIPTION)
     parser.add_argument(
         "--params", default="gpt", type=parse_params, help="gpt (default, ~27M), small, tiny, or VOCAB,WIDTH,BLOCKS"
@@ -37,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results (with every sample) as JSON")
     parser.add_argument("--plot", metavar="PNG", help="also draw the step times against their bounds (matplotlib)")
     parser.add_argument("--distributed", action="store_true", help="run sm3_dist.tools.bench.distributed instead")
+    parser.add_argument(
+        "--zero-offload",
+        action="store_true",
+        help="run sm3_dist.tools.bench.offload instead: DeepSpeed's engine step under ZeRO-Offload, SM3 against "
+        "DeepSpeedCPUAdam",
+    )
     parser.add_argument(
         "--check", action="store_true", help="first compare the CUDA kernels with the eager CPU kernel (needs CUDA)"
     )
