@@ -204,7 +204,8 @@ def test_shown_command_parses(where, command, monkeypatch, capsys):
     parsed = parse_only(argv, monkeypatch)
     err = capsys.readouterr().err
     assert not err, f"{where}: {command}: {err}"
-    expected = f"sm3-dist {argv[0]}" + (" --distributed" if argv[0] == "bench" and "--distributed" in argv else "")
+    handed_over = [flag for flag in ("--distributed", "--zero-offload") if argv[0] == "bench" and flag in argv]
+    expected = " ".join([f"sm3-dist {argv[0]}", *handed_over])
     assert parsed.parser.prog == expected, f"{where}: {command}: parsed by {parsed.parser.prog!r}"
 
 
