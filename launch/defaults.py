@@ -47,7 +47,7 @@ batch (512 tokens) is a quarter of ``sm3-dist train``'s default (2,048), so
 these defaults err low. Measured at ``small`` (6 x 384, three times the tiny
 width; batch 16 x 128, 1,000 steps, seed 0, docs/quality.md "One size up"):
 AdamW's default 4.7e-4 reached held-out 1.4330 and twice it 1.4459 (the rule
-holds); SM3's 1.33e-3 reached 1.4485 and twice it 1.4290 (the rule errs low by
+holds); SM3's 1.3e-3 reached 1.4485 and twice it 1.4290 (the rule errs low by
 up to 2x, and the margin holds: 2x within 5% of 1x). Adafactor's unscaled
 0.065 reached 1.4833 and twice it 1.6468. ``sm3-dist quality
 --device cuda --model-size gpt2`` on a GPU measures the next size.
