@@ -17,17 +17,18 @@ from sm3_dist.tools.bench.step import FSDP2_ROW, check, run
 
 __all__ = ["main"]
 
+HANDED_OVER = {"--distributed": "sm3_dist.tools.bench.distributed", "--zero-offload": "sm3_dist.tools.bench.offload"}
+"""Flags that hand the whole command line (less the flag) over to another module's ``main``."""
+
 DESCRIPTION = "time one optimizer step, side by side, against the memory-bandwidth bound"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--distributed" in argv:
-        rest = [a for a in argv if a != "--distributed"]
-        return int(importlib.import_module("sm3_dist.tools.bench.distributed").main(rest) or 0)
-    if "--zero-offload" in argv:
-        rest = [a for a in argv if a != "--zero-offload"]
-        return int(importlib.import_module("sm3_dist.tools.bench.offload").main(rest) or 0)
+    for flag, module in HANDED_OVER.items():
+        if flag in argv:
+            rest = [a for a in argv if a != flag]
+            return int(importlib.import_module(module).main(rest) or 0)
     parser = argparse.ArgumentParser(prog="sm3-dist bench", description=DESCRIPTION)
     parser.add_argument(
         "--params", default="gpt", type=parse_params, help="gpt (default, ~27M), small, tiny, or VOCAB,WIDTH,BLOCKS"

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from sm3_dist.integrations.shm import remove_deepspeed_shm_at_exit
 from sm3_dist.tools.bench.shapes import parse_params
-from sm3_dist.tools.bench.step import stale_build_lock
+from sm3_dist.tools.bench.step import warn_of_stale_build_lock
 
 from sm3_dist.comm import free_port
 
@@ -105,13 +105,8 @@ def run(
     import deepspeed
     import sm3_dist.integrations.deepspeed  # noqa: F401  (registers "SM3" with DeepSpeed)
 
-    lock = stale_build_lock("cpu_adam") if ADAM_ROW in rows else None
-    if lock is not None:
-        print(
-            f"[offload] {lock} exists: a build of DeepSpeed's cpu_adam op holds it or was killed mid-way; torch "
-            "waits for it to go away, so if no build is running remove it",
-            file=sys.stderr,
-        )
+    if ADAM_ROW in rows:
+        warn_of_stale_build_lock("cpu_adam", "[offload]")
     _init_distributed(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     engines = {}

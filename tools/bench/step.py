@@ -104,13 +104,7 @@ def _deepspeed_cpu_adam(lr: float) -> list[Candidate]:
     def make(ps: list[Tensor]) -> torch.optim.Optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        lock = stale_build_lock("cpu_adam")
-        if lock is not None:
-            print(
-                f"[bench] {lock} exists: a build of DeepSpeed's cpu_adam op holds it or was killed mid-way; torch "
-                "waits for it to go away, so if no build is running remove it",
-                file=sys.stderr,
-            )
+        warn_of_stale_build_lock("cpu_adam", "[bench]")
         return DeepSpeedCPUAdam(ps, lr=lr, adamw_mode=False)
 
     return [Candidate("deepspeed cpu adam", make, 28)]
@@ -123,6 +117,17 @@ def stale_build_lock(name: str) -> Path | None:
 
     lock = Path(_get_build_directory(name, verbose=False)) / "lock"
     return lock if lock.exists() else None
+
+
+def warn_of_stale_build_lock(name: str, tag: str) -> None:
+    """Say on stderr (lines starting with ``tag``) where :func:`stale_build_lock` finds the lock of ``name``."""
+    lock = stale_build_lock(name)
+    if lock is not None:
+        print(
+            f"{tag} {lock} exists: a build of DeepSpeed's {name} op holds it or was killed mid-way; torch waits for "
+            "it to go away, so if no build is running remove it",
+            file=sys.stderr,
+        )
 
 
 def cpu_model() -> str:
